@@ -1,0 +1,95 @@
+"""Dataclass arguments that are also the command line: each field's `help` is its `--help` text.
+
+    @dataclass
+    class ConvertArgs:
+        src: str = arg("folder, hub id or 'default'", positional=True)
+        kv_rank: int | None = arg("latent rank r_kv", default=None)
+
+`add_dataclass_args(parser, ConvertArgs)` adds `SRC` and `--kv-rank`; `from_namespace` builds the
+dataclass (running its `__post_init__` validation). `load_yaml_defaults` lets a recipe YAML supply
+values that command-line flags then override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+MISSING = dataclasses.MISSING
+
+
+def arg(help: str, *, default=MISSING, positional: bool = False, choices=None, nargs=None, flag: str | None = None):
+    meta = {"help": help, "positional": positional, "choices": choices, "nargs": nargs, "flag": flag}
+    if default is MISSING:
+        return dataclasses.field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _base_type(tp):
+    """int | None -> int; list[str] -> str; Literal handled by choices."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else str
+    if origin in (list, tuple):
+        return _base_type(typing.get_args(tp)[0])
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        tp = _base_type(hints[f.name])
+        default = f.default if f.default is not MISSING else (
+            f.default_factory() if f.default_factory is not MISSING else None
+        )
+        kw = {"help": meta["help"]}
+        if meta.get("choices"):
+            kw["choices"] = meta["choices"]
+        if meta.get("nargs"):
+            kw["nargs"] = meta["nargs"]
+        if meta["positional"]:
+            parser.add_argument(f.name, metavar=f.name.upper(), type=tp, **kw)
+            continue
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, **kw)
+        else:
+            kw["help"] += f" (default: {default})"
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, **kw)
+
+
+def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
+    """Build `cls` from parsed flags; flags left unset fall back to `base` (e.g. a YAML recipe), then defaults."""
+    values = dict(base or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
+    for name in names:
+        v = getattr(ns, name, None)
+        if v is not None:
+            values[name] = v
+    return cls(**values)
+
+
+def load_yaml_defaults(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such recipe file: {path}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}

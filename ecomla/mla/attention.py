@@ -1,0 +1,211 @@
+"""MLA attention (decompressed and absorbed paths in one module) and the kept GQA attention.
+
+Notation: B batch, T new tokens, S cached + new tokens, D hidden, H query heads, G KV heads,
+r_q / r_kv ranks, d_nope / d_rope / d_v per-head dims, W = r_kv + d_rope (one latent cache row).
+
+MLA, per token:
+    c_q   = q_a_proj(x)                      [B, T, r_q]   (q_proj(x) directly when r_q is None)
+    q     = q_b_proj(norm(c_q))              [B, T, H, d_nope + d_rope]
+    [c_kv | k_rope] = kv_a_proj_with_mqa(x)  [B, T, r_kv + d_rope]; k_rope is shared by all heads
+    cache <- [norm(c_kv) | rope(k_rope)]     [B, S, W]
+Decompressed (training, prefill): k_nope, v = kv_b_proj(c_kv) per head; SDPA over H heads.
+Absorbed (decode): W_UK folded into the query (q_lat = q_nope W_UK), heads folded into query rows, so
+attention is one SDPA call with a single shared key/value head over the latent cache; W_UV after.
+The path is an explicit argument (`mla_path`) or, when None, chosen by query length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from .config import EcoMLAConfig, MLASpec
+from .rope import apply_rope, cos_sin, rope_inv_freq
+
+PATHS = ("absorbed", "decompressed")
+
+
+def build_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int, window: int | None, device):
+    """Boolean attention mask [B or 1, 1, T, S] (True = attend), or None when every key is visible.
+
+    `attention_mask` is the usual 2-D padding mask over all S = past_len + q_len positions.
+    Rows with no visible key (queries at left-padding positions) are opened up so SDPA never
+    produces NaN; their outputs are never used.
+    """
+    total = past_len + q_len
+    padded = attention_mask is not None and not bool(attention_mask[:, -total:].all())
+    if q_len == 1 and not padded and window is None:
+        return None
+    q_pos = torch.arange(past_len, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask[None, None]
+    if padded:
+        if attention_mask.shape[-1] < total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, need {total}")
+        mask = mask & attention_mask[:, None, None, -total:].bool()
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, config: EcoMLAConfig, layer_idx: int, spec: MLASpec):
+        super().__init__()
+        self.layer_idx, self.spec = layer_idx, spec
+        self.num_heads = config.num_attention_heads
+        self.absorb_max_query_len = config.absorb_max_query_len
+        D, H, bias = config.hidden_size, config.num_attention_heads, config.qkv_bias
+        r_q, r_kv = spec.q_lora_rank, spec.kv_lora_rank
+        if r_q is None:
+            self.q_proj = nn.Linear(D, H * spec.qk_head_dim, bias=bias)
+        else:
+            self.q_a_proj = nn.Linear(D, r_q, bias=False)
+            self.q_a_layernorm = LlamaRMSNorm(r_q, eps=config.rms_norm_eps) if spec.latent_norm else None
+            self.q_b_proj = nn.Linear(r_q, H * spec.qk_head_dim, bias=bias)
+        self.kv_a_proj_with_mqa = nn.Linear(D, r_kv + spec.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = LlamaRMSNorm(r_kv, eps=config.rms_norm_eps) if spec.latent_norm else None
+        self.kv_b_proj = nn.Linear(r_kv, H * (spec.qk_nope_head_dim + spec.v_head_dim), bias=bias)
+        self.o_proj = nn.Linear(H * spec.v_head_dim, D, bias=config.o_bias)
+        self._rope_source = (config.rope_parameters, config.mla_rope_parameters, config.head_dim,
+                             config.max_position_embeddings)
+        self.register_buffer("inv_freq", torch.empty(spec.qk_rope_head_dim // 2), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the rotary frequencies; needed after building the module on the meta device."""
+        source_rope, mla_rope_params, head_dim, max_pos = self._rope_source
+        s = self.spec
+        with torch.device("cpu"):  # real values even when the module is being built on the meta device
+            inv_freq, self.rope_scaling = self._mla_inv_freq(s, source_rope, mla_rope_params, head_dim, max_pos)
+        self.inv_freq = inv_freq.to(self.inv_freq.device if self.inv_freq.device.type != "meta" else "cpu")
+
+    @staticmethod
+    def _mla_inv_freq(s, source_rope, mla_rope_params, head_dim, max_pos):
+        if s.rope_pairs is None:
+            return rope_inv_freq(mla_rope_params or source_rope, s.qk_rope_head_dim, max_pos)
+        inv_freq, scaling = rope_inv_freq(source_rope, head_dim, max_pos)
+        return inv_freq[torch.tensor(s.rope_pairs)], scaling
+
+    # ---- projections ---------------------------------------------------------------------------
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.spec.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            c_q = self.q_a_proj(x)
+            if self.q_a_layernorm is not None:
+                c_q = self.q_a_layernorm(c_q)
+            q = self.q_b_proj(c_q)
+        return q.view(B, T, self.num_heads, self.spec.qk_head_dim)  # [B, T, H, d_nope + d_rope]
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Cache rows [B, T, r_kv + d_rope] = [norm(c_kv) | rope(k_rope)]."""
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.spec.kv_lora_rank, self.spec.qk_rope_head_dim], -1)
+        if self.kv_a_layernorm is not None:
+            c_kv = self.kv_a_layernorm(c_kv)
+        return torch.cat([c_kv, apply_rope(k_rope, cos, sin)], dim=-1)
+
+    def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, d_nope, r_kv] and W_UV [H, d_v, r_kv], views of kv_b_proj."""
+        s = self.spec
+        w = self.kv_b_proj.weight.view(self.num_heads, s.qk_nope_head_dim + s.v_head_dim, s.kv_lora_rank)
+        return w[:, : s.qk_nope_head_dim], w[:, s.qk_nope_head_dim :]
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        mla_path: str | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        B, T, _ = hidden_states.shape
+        s = self.spec
+        cos, sin = cos_sin(self.inv_freq, position_ids, self.rope_scaling, hidden_states.dtype)
+        q_nope, q_rope = self.query(hidden_states).split([s.qk_nope_head_dim, s.qk_rope_head_dim], -1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        latent = self.latent(hidden_states, cos, sin)  # [B, T, W]
+        if cache is not None:
+            latent = cache.update(latent[:, None], latent[:, None, :, :0], self.layer_idx)[0][:, 0]  # [B, S, W]
+        if mla_path is None:
+            mla_path = "absorbed" if (not self.training and T <= self.absorb_max_query_len) else "decompressed"
+        if mla_path == "absorbed":
+            out = self._absorbed(q_nope, q_rope, latent, attention_mask)
+        elif mla_path == "decompressed":
+            out = self._decompressed(q_nope, q_rope, latent, attention_mask)
+        else:
+            raise ValueError(f"mla_path must be one of {PATHS}, got {mla_path!r}")
+        return self.o_proj(out.reshape(B, T, self.num_heads * s.v_head_dim))
+
+    def _decompressed(self, q_nope, q_rope, latent, mask):
+        s, H = self.spec, self.num_heads
+        B, S, _ = latent.shape
+        c_kv, k_rope = latent.split([s.kv_lora_rank, s.qk_rope_head_dim], -1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, S, H, -1).split([s.qk_nope_head_dim, s.v_head_dim], -1)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(B, S, H, s.qk_rope_head_dim)], dim=-1)  # [B, S, H, d_qk]
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [B, T, H, d_qk]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=s.scale
+        )  # [B, H, T, d_v]
+        return out.transpose(1, 2)  # [B, T, H, d_v]
+
+    def _absorbed(self, q_nope, q_rope, latent, mask):
+        s, H = self.spec, self.num_heads
+        B, T = q_nope.shape[:2]
+        w_uk, w_uv = self.up_weights()
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, H, r_kv]
+        q_cat = torch.cat([q_lat, q_rope], dim=-1).reshape(B, 1, T * H, -1)  # heads folded into query rows
+        if mask is not None:
+            mask = mask.repeat_interleave(H, dim=2)  # [B, 1, T*H, S], row t*H + h
+        kv = latent[:, None]  # [B, 1, S, W]: one key/value head shared by all query rows
+        o_lat = F.scaled_dot_product_attention(
+            q_cat, kv, kv[..., : s.kv_lora_rank], attn_mask=mask, scale=s.scale
+        )  # [B, 1, T*H, r_kv]
+        out = torch.einsum("bthc,hvc->bthv", o_lat.view(B, T, H, s.kv_lora_rank), w_uv)  # [B, T, H, d_v]
+        if self.kv_b_proj.bias is not None:  # k bias shifts every score of a row equally; only v bias matters
+            out = out + self.kv_b_proj.bias.view(H, -1)[:, s.qk_nope_head_dim :]
+        return out
+
+
+class GQAAttention(nn.Module):
+    """A layer that stays ordinary grouped-query attention (hybrid models); weights keep HF Llama names."""
+
+    def __init__(self, config: EcoMLAConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        )
+        D, H, G, d = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, H * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, G * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, G * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(H * d, D, bias=config.o_bias)
+        self._rope_source = (config.rope_parameters, config.max_position_embeddings)
+        self.register_buffer("inv_freq", torch.empty(d // 2), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        with torch.device("cpu"):
+            inv_freq, self.rope_scaling = rope_inv_freq(self._rope_source[0], self.head_dim, self._rope_source[1])
+        self.inv_freq = inv_freq.to(self.inv_freq.device if self.inv_freq.device.type != "meta" else "cpu")
+
+    def forward(self, hidden_states, position_ids, attention_mask=None, cache=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        cos, sin = cos_sin(self.inv_freq, position_ids, self.rope_scaling, hidden_states.dtype)
+        q = apply_rope(self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, G, S, d]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, scale=self.head_dim**-0.5, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,175 @@
+"""Configuration of an MLA model: the source model's shape plus one MLA spec per converted layer.
+
+A checkpoint folder written by `ecomla convert` has an ordinary `config.json` with `model_type: "ecomla"`.
+After `import ecomla`, `AutoConfig.from_pretrained(dir)` returns an `EcoMLAConfig`.
+
+Notation (DESIGN.md): D hidden size, H query heads, G source KV heads, d_h source head dim,
+r_q query rank (None = full-rank query), r_kv latent rank, d_nope / d_rope / d_v per-head dims.
+Field names inside a layer spec follow transformers' DeepseekV3 (q_lora_rank, kv_lora_rank, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import ALLOWED_ATTN_LAYER_TYPES, PreTrainedConfig
+
+# Cache-layer type of an MLA layer; `ecomla.mla.cache.LatentCacheLayer` registers itself under this name.
+LATENT_LAYER_TYPE = "latent_attention"
+
+
+@dataclass
+class MLASpec:
+    """Shape of one MLA layer. Stored in `config.json` under `mla_layers[i]`."""
+
+    kv_lora_rank: int  # r_kv: width of the cached latent c_kv
+    qk_rope_head_dim: int  # d_rope: rotary dims, one rotary key shared by all heads
+    qk_nope_head_dim: int  # d_nope: non-rotary q/k dims per head
+    v_head_dim: int  # d_v: value dims per head (the source head dim, so o_proj is reused)
+    q_lora_rank: int | None = None  # r_q; None = full-rank q_proj
+    latent_norm: bool = False  # RMSNorm on the q and kv latents (DeepSeek has it; X-EcoMLA drops it)
+    # Which frequency pairs of the source RoPE the d_rope dims use (indices into the source's d_h/2
+    # frequencies). None = a fresh d_rope-dim RoPE with the source's theta and scaling (the paper).
+    rope_pairs: list[int] | None = None
+    softmax_scale: float | None = None  # None = (d_nope + d_rope) ** -0.5, as in DeepSeek/X-EcoMLA
+
+    def __post_init__(self):
+        if self.kv_lora_rank < 1:
+            raise ValueError(f"kv_lora_rank must be >= 1, got {self.kv_lora_rank} (--kv-rank)")
+        if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"qk_rope_head_dim must be a positive even number (rotary dims come in pairs), got "
+                f"{self.qk_rope_head_dim} (--rope-dim)"
+            )
+        if self.qk_nope_head_dim < 0:
+            raise ValueError(f"qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim} (--nope-dim)")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            raise ValueError(f"q_lora_rank must be >= 1 or None, got {self.q_lora_rank} (--q-rank)")
+        if self.rope_pairs is not None and len(self.rope_pairs) != self.qk_rope_head_dim // 2:
+            raise ValueError(
+                f"rope_pairs lists {len(self.rope_pairs)} frequency pairs but qk_rope_head_dim="
+                f"{self.qk_rope_head_dim} needs {self.qk_rope_head_dim // 2}"
+            )
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def scale(self) -> float:
+        return self.softmax_scale if self.softmax_scale is not None else self.qk_head_dim**-0.5
+
+    @property
+    def cache_elements(self) -> int:
+        """Elements cached per token: [c_kv | roped k_rope]."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MLASpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown MLA spec fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@strict
+class EcoMLAConfig(PreTrainedConfig):
+    """A Llama-family decoder whose attention layers are MLA (`mla_layers[i]` a spec) or kept GQA (None)."""
+
+    model_type = "ecomla"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_dropout: int | float | None = 0.0
+    mlp_bias: bool = False
+    qkv_bias: bool = False  # Qwen2 (and Llama with attention_bias) carry q/k/v biases
+    o_bias: bool = False  # Llama with attention_bias also biases o_proj; Qwen2 does not
+    sliding_window: int | None = None  # source sliding window, applied to layers marked sliding
+    source_model_type: str = "llama"
+    source_layer_types: list[str] | None = None  # "full_attention" / "sliding_attention" per layer
+    mla_layers: list | None = None  # per layer: MLASpec dict, or None for a kept GQA layer
+    # RoPE parameters for fresh decoupled rotary dims; None = the source's `rope_parameters`.
+    # The authors' code silently used YaRN here; `ecomla convert --mla-rope yarn` reproduces that.
+    mla_rope_parameters: dict | None = None
+    # Query lengths up to this use the absorbed path at inference; longer ones decompress (prefill).
+    absorb_max_query_len: int = 1
+    layer_types: list[str] | None = None  # cache-layer type per layer, derived from mla_layers
+
+    def __post_init__(self, **kwargs):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        if self.mla_layers is None:
+            self.mla_layers = [None] * self.num_hidden_layers
+        if self.source_layer_types is None:
+            self.source_layer_types = ["full_attention"] * self.num_hidden_layers
+        self.layer_types = [LATENT_LAYER_TYPE if s is not None else "full_attention" for s in self.mla_layers]
+        super().__post_init__(**kwargs)
+
+    def validate_layer_type(self):
+        """Part of `@strict` validation: our layer types add the latent cache type to transformers' list."""
+        if len(self.mla_layers) != self.num_hidden_layers:
+            raise ValueError(
+                f"mla_layers has {len(self.mla_layers)} entries but the model has {self.num_hidden_layers} layers"
+            )
+        for t in self.layer_types:
+            if t != LATENT_LAYER_TYPE and t not in ALLOWED_ATTN_LAYER_TYPES:
+                raise ValueError(f"unknown layer type {t!r}")
+        for spec in self.mla_layers:
+            if spec is not None:
+                MLASpec.from_dict(spec)
+
+    def validate_architecture(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+
+    # ---- convenience accessors -------------------------------------------------------------
+    def mla_spec(self, layer_idx: int) -> MLASpec | None:
+        spec = self.mla_layers[layer_idx]
+        return None if spec is None else MLASpec.from_dict(spec)
+
+    @property
+    def mla_layer_indices(self) -> list[int]:
+        return [i for i, s in enumerate(self.mla_layers) if s is not None]
+
+    def layer_window(self, layer_idx: int) -> int | None:
+        return self.sliding_window if self.source_layer_types[layer_idx] == "sliding_attention" else None
+
+    def kv_elements_per_token(self) -> int:
+        """Cached elements per token summed over layers (MLA: r_kv + d_rope; kept GQA: 2*G*d_h)."""
+        gqa = 2 * self.num_key_value_heads * self.head_dim
+        return sum(gqa if s is None else MLASpec.from_dict(s).cache_elements for s in self.mla_layers)
+
+    def source_kv_elements_per_token(self) -> int:
+        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
+
+
+__all__ = ["EcoMLAConfig", "MLASpec", "LATENT_LAYER_TYPE"]

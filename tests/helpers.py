@@ -1,0 +1,63 @@
+"""Tiny models and tokenizers for tests (seconds on CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+WORDS = ("the a an is are was of to and in on for with you I it that this what how why who capital city "
+         "France Paris Rome Italy hello world cat dog sat mat red blue green one two three four five six seven "
+         "eight nine ten user assistant system question answer yes no good bad big small tell me about please "
+         "thanks ocean poem write short long story time day night sun moon star sky water fire earth air").split()
+SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+VOCAB = 128
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {t: i for i, t in enumerate(SPECIAL + sorted(set(WORDS) | {"\n", ".", ",", "?", "!"}))}
+    for i in range(len(vocab), VOCAB):
+        vocab[f"<extra_{i}>"] = i
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_config(family: str, **kw):
+    base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
+    base.update(kw)
+    if family == "llama":
+        return LlamaConfig(head_dim=16, **base)
+    if family == "mistral":
+        return MistralConfig(head_dim=16, sliding_window=None, **base)
+    if family == "qwen2":
+        return Qwen2Config(**base)
+    raise ValueError(family)
+
+
+MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
+
+
+def make_source(family: str, out: Path, seed: int = 0, **kw) -> Path:
+    """A tiny random source checkpoint + tokenizer in `out`. Biases (Qwen2) are made non-trivial."""
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[family](tiny_config(family, **kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    model.save_pretrained(out)
+    make_tokenizer().save_pretrained(out)
+    return Path(out)
