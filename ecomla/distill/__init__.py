@@ -1,0 +1,1 @@
+"""Stage 1: layer-wise alignment (ILD) and end-to-end knowledge distillation, on accelerate."""

@@ -1,0 +1,90 @@
+"""`ecomla distill STUDENT --teacher T --data D --out DIR`: stage 1, layer-wise alignment then end-to-end KD.
+
+    ecomla distill out/student-4x --teacher default --data default --out runs/kd-4x --max-minutes 30
+    accelerate launch --num_processes 2 --cpu -m ecomla distill out/student-4x --out runs/kd-4x-ddp
+    accelerate launch --config_file fsdp.yaml -m ecomla distill ...   # same script on GPUs (DDP/FSDP/DeepSpeed)
+
+The output folder is a loadable checkpoint (config.json + safetensors + tokenizer) plus metrics.jsonl and
+checkpoints/step-*/ for --resume. Recipes with every option: recipes/*.yaml (`--config`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..args import arg
+from ..io import UserError
+from ..losses import KINDS
+
+STAGES = ("ild", "kd", "both")
+TRAINABLE = ("all", "attention", "mla")
+
+
+@dataclass
+class DistillArgs:
+    student: str = arg("MLA checkpoint to train (from `ecomla convert`)", positional=True)
+    teacher: str = arg("teacher: 'source' (the model the student was converted from), a folder, hub id or "
+                       "'default'; must share the student's vocabulary", default="source")
+    data: str = arg("chat data: 'default' (English ShareGPT), a local file, or a hub id; its train split is used",
+                    default="default")
+    out: str = arg("output folder", default="runs/distill")
+    stage: str = arg("ild (layer-wise alignment only), kd (end-to-end only) or both", default="both", choices=STAGES)
+    max_tokens: int = arg("KD token budget; also sets the length of the LR schedule", default=1_000_000)
+    ild_tokens: int = arg("ILD token budget", default=65_536)
+    max_minutes: float | None = arg("stop cleanly (with a checkpoint) after this many minutes", default=None)
+    resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints", default=False)
+    seq_len: int = arg("tokens per packed block", default=256)
+    batch_size: int = arg("blocks per micro-batch per process", default=4)
+    grad_accum: int = arg("micro-batches per optimizer step", default=1)
+    lr: float = arg("KD peak learning rate (the paper's 1B recipe: 8e-5)", default=1e-4)
+    ild_lr: float = arg("ILD peak learning rate", default=1e-3)
+    min_lr_ratio: float = arg("cosine floor as a fraction of the peak", default=0.1)
+    warmup_ratio: float = arg("warmup share of each stage (paper: 0.01)", default=0.01)
+    weight_decay: float = arg("AdamW weight decay", default=0.0)
+    betas: str = arg("AdamW betas (paper: 0.9,0.98)", default="0.9,0.98")
+    grad_clip: float = arg("max gradient norm (0 = off)", default=1.0)
+    loss: str = arg("KD divergence: forward (KL(teacher||student), paper), reverse, jsd", default="forward",
+                    choices=KINDS)
+    temperature: float = arg("KD temperature (loss scaled by T^2)", default=1.0)
+    kl_weight: float = arg("weight of the divergence", default=1.0)
+    ce_weight: float = arg("weight of plain cross-entropy on the data (paper default 0)", default=0.0)
+    mask_prompt: bool = arg("train on assistant tokens only (padding is always masked)", default=True)
+    trainable: str = arg("KD trainable set: all (paper), attention, mla", default="all", choices=TRAINABLE)
+    precision: str = arg("bf16 (autocast, CPU and GPU) or fp32", default="bf16", choices=("bf16", "fp32"))
+    teacher_topk: int = arg("use cached teacher top-k log-probs (computed once, reused) instead of a live "
+                            "teacher; 0 = live full-vocabulary teacher", default=0)
+    save_every: int = arg("checkpoint every N optimizer steps", default=50)
+    keep_last: int = arg("checkpoints to keep", default=2)
+    eval_tokens: int = arg("held-out target tokens for the final KL/perplexity check (0 = skip)", default=4096)
+    chunk: int = arg("target rows per full-vocabulary logits chunk", default=1024)
+    seed: int = arg("seed (data order, init of nothing else)", default=0)
+    progress: bool = arg("show a progress bar", default=True)
+
+    def __post_init__(self):
+        try:
+            b = tuple(float(x) for x in self.betas.split(","))
+            assert len(b) == 2 and all(0 <= x < 1 for x in b)
+        except (ValueError, AssertionError):
+            raise UserError(f"--betas must be two numbers in [0, 1) like 0.9,0.98, got {self.betas!r}") from None
+        for name in ("max_tokens", "seq_len", "batch_size", "grad_accum", "save_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.ild_tokens < 0 or self.lr <= 0 or self.ild_lr <= 0:
+            raise UserError("--ild-tokens must be >= 0 and learning rates > 0")
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise UserError("--kl-weight and --ce-weight are both 0: nothing to train")
+        if self.teacher_topk and self.loss != "forward":
+            raise UserError("--teacher-topk only supports --loss forward (the student's mass outside the teacher's "
+                            "top k has no teacher log-prob for reverse KL / JSD)")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise UserError("--max-minutes must be > 0")
+
+    @property
+    def beta_pair(self) -> tuple[float, float]:
+        return tuple(float(x) for x in self.betas.split(","))
+
+
+def main(args: DistillArgs) -> dict:
+    from .trainer import Trainer
+
+    return Trainer(args).run()

@@ -1,0 +1,1 @@
+"""Evaluation: fidelity to the teacher, lm-eval benchmarks, reports."""

@@ -1,0 +1,120 @@
+"""report.md and plots from an `ecomla eval` results dict (also used by `ecomla demo`).
+
+Plots (PNG, matplotlib Agg): task scores per model next to the teacher; quality (KL to teacher and the
+task average) against KV bytes per token when several models are compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TASK_ORDER = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "openbookqa", "piqa", "winogrande")
+
+
+def _fmt(v, pct=False, digits=3):
+    if v is None:
+        return "-"
+    return f"{100 * v:.1f}" if pct else f"{v:.{digits}f}"
+
+
+def _score(t: dict) -> str:
+    m = t["average_metric"]
+    err = t.get(f"{m}_stderr")
+    return f"{100 * t[m]:.1f} ± {100 * err:.1f}" if t.get(m) is not None and err is not None else _fmt(t.get(m), True)
+
+
+def table(results: dict) -> list[str]:
+    models = results["models"]
+    tasks = [t for t in TASK_ORDER if any(t in m["tasks"] for m in models)]
+    tasks += sorted({t for m in models for t in m["tasks"]} - set(tasks))
+    head = ["model", "KV B/token", "smaller", "KL to teacher", "top-1 agree", "ppl chat", "ppl text", *tasks, "avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        ppl = m.get("ppl") or {}
+        cells = [m["name"], str(m.get("kv_bytes_per_token")), f"{m.get('compression', 1):.2f}x",
+                 _fmt(m.get("kl_to_teacher")), _fmt(m.get("top1_agreement")), _fmt(ppl.get("chat"), digits=2),
+                 _fmt(ppl.get("text"), digits=2)]
+        cells += [_score(m["tasks"][t]) if t in m["tasks"] else "-" for t in tasks]
+        cells.append(_fmt(m.get("average"), True))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_tasks(results: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results["models"] if m["tasks"]]
+    if not models:
+        return False
+    tasks = [t for t in TASK_ORDER if any(t in m["tasks"] for m in models)] or sorted(models[0]["tasks"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(models)) / 2), 4))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        vals = [100 * (m["tasks"].get(t, {}).get(m["tasks"].get(t, {}).get("average_metric", "acc")) or 0)
+                for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=m["name"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
+    ax.set_ylabel("score (%): acc_norm or acc")
+    ax.legend(fontsize=8)
+    ax.set_title("0-shot task scores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_quality_vs_kv(results: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in results["models"] if m.get("kv_bytes_per_token")]
+    if len(models) < 2:
+        return False
+    panels = [("kl_to_teacher", "KL(teacher || model), nats/token"), ("average", "task average (%)")]
+    panels = [(k, lab) for k, lab in panels if any(m.get(k) is not None for m in models)]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for m in models:
+            if m.get(key) is None:
+                continue
+            y = 100 * m[key] if key == "average" else m[key]
+            ax.scatter(m["kv_bytes_per_token"], y)
+            ax.annotate(m["name"], (m["kv_bytes_per_token"], y), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV cache bytes per token (measured)")
+        ax.set_ylabel(label)
+    fig.suptitle("quality vs KV cache size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(results: dict, out: Path) -> Path:
+    s = results["settings"]
+    lines = ["# ecomla eval report", "",
+             f"Teacher: `{results.get('teacher')}`. Tasks 0-shot via lm-eval; limits: `{s.get('limit') or 'full splits'}`"
+             f" (seed {s.get('seed')}). Average: {s['average']}.",
+             f"Perplexity / KL target tokens: {s.get('fidelity_tokens')}; ppl chat = assistant tokens of held-out "
+             "ShareGPT, ppl text = BoolQ passages. Not available offline: "
+             + ", ".join(f"{k} ({v})" for k, v in results.get("not_offline", {}).items()) + ".", ""]
+    lines += table(results)
+    lines += ["", "Task cells are percent ± standard error (acc_norm where defined, acc otherwise). "
+              "KV bytes/token are read from the live cache of a generate() call.", ""]
+    if plot_tasks(results, out / "tasks.png"):
+        lines += ["![task scores](tasks.png)", ""]
+    if plot_quality_vs_kv(results, out / "quality_vs_kv.png"):
+        lines += ["![quality vs KV size](quality_vs_kv.png)", ""]
+    n_docs = {m["name"]: {t: r.get("n") for t, r in m["tasks"].items()} for m in results["models"][:1]}
+    lines += [f"Documents per task: {n_docs}", f"Versions: {results.get('versions')}; "
+              f"{results.get('minutes')} min in all.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path

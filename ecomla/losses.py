@@ -1,0 +1,93 @@
+"""Distillation losses as small functions, computed in fp32 and in chunks of target tokens.
+
+Shapes: N target tokens, V vocabulary, D hidden. p = teacher distribution, q = student distribution.
+- forward KL(p || q) = sum_v p (log p - log q)        (the paper's loss, temperature 1)
+- reverse KL(q || p) = sum_v q (log q - log p)
+- JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+With temperature tau both logits are divided by tau and the loss is multiplied by tau^2 (Hinton et al.),
+so gradients keep their scale across temperatures.
+
+Normalisation: losses are averaged over target tokens (padding always excluded; prompt tokens excluded
+when the data says so). The authors' trainer instead sums over every position of the batch, padding
+included, and divides by the batch size (`kl_div(..., reduction="batchmean")`), which makes the scale
+grow with sequence length. An all-masked batch gives 0, not NaN.
+
+`chunked_loss` never holds more than `chunk` rows of full-vocabulary logits: each chunk's logits are
+projected from hidden states, and under autograd the chunk is checkpointed, so backward recomputes it
+instead of storing it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+KINDS = ("forward", "reverse", "jsd")
+
+
+def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward",
+             temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+    """Per-token divergence [N] between [N, V] logits (fp32 inside)."""
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if kind == "forward":
+        out = _plogp_ratio(t, s)
+    elif kind == "reverse":
+        out = _plogp_ratio(s, t)
+    elif kind == "jsd":
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
+        out = beta * _plogp_ratio(t, m) + (1 - beta) * _plogp_ratio(s, m)
+    else:
+        raise ValueError(f"loss kind must be one of {KINDS}, got {kind!r} (--loss)")
+    return out * temperature**2
+
+
+def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_v p (log p - log q), with 0 log 0 = 0 (a top-k teacher is -inf outside its support)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
+
+
+def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy [N] of [N, V] logits against [N] labels."""
+    return F.cross_entropy(student_logits.float(), labels, reduction="none")
+
+
+def _chunk_terms(s_h, t_logits, labels, head_w, head_b, kind, temperature, kl_w, ce_w):
+    s_logits = F.linear(s_h, head_w, head_b)
+    loss = kl_w * token_kl(s_logits, t_logits, kind, temperature) if kl_w else s_logits.new_zeros(len(s_h)).float()
+    if ce_w:
+        loss = loss + ce_w * token_ce(s_logits, labels)
+    return loss.sum()
+
+
+def chunked_loss(student_hidden: torch.Tensor, head: torch.nn.Linear, teacher_logits_fn, labels: torch.Tensor,
+                 kind: str = "forward", temperature: float = 1.0, kl_weight: float = 1.0, ce_weight: float = 0.0,
+                 chunk: int = 1024) -> tuple[torch.Tensor, int]:
+    """Sum of kl_weight*KL + ce_weight*CE over N target rows, and N.
+
+    student_hidden [N, D] are the student's final hidden states at target positions (after the final norm);
+    `teacher_logits_fn(lo, hi)` returns the teacher's [hi-lo, V] logits for those rows (computed on demand so
+    only one chunk of teacher logits exists at a time); labels [N] are the next tokens.
+    """
+    n = student_hidden.shape[0]
+    total = student_hidden.float().sum() * 0.0  # zero with a graph, so an all-masked batch still backprops
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        t_logits = teacher_logits_fn(lo, hi) if kl_weight else None
+        args = (student_hidden[lo:hi], t_logits, labels[lo:hi], head.weight, head.bias, kind, temperature,
+                kl_weight, ce_weight)
+        if torch.is_grad_enabled() and student_hidden.requires_grad:
+            total = total + checkpoint(_chunk_terms, *args, use_reentrant=False)
+        else:
+            total = total + _chunk_terms(*args)
+    return total, n
+
+
+def masked_mean(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
+    """total / count, and 0 (with a graph) when nothing was a target."""
+    count = int(count)
+    return total / count if count > 0 else total * 0.0

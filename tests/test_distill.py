@@ -1,0 +1,186 @@
+"""Stage-1 distillation: loss identities, learning, resume, DDP over 2 CPU processes, clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ecomla.cli import main
+from ecomla.convert.convert import ConvertArgs, convert
+from ecomla.distill.run import DistillArgs
+from ecomla.distill.trainer import Trainer, schedule
+from ecomla.io import UserError
+from ecomla.losses import chunked_loss, masked_mean, token_kl
+from tests.helpers import make_source
+from tests.test_data_eval import chat_rows
+
+
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_divergence_of_a_distribution_with_itself_is_zero(kind):
+    logits = torch.randn(7, 50)
+    assert torch.allclose(token_kl(logits, logits, kind, temperature=2.0), torch.zeros(7), atol=1e-6)
+    assert (token_kl(logits, torch.randn(7, 50), kind) > 0).all()
+
+
+def test_all_masked_gives_zero_not_nan():
+    h = torch.randn(0, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    total, n = chunked_loss(h, head, lambda lo, hi: torch.zeros(hi - lo, 11), torch.zeros(0, dtype=torch.long))
+    loss = masked_mean(total, n)
+    loss.backward()
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+
+
+@pytest.mark.parametrize("kind, ce", [("forward", 0.0), ("reverse", 0.5), ("jsd", 1.0)])
+def test_chunked_equals_full_including_gradients(kind, ce):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 31, bias=False)
+    t_logits = torch.randn(20, 31)
+    labels = torch.randint(0, 31, (20,))
+    outs = []
+    for chunk in (3, 1000):
+        h = torch.randn(20, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        total, n = chunked_loss(h, head, lambda lo, hi: t_logits[lo:hi], labels, kind, 1.5, 1.0, ce, chunk)
+        total.backward()
+        outs.append((total.detach(), h.grad.clone(), head.weight.grad.clone()))
+        head.weight.grad = None
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [schedule(s, 100, 0.1, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    make_source("llama", root / "src", tie_word_embeddings=True)
+    convert(ConvertArgs(src=str(root / "src"), out=str(root / "mla"), kv_rank=8, rope_dim=8), log=lambda *a: None)
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows(300)))
+    return root
+
+
+def args(setup, out, **kw):
+    base = dict(student=str(setup / "mla"), data=str(setup / "chat.jsonl"), out=str(out), seq_len=16, batch_size=4,
+                max_tokens=64 * 20, ild_tokens=64 * 4, precision="fp32", eval_tokens=0, lr=3e-3, ild_lr=3e-3,
+                save_every=5, progress=False)
+    base.update(kw)
+    return DistillArgs(**base)
+
+
+def losses(out):
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], rows
+
+
+def test_twenty_steps_lower_the_kl_and_write_a_loadable_checkpoint(setup, tmp_path):
+    res = Trainer(args(setup, tmp_path / "run", stage="kd", eval_tokens=200)).run()
+    curve, rows = losses(tmp_path / "run")
+    assert len(curve) == 20 and sum(curve[-5:]) < sum(curve[:5])
+    assert res["heldout"]["kl_to_teacher"] is not None
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")  # the output folder is a checkpoint
+    assert model.config.model_type == "ecomla" and "final" in rows[-1]
+
+
+def test_ild_stage_trains_only_mla_weights(setup, tmp_path):
+    Trainer(args(setup, tmp_path / "ild", stage="ild", ild_tokens=64 * 6)).run()
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(setup / "mla")
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "ild")
+    changed = {n for (n, a), (_, b) in zip(before.named_parameters(), after.named_parameters()) if not torch.equal(a, b)}
+    assert changed and all(".self_attn." in n and "o_proj" not in n for n in changed)
+    curve, _ = losses(tmp_path / "ild")
+    assert curve[-1] < curve[0]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, monkeypatch):
+    Trainer(args(setup, tmp_path / "full")).run()
+    full, _ = losses(tmp_path / "full")
+
+    original = Trainer.train_step
+
+    def dies_at_step_7(self, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_7)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C saves a checkpoint, then exits
+        Trainer(args(setup, tmp_path / "cut")).run()
+    assert (tmp_path / "cut" / "checkpoints" / "step-0000007").is_dir()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    Trainer(args(setup, tmp_path / "cut", resume=True)).run()
+    resumed, _ = losses(tmp_path / "cut")
+    assert len(resumed) == len(full)
+    assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
+def test_rerun_without_resume_refuses_and_stale_tmp_is_ignored(setup, tmp_path):
+    Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 6)).run()
+    (tmp_path / "r" / "checkpoints" / "step-0000099.tmp").mkdir()  # a save that died half-way
+    with pytest.raises(UserError, match="--resume"):
+        Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 6)).run()
+    t = Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 6, resume=True))
+    t.resume()
+    assert t.step == 6  # the last complete checkpoint, not the .tmp one
+
+
+def test_vocab_mismatch_and_missing_data_are_clear_errors(setup, tmp_path, capsys):
+    make_source("llama", tmp_path / "other", vocab_size=96)
+    assert main(["distill", str(setup / "mla"), "--teacher", str(tmp_path / "other"), "--data",
+                 str(setup / "chat.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "vocabulary" in capsys.readouterr().err
+    assert main(["distill", str(setup / "mla"), "--data", str(tmp_path / "nope.jsonl"), "--out",
+                 str(tmp_path / "o2")]) == 2
+    assert "no such data file" in capsys.readouterr().err
+    assert main(["distill", str(setup / "src"), "--out", str(tmp_path / "o3")]) == 2
+    assert "no MLA layer" in capsys.readouterr().err
+
+
+def test_teacher_topk_cache_is_reused(setup, tmp_path):
+    Trainer(args(setup, tmp_path / "k1", stage="kd", max_tokens=64 * 4, teacher_topk=8)).run()
+    files = sorted((tmp_path.parent / "ecomla-cache").rglob("block-*.pt")) or sorted(
+        p for p in os.popen(f"find {os.environ['ECOMLA_CACHE']} -name 'block-*.pt'").read().split())
+    assert len(files) >= 16
+    curve, _ = losses(tmp_path / "k1")
+    assert all(c == c for c in curve)  # finite
+
+
+def launch_two_cpu_processes(tmp_path) -> tuple[list[str], dict]:
+    """accelerate's own multi-CPU launcher needs MPI (`--cpu` + `--mpirun_hostfile`); without MPI the same two
+    processes start through torchrun (`--multi_gpu` with ACCELERATE_USE_CPU=1). Both give MULTI_CPU + gloo."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    base = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if shutil.which("mpirun"):
+        (tmp_path / "hostfile").write_text("localhost slots=2\n")
+        return base + ["--cpu", "--mpirun_hostfile", str(tmp_path / "hostfile")], env
+    return base + ["--multi_gpu"], {**env, "ACCELERATE_USE_CPU": "1"}
+
+
+def test_two_cpu_processes_match_one_process(setup, tmp_path):
+    """`accelerate launch --num_processes 2 --cpu`, batch 2 each == one process with batch 4 (same global batch)."""
+    common = ["--data", str(setup / "chat.jsonl"), "--seq-len", "16", "--max-tokens", str(64 * 6), "--ild-tokens",
+              str(64 * 2), "--precision", "fp32", "--eval-tokens", "0", "--lr", "3e-3", "--ild-lr", "3e-3",
+              "--no-progress", "--trainable", "all"]
+    launch, env = launch_two_cpu_processes(tmp_path)
+    cmd = launch + ["-m", "ecomla", "distill", str(setup / "mla"), "--out", str(tmp_path / "ddp"), "--batch-size", "2",
+                    *common]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(["distill", str(setup / "mla"), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    ddp, _ = losses(tmp_path / "ddp")
+    one, _ = losses(tmp_path / "one")
+    assert json.loads((tmp_path / "ddp" / "ecomla_train.json").read_text())["world_size"] == 2
+    assert len(ddp) == len(one) == 8
+    assert ddp == pytest.approx(one, rel=1e-4, abs=1e-6)
