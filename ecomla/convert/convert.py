@@ -20,10 +20,12 @@ import torch
 from ..args import arg
 from ..io import DTYPES, UserError, atomic_dir, count_params, load_config, load_model, load_tokenizer
 from ..mla.config import EcoMLAConfig, MLASpec
+from ..mla.rope import rope_inv_freq
+from . import ranks as rank_alloc
 from . import svd
+from .factor import INITS, NEEDS_CALIBRATION, LayerPlan, factor_layer, plan_layer
 from .families import ATTN_COPY_IF_KEPT, LAYER_COPY, MODEL_COPY, check_supported, source_fields
 
-INITS = ("xecomla", "random")
 
 
 @dataclass
@@ -38,8 +40,29 @@ class ConvertArgs:
                       "(full-rank q_proj)", default="auto")
     layers: str = arg("layers that become MLA: 'all', a list '1,3,5', or 'every:K[:OFFSET]'; the rest stay GQA",
                       default="all")
-    init: str = arg("initialisation: 'xecomla' (paper Algorithm 1) or 'random' (ablation)", default="xecomla",
-                    choices=INITS)
+    init: str = arg("initialisation: 'xecomla' (paper Algorithm 1), 'random' (ablation), 'whitened' (activation-"
+                    "aware SVD), 'rope-aware' (whole RoPE pairs, fitted shared key), 'rope-whitened' (both)",
+                    default="xecomla", choices=INITS)
+    kv_budget: str | None = arg("total KV budget, as a ratio ('4x') or elements/token over all layers: r_kv per "
+                                "layer is allocated to minimise summed (whitened) reconstruction error", default=None)
+    allow_hybrid: bool = arg("with --kv-budget: let the allocation keep some layers as GQA", default=False)
+    budget_norm: str = arg("error each layer contributes to the allocation: absolute or relative (per-layer "
+                           "share of energy)", default="absolute", choices=("absolute", "relative"))
+    rope_select: str = arg("rope-aware inits: keep the pairs whose scores change most without rotation "
+                           "('contribution': magnitude x rotation over 2k tokens), the largest 'magnitude' "
+                           "(MHA2MLA 2-norm), or the fastest pairs ('high')", default="contribution",
+                           choices=("contribution", "magnitude", "high"))
+    rope_distance: int = arg("rope-aware 'contribution' rule: token distances over which a pair's lost rotation is "
+                             "averaged (the context length that matters)", default=512)
+    rope_key_fit: str = arg("rope-aware inits: shared rotary key = rank-1 PCA across KV heads ('pca') or their "
+                            "mean ('mean')", default="pca", choices=("pca", "mean"))
+    kv_balance: bool = arg("scale K rows so K and V carry equal energy before the joint K/V factorisation "
+                           "(TransMLA's BKV); not for --init xecomla", default=False)
+    calib_data: str = arg("calibration chat data (train split only)", default="default")
+    calib_seqs: int = arg("calibration sequences", default=128)
+    calib_len: int = arg("calibration sequence length", default=256)
+    calib_seed: int = arg("calibration sample seed", default=0)
+    damp: float = arg("whitening damping (fraction of the mean diagonal of the input covariance)", default=1e-4)
     rank_energy: float | None = arg("per-layer r_kv = smallest rank keeping this share of the [W_K;W_V] "
                                     "spectral energy (paper delta_kv)", default=None)
     q_rank_energy: float | None = arg("per-layer r_q from an energy threshold on W_Q (paper delta_q)", default=None)
@@ -55,8 +78,19 @@ class ConvertArgs:
     overwrite: bool = arg("replace OUT if it exists", default=False)
 
     def __post_init__(self):
-        if self.kv_rank is None and self.rank_energy is None:
-            raise UserError("give --kv-rank R or --rank-energy DELTA")
+        if [self.kv_rank, self.rank_energy, self.kv_budget].count(None) != 2:
+            raise UserError("give exactly one of --kv-rank R, --rank-energy DELTA or --kv-budget B")
+        if self.allow_hybrid and self.kv_budget is None:
+            raise UserError("--allow-hybrid needs --kv-budget")
+        if self.allow_hybrid and self.layers != "all":
+            raise UserError("--allow-hybrid chooses the GQA layers itself; drop --layers")
+        if self.init.startswith("rope") and self.nope_dim is not None:
+            raise UserError("rope-aware inits use every non-rotary dim as NoPE (d_nope = head_dim - rope_dim); "
+                            "drop --nope-dim")
+        if self.kv_balance and self.init in ("xecomla", "random"):
+            raise UserError("--kv-balance applies to the whitened / rope-aware inits, not to --init " + self.init)
+        if self.calib_seqs < 1 or self.calib_len < 8:
+            raise UserError("--calib-seqs must be >= 1 and --calib-len >= 8")
         if self.kv_rank is not None and self.kv_rank < 1:
             raise UserError(f"--kv-rank must be >= 1, got {self.kv_rank}")
         if self.rope_dim < 2 or self.rope_dim % 2:
@@ -101,11 +135,13 @@ def check_shapes(args: ConvertArgs, fields: dict) -> tuple[int, int, int]:
     d_v = d_h if args.v_dim is None else args.v_dim
     if d_v != d_h:
         raise UserError(f"--v-dim {d_v} must equal the source head dim {d_h}: o_proj is reused, so value heads stay whole")
-    kv_limit = min(D, 2 * G * d_h)
+    rows = G * (d_h - args.rope_dim) + G * d_h if args.init.startswith("rope") else 2 * G * d_h
+    what = "[W_K nope; W_V]" if args.init.startswith("rope") else "[W_K; W_V]"
+    kv_limit = min(D, rows)
     if args.kv_rank is not None and args.kv_rank > kv_limit:
         raise UserError(
-            f"--kv-rank {args.kv_rank} exceeds the rank of [W_K; W_V] (at most min(D={D}, 2*G*d_h={2 * G * d_h}) = "
-            f"{kv_limit}); pick a rank <= {kv_limit}"
+            f"--kv-rank {args.kv_rank} exceeds the rank of {what} (at most min(D={D}, {rows}) = {kv_limit}); "
+            f"pick a rank <= {kv_limit}"
         )
     q_limit = min(D, fields["num_attention_heads"] * d_h)
     if args.q_rank.isdigit() and not 1 <= int(args.q_rank) <= q_limit:
@@ -122,21 +158,41 @@ def layer_source(sd: dict, i: int, fields: dict) -> svd.Source:
     )
 
 
-def plan_layer(args: ConvertArgs, src: svd.Source, fields: dict, d_nope: int, d_v: int) -> MLASpec:
-    """Ranks for one layer: fixed, or from energy thresholds; r_q by parity unless given."""
-    r_kv = args.kv_rank
-    if args.rank_energy is not None:
-        r_kv = svd.energy_rank(svd.kv_singular_values(src), args.rank_energy)
+def q_rank_for(args: ConvertArgs, plan: LayerPlan, fields: dict, r_kv: int) -> int | None:
+    src = plan.src
     if args.q_rank == "none":
-        r_q = None
-    elif args.q_rank_energy is not None:
-        r_q = svd.energy_rank(svd.q_singular_values(src), args.q_rank_energy)
-    elif args.q_rank == "auto":
-        r_q = svd.parity_q_rank(fields["hidden_size"], src.H, src.G, src.d_h, r_kv, d_nope, args.rope_dim, d_v)
-    else:
-        r_q = int(args.q_rank)
-    return MLASpec(kv_lora_rank=r_kv, qk_rope_head_dim=args.rope_dim, qk_nope_head_dim=d_nope, v_head_dim=d_v,
-                   q_lora_rank=r_q, latent_norm=args.latent_norm)
+        return None
+    if args.q_rank_energy is not None:
+        return svd.energy_rank(inits_q_spectrum(plan), args.q_rank_energy)
+    if args.q_rank == "auto":
+        return svd.parity_q_rank(fields["hidden_size"], src.H, src.G, src.d_h, r_kv, plan.d_nope, plan.d_rope, plan.d_v)
+    return int(args.q_rank)
+
+
+def inits_q_spectrum(plan: LayerPlan) -> torch.Tensor:
+    from .inits import whitened_svd
+
+    return whitened_svd(plan.q_matrix(), plan.L)[1]
+
+
+def choose_kv_ranks(args: ConvertArgs, plans: dict[int, LayerPlan], fields: dict) -> dict[int, int | None]:
+    """r_kv per candidate layer: fixed, by energy threshold, or allocated from a total budget (None = keep GQA)."""
+    if args.kv_rank is not None:
+        return {i: args.kv_rank for i in plans}
+    spectra = {i: (p.kv_spectrum if p.kv_spectrum is not None else svd.kv_singular_values(p.src)) for i, p in plans.items()}
+    if args.rank_energy is not None:
+        return {i: svd.energy_rank(s, args.rank_energy) for i, s in spectra.items()}
+    gqa = 2 * fields["num_key_value_heads"] * fields["head_dim"]
+    kept = fields["num_hidden_layers"] - len(plans)  # layers outside --layers stay GQA and use budget too
+    total = rank_alloc.parse_budget(args.kv_budget, gqa * fields["num_hidden_layers"]) - kept * gqa
+    idx = sorted(plans)
+    limits = [min(fields["hidden_size"], len(spectra[i])) for i in idx]
+    try:
+        ranks, spare = rank_alloc.allocate([spectra[i] for i in idx], total, args.rope_dim, limits,
+                                           gqa_cost=gqa if args.allow_hybrid else None, norm=args.budget_norm)
+    except ValueError as err:
+        raise UserError(str(err)) from err
+    return dict(zip(idx, ranks))
 
 
 def mla_rope_parameters(args: ConvertArgs, fields: dict) -> dict | None:
@@ -150,26 +206,23 @@ def mla_rope_parameters(args: ConvertArgs, fields: dict) -> dict | None:
             "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0, "original_max_position_embeddings": 4096}
 
 
-def build_state_dict(args, sd, fields, mla_idx, specs) -> tuple[dict, list[dict]]:
+def build_state_dict(args, sd, fields, plans: dict[int, LayerPlan], specs: dict[int, MLASpec]):
     """New state dict (float64 for factored weights) and the per-layer report."""
     out = {k: sd[k] for k in MODEL_COPY if k in sd}
     report = []
     for i in range(fields["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out.update({p + k: sd[p + k] for k in LAYER_COPY if p + k in sd})
-        if i not in mla_idx:
+        if i not in specs:
             out.update({p + k: sd[p + k] for k in ATTN_COPY_IF_KEPT if p + k in sd})
             report.append({"layer": i, "type": "gqa"})
             continue
         spec = specs[i]
         row = {"layer": i, "type": "mla", "q_rank": spec.q_lora_rank, "kv_rank": spec.kv_lora_rank}
-        if args.init == "xecomla":
-            src = layer_source(sd, i, fields)
-            q, q_rep = svd.xecomla_query(src, spec.q_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim, args.sigma)
-            kv, kv_rep = svd.xecomla_kv(src, spec.kv_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim,
-                                        spec.v_head_dim, args.sigma)
-            out.update({p + "self_attn." + k: v for k, v in {**q, **kv}.items()})
-            row.update(q_error=q_rep["q_error"], kv_error=kv_rep["kv_error"], kv_energy=kv_rep["kv_energy"])
+        if args.init != "random":
+            tensors, rep = factor_layer(plans[i], spec.q_lora_rank, spec.kv_lora_rank, args.sigma)
+            out.update({p + "self_attn." + k: v for k, v in tensors.items()})
+            row.update(rep)
         report.append(row)
     return out, report
 
@@ -221,8 +274,35 @@ def convert(args: ConvertArgs, log=print) -> dict:
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists; choose another OUT or pass --overwrite")
     src_model, src_path = load_model(args.src, dtype="auto")
+    src_dtype = src_model.dtype  # calibration runs in float32 below
     sd = {k: v.detach().cpu() for k, v in src_model.state_dict().items()}
-    specs = {i: plan_layer(args, layer_source(sd, i, fields), fields, d_nope, d_v) for i in mla_idx}
+    stats = {}
+    if args.init in NEEDS_CALIBRATION:
+        from .calibrate import layer_input_stats
+
+        log(f"calibrating on {args.calib_seqs} x {args.calib_len} tokens of {args.calib_data} (train split)")
+        stats = layer_input_stats(src_model.float(), load_tokenizer(src_path), str(src_path), args.calib_data,
+                                  args.calib_seqs, args.calib_len, args.calib_seed, mla_idx)
+    inv_freq = rope_inv_freq(fields["rope_parameters"], fields["head_dim"], fields["max_position_embeddings"])[0]
+    plans = {i: plan_layer(args.init, layer_source(sd, i, fields), args.rope_dim, d_nope, d_v, stats.get(i),
+                           args.damp, args.rope_select, args.rope_key_fit, args.kv_balance, inv_freq,
+                           args.rope_distance)
+             for i in mla_idx}
+    if args.init == "random" and (args.rank_energy is not None or args.kv_budget is not None):
+        for plan in plans.values():
+            plan.kv_spectrum = svd.kv_singular_values(plan.src)
+    kv_ranks = choose_kv_ranks(args, plans, fields)
+    specs = {}
+    for i, r_kv in kv_ranks.items():
+        if r_kv is None:
+            continue  # the budget keeps this layer as GQA
+        plan = plans[i]
+        specs[i] = MLASpec(kv_lora_rank=r_kv, qk_rope_head_dim=args.rope_dim, qk_nope_head_dim=plan.d_nope,
+                           v_head_dim=d_v, q_lora_rank=q_rank_for(args, plan, fields, r_kv),
+                           latent_norm=args.latent_norm, rope_pairs=plan.rope_pairs,
+                           softmax_scale=fields["head_dim"] ** -0.5 if plan.rope is not None else None)
+    if not specs:
+        raise UserError("the KV budget keeps every layer as GQA; lower --kv-budget or drop --allow-hybrid")
     for i, spec in specs.items():
         if spec.kv_lora_rank + spec.qk_rope_head_dim >= 2 * fields["num_key_value_heads"] * fields["head_dim"]:
             log(f"warning: layer {i} caches {spec.cache_elements} elements per token, not fewer than the source's "
@@ -233,8 +313,8 @@ def convert(args: ConvertArgs, log=print) -> dict:
         mla_rope_parameters=mla_rope_parameters(args, fields),
         architectures=["EcoMLAForCausalLM"],
     )
-    new_sd, report = build_state_dict(args, sd, fields, set(mla_idx), specs)
-    dtype = src_model.dtype if args.dtype == "auto" else DTYPES[args.dtype]
+    new_sd, report = build_state_dict(args, sd, fields, plans, specs)
+    dtype = src_dtype if args.dtype == "auto" else DTYPES[args.dtype]
     model = materialise(config, new_sd, dtype, args.seed)
     summary = kv_summary(config, dtype)
     summary.update(params=count_params(model), source_params=count_params(src_model), seconds=round(time.time() - t0, 2))

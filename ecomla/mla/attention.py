@@ -22,6 +22,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+from ..kernels import mla_decode
 from .config import EcoMLAConfig, MLASpec
 from .rope import apply_rope, cos_sin, rope_inv_freq
 
@@ -52,7 +53,19 @@ def build_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int, w
     return mask | ~mask.any(dim=-1, keepdim=True)
 
 
-class MLAAttention(nn.Module):
+class _RopeBuffers:
+    """`model.to(torch.bfloat16)` would round the rotary frequencies; recompute them in float32 instead."""
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32 and self.inv_freq.device.type != "meta":
+            self.reset_rope()
+        return out
+
+
+class MLAAttention(_RopeBuffers, nn.Module):
+    decode_kernel = True  # use ecomla.kernels.mla_decode for single-token decode (set False per module to compare)
+
     def __init__(self, config: EcoMLAConfig, layer_idx: int, spec: MLASpec):
         super().__init__()
         self.layer_idx, self.spec = layer_idx, spec
@@ -160,20 +173,26 @@ class MLAAttention(nn.Module):
         B, T = q_nope.shape[:2]
         w_uk, w_uv = self.up_weights()
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # [B, T, H, r_kv]
-        q_cat = torch.cat([q_lat, q_rope], dim=-1).reshape(B, 1, T * H, -1)  # heads folded into query rows
-        if mask is not None:
-            mask = mask.repeat_interleave(H, dim=2)  # [B, 1, T*H, S], row t*H + h
-        kv = latent[:, None]  # [B, 1, S, W]: one key/value head shared by all query rows
-        o_lat = F.scaled_dot_product_attention(
-            q_cat, kv, kv[..., : s.kv_lora_rank], attn_mask=mask, scale=s.scale
-        )  # [B, 1, T*H, r_kv]
-        out = torch.einsum("bthc,hvc->bthv", o_lat.view(B, T, H, s.kv_lora_rank), w_uv)  # [B, T, H, d_v]
+        # Decode fast path (ecomla/kernels/mla_decode.py): one token, no mask -> the Triton kernel on CUDA,
+        # two fp32 GEMMs on CPU; None (e.g. CPU bf16) keeps the SDPA formulation below.
+        fast = mla_decode.decode_fn(latent) if (T == 1 and mask is None and self.decode_kernel) else None
+        if fast is not None:
+            o_lat = fast(q_lat[:, 0], q_rope[:, 0], latent, s.scale)  # [B, H, r_kv]
+        else:
+            q_cat = torch.cat([q_lat, q_rope], dim=-1).reshape(B, 1, T * H, -1)  # heads folded into query rows
+            if mask is not None:
+                mask = mask.repeat_interleave(H, dim=2)  # [B, 1, T*H, S], row t*H + h
+            kv = latent[:, None]  # [B, 1, S, W]: one key/value head shared by all query rows
+            o_lat = F.scaled_dot_product_attention(
+                q_cat, kv, kv[..., : s.kv_lora_rank], attn_mask=mask, scale=s.scale
+            )  # [B, 1, T*H, r_kv]
+        out = torch.einsum("bthc,hvc->bthv", o_lat.reshape(B, T, H, s.kv_lora_rank), w_uv)  # [B, T, H, d_v]
         if self.kv_b_proj.bias is not None:  # k bias shifts every score of a row equally; only v bias matters
             out = out + self.kv_b_proj.bias.view(H, -1)[:, s.qk_nope_head_dim :]
         return out
 
 
-class GQAAttention(nn.Module):
+class GQAAttention(_RopeBuffers, nn.Module):
     """A layer that stays ordinary grouped-query attention (hybrid models); weights keep HF Llama names."""
 
     def __init__(self, config: EcoMLAConfig, layer_idx: int):

@@ -1,0 +1,64 @@
+"""CPU decode benchmark: the 8x SmolLM2-135M student vs its GQA source, fp32, batch 8, context 4k, one run.
+
+    .venv/bin/python benchmarks/bench_decode_cpu.py                  # converts out/smollm2-8x if missing
+    .venv/bin/python benchmarks/bench_decode_cpu.py --threads 2 --out out/bench-cpu
+
+The student is `ecomla convert default out/smollm2-8x --kv-rank 16 --rope-dim 32` (16 + 32 = 48 cached
+elements per token per layer vs 2 * 3 * 64 = 384: 8x). Both models decode from a cache of `--context`
+tokens filled with random rows (a real prefill of 8 x 4k tokens takes minutes on a laptop CPU; decode
+cost does not depend on the cached values), then `--steps` real decode steps are timed (median).
+Prints the `ecomla bench` table and the ratio the issue targets: student tokens/s >= 2x the GQA source's,
+against each GQA baseline (transformers' default DynamicCache, StaticCache, and the fair preallocated SDPA).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ecomla.bench.run import BenchArgs, main
+from ecomla.convert.convert import ConvertArgs, convert
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--student", default="out/smollm2-8x", help="MLA checkpoint (converted here if missing)")
+    p.add_argument("--context", default="4k")
+    p.add_argument("--batch", default="8")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--runs", default="absorbed,absorbed-sdpa,decompressed,gqa-dynamic,gqa-static,gqa-fair")
+    p.add_argument("--out", default=None, help="folder for report.md / results.json / tokens_per_s.png")
+    return p.parse_args()
+
+
+def summary(rows: list[dict]) -> str:
+    mla = {r["run"]: r for r in rows if r["system"] == "mla" and r.get("tokens_per_s")}
+    gqa = {r["run"]: r for r in rows if r["system"] == "gqa" and r.get("tokens_per_s")}
+    lines = []
+    for m in mla.values():
+        for g in gqa.values():
+            x = m["tokens_per_s"] / g["tokens_per_s"]
+            lines.append(f"{m['run']:>13} ({m['tokens_per_s']:.1f} tok/s) vs {g['run']:<11} "
+                         f"({g['tokens_per_s']:.1f} tok/s): {x:.2f}x")
+    a = mla.get("absorbed")
+    if a and gqa:
+        worst = min(a["tokens_per_s"] / g["tokens_per_s"] for g in gqa.values())
+        lines.append(f"target: absorbed >= 2x every GQA baseline -> {'met' if worst >= 2 else 'NOT met'} "
+                     f"(lowest ratio {worst:.2f}x)")
+    return "\n".join(lines)
+
+
+def run() -> None:
+    args = parse()
+    if not (Path(args.student) / "config.json").is_file():
+        convert(ConvertArgs(src="default", out=args.student, kv_rank=16, rope_dim=32))
+    rows = main(BenchArgs(model=args.student, contexts=args.context, batches=args.batch, runs=args.runs,
+                          device="cpu", dtype="float32", fill="synthetic", warmup=args.warmup, steps=args.steps,
+                          threads=args.threads, out=args.out))
+    print(summary(rows))
+
+
+if __name__ == "__main__":
+    run()

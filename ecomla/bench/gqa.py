@@ -1,0 +1,94 @@
+"""The fair GQA decode baseline (`gqa-fair` run): the same care the MLA path gets, applied to the GQA source.
+
+Notation: B batch, T new tokens, S cached tokens, H query heads, G KV heads, n_rep = H / G, d_h head dim.
+
+- `PreallocKVLayer`: K/V [B, G, max_len, d_h] allocated once; a step writes its rows in place (no torch.cat).
+- `packed_gqa_attention`: for one new token, the n_rep query heads that share a KV head become n_rep query
+  rows of that head (q [B, H, 1, d_h] -> [B, G, n_rep, d_h]; head h uses KV head h // n_rep, as in
+  repeat_kv), so attention reads K/V once with no repeat_kv copy and no mask. That is transformers' own
+  `pack_gqa` layout, and the GQA twin of folding MLA heads into query rows. On CPU float32 it runs as two
+  GEMMs with an fp32 softmax, on other devices as one SDPA call: the same rule as the MLA decode path
+  (ecomla.kernels.mla_decode.decode_fn). Measured on CPU (B=8, S=4k, SmolLM2 shape, 1 thread) it beats
+  SDPA with enable_gqa=True, which transformers picks when there is no mask (docs/BENCH.md).
+  Prefill (T > 1, empty cache) is causal SDPA with enable_gqa. Batches must be unpadded: transformers
+  builds no mask for a custom attention function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer
+
+PACKED_GQA = "ecomla_packed_gqa"
+
+
+class PreallocKVLayer(DynamicLayer):
+    """K/V [B, G, max_len, d_h] allocated once; `update` writes rows in place and returns views [B, G, S, d_h]."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, G, _, d = key_states.shape
+        self.device = key_states.device
+        self._k = key_states.new_empty((B, G, self.max_len, d))
+        self._v = value_states.new_empty((B, G, self.max_len, value_states.shape[-1]))
+        self.keys, self.values = self._k[..., :0, :], self._v[..., :0, :]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        seen, new = self.keys.shape[-2], key_states.shape[-2]
+        if seen + new > self.max_len:
+            raise ValueError(f"PreallocKVLayer holds {self.max_len} tokens; {seen + new} requested")
+        self._k[..., seen : seen + new, :] = key_states
+        self._v[..., seen : seen + new, :] = value_states
+        self.keys, self.values = self._k[..., : seen + new, :], self._v[..., : seen + new, :]
+        return self.keys, self.values
+
+    def allocated_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+
+def packed_gqa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: query [B, H, T, d_h], key/value [B, G, S, d_h] -> ([B, T, H, d_h], None)."""
+    B, H, T, d = query.shape
+    G = key.shape[1]
+    if T > 1:
+        if key.shape[2] != T:
+            raise ValueError("packed_gqa_attention prefills an empty cache only (the benchmark's case)")
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+        return out.transpose(1, 2), None
+    q = query.view(B, G, H // G, d)  # [B, G, n_rep, d_h]: query heads of a group as rows
+    if query.device.type == "cpu" and query.dtype == torch.float32:
+        scale = scaling if scaling is not None else d**-0.5
+        scores = torch.matmul(q * scale, key.transpose(-1, -2))  # [B, G, n_rep, S]
+        out = torch.matmul(torch.softmax(scores, dim=-1), value)  # [B, G, n_rep, d_h]
+    else:
+        out = F.scaled_dot_product_attention(q, key, value, scale=scaling)
+    return out.reshape(B, H, 1, d).transpose(1, 2), None  # [B, 1, H, d_h]
+
+
+AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str | None):
+    """Run a transformers model with attention implementation `name` (None: leave it), then restore it."""
+    if name is None:
+        yield
+        return
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)

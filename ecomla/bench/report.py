@@ -1,0 +1,130 @@
+"""Tables, markdown report, JSON and plot for `ecomla bench` rows (no measuring here).
+
+A decode row has kind "decode"; a max-batch row has kind "max_batch" (see run.py for the fields).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _f(v, fmt: str = "{:.1f}") -> str:
+    if v is None:
+        return "-"
+    return fmt.format(v) if isinstance(v, float) else str(v)
+
+
+def _mb(v) -> str:
+    return "-" if v is None else f"{v / 2**20:.0f}"
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_<gqa run> = MLA tokens/s / GQA tokens/s at the same (batch, context), on every MLA decode row."""
+    gqa = {(r["run"], r["batch"], r["context"]): r["tokens_per_s"] for r in rows
+           if r["kind"] == "decode" and r["path"] == "gqa" and r.get("tokens_per_s")}
+    for r in rows:
+        if r["kind"] != "decode" or r["path"] == "gqa" or not r.get("tokens_per_s"):
+            continue
+        for (run, b, c), tps in gqa.items():
+            if (b, c) == (r["batch"], r["context"]):
+                r[f"speedup_vs_{run}"] = r["tokens_per_s"] / tps
+
+
+DECODE_COLS = [("run", "run", None), ("impl", "impl", None), ("B", "batch", None), ("context", "context", None),
+               ("fill", "fill", None), ("tok/s", "tokens_per_s", "{:.1f}"), ("step ms", "step_ms", "{:.2f}"),
+               ("prefill s", "prefill_s", "{:.2f}"), ("cache B/tok", "cache_bytes_per_token", None),
+               ("peak MiB", "peak_memory_bytes", "mb"), ("GB/s", "gb_per_s", "{:.1f}"),
+               ("% copy BW", "roofline_fraction", "pct")]
+CAPACITY_COLS = [("run", "run", None), ("impl", "impl", None), ("context", "context", None),
+                 ("budget MiB", "memory_budget_bytes", "mb"), ("max batch", "batch", None),
+                 ("fails at", "batch_fails_at", None), ("tok/s at max", "tokens_per_s", "{:.1f}"),
+                 ("peak MiB", "peak_memory_bytes", "mb"), ("cache B/tok", "cache_bytes_per_token", None)]
+
+
+def _cell(r: dict, key: str, fmt) -> str:
+    v = r.get(key)
+    if r.get("status") == "oom" and key == "tokens_per_s":
+        return "OOM"
+    if fmt == "mb":
+        return _mb(v)
+    if fmt == "pct":
+        return "-" if v is None else f"{100 * v:.0f}%"
+    return _f(v, fmt) if fmt else _f(v)
+
+
+def _speedup_cols(rows: list[dict]) -> list[tuple[str, str, str]]:
+    keys = sorted({k for r in rows for k in r if k.startswith("speedup_vs_")})
+    return [(f"x vs {k[len('speedup_vs_'):]}", k, "{:.2f}") for k in keys]
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    """Decode rows then max-batch rows, as aligned text or markdown."""
+    out = []
+    for kind, cols in (("decode", DECODE_COLS), ("max_batch", CAPACITY_COLS)):
+        sel = [r for r in rows if r["kind"] == kind]
+        if not sel:
+            continue
+        cols = [("system", "system", None)] + cols + (_speedup_cols(sel) if kind == "decode" else [])
+        cells = [[h for h, _, _ in cols]] + [[_cell(r, k, f) for _, k, f in cols] for r in sel]
+        if markdown:
+            out.append("| " + " | ".join(cells[0]) + " |")
+            out.append("|" + "---|" * len(cols))
+            out += ["| " + " | ".join(c) + " |" for c in cells[1:]]
+        else:
+            w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+            out += ["  ".join(c[i].rjust(w[i]) for i in range(len(cols))) for c in cells]
+        out.append("")
+    return "\n".join(out)
+
+
+def markdown_report(rows: list[dict], meta: dict) -> str:
+    lines = [f"# ecomla bench: {meta['mla_model']} vs {meta['gqa_model']}", ""]
+    lines += [f"- {k}: {v}" for k, v in meta.items()]
+    lines += ["", table(rows, markdown=True),
+              "GB/s = (weight bytes read + B x context x cache bytes/token) / step time; % copy BW compares it "
+              "with the measured device copy bandwidth (read + write). Cache bytes are read from the live cache "
+              "tensors. Peak memory: `torch.cuda.max_memory_allocated` on CUDA; weights + cache tensors on CPU. "
+              "`fill: synthetic` = random rows written into the reserved cache instead of a prefill.", ""]
+    if any(r["kind"] == "decode" for r in rows):
+        lines.append("![tokens/s vs context](tokens_per_s.png)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """tokens/s vs context, one line per (run, batch); False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, list] = {}
+    for r in rows:
+        if r["kind"] == "decode" and r.get("tokens_per_s"):
+            series.setdefault((r["run"], r["batch"]), []).append((r["context"], r["tokens_per_s"]))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (run, b), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if run.startswith("gqa") else "--",
+                label=f"{run} B={b}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (cached tokens per sequence)")
+    ax.set_ylabel("decode tokens/s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write(out_dir: str, rows: list[dict], meta: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    plot(rows, out / "tokens_per_s.png")
+    (out / "report.md").write_text(markdown_report(rows, meta))
+    return out

@@ -1,0 +1,184 @@
+"""`ecomla bench [MODEL]`: decode speed and memory of an MLA model vs its GQA source, in one run.
+
+    ecomla bench out/smollm2-8x --contexts 4k --batches 8 --dtype float32         # vs the recorded source
+    ecomla bench default --kv-rank 16 --rope-dim 32 --contexts 1k --batches 1,8   # MLA attention made up
+    ecomla bench --shape llama-3.2-1b --kv-rank 64 --rope-dim 32 --contexts 8k --batches 128 \
+        --memory-budget-gb 40 --out out/bench                                     # synthetic weights, GPU
+
+For every run x context x batch: decode tokens/s, step latency, prefill time (when the cache is filled by
+a real prefill), peak memory, cache bytes per token read from the live cache, and GB/s achieved vs the
+measured copy bandwidth. Runs (caches.py): MLA `absorbed` (Triton kernel on CUDA, two GEMMs on CPU fp32),
+`absorbed-sdpa`, `decompressed`; GQA `gqa-dynamic` (transformers' default), `gqa-static` (StaticCache),
+`gqa-fair` (the fair one, gqa.py: preallocated, heads packed per KV group). `--memory-budget-gb` adds the
+max batch per context found by real allocation (capacity.py). `--json` prints the rows; `--out DIR` writes
+report.md, results.json and tokens_per_s.png.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..args import arg
+from ..io import DTYPES, UserError
+from .caches import RUNS
+from .capacity import max_batch
+from .decode import (DecodeOpts, bandwidth_fields, copy_bandwidth, decode_impl, device_name, free_memory, time_decode,
+                     weight_bytes_read)
+from .report import add_speedups, table, write
+from .shapes import PRESETS, parse_sizes
+from .subjects import Subject, subjects
+
+DEFAULT_RUNS = "absorbed,decompressed,gqa-dynamic,gqa-static,gqa-fair"
+
+
+@dataclass
+class BenchArgs:
+    model: str | None = arg("an MLA checkpoint folder; or a GQA checkpoint / 'default' (gets random MLA attention "
+                            "of --kv-rank/--rope-dim: same speed as a conversion); or omit and give --shape",
+                            default=None, positional=True, nargs="?")
+    baseline: str | None = arg("GQA model to compare with (default: the 'source' in MODEL/ecomla_convert.json)",
+                               default=None)
+    shape: str | None = arg("synthetic weights of a preset shape, no checkpoint needed", default=None,
+                            choices=tuple(PRESETS))
+    kv_rank: int = arg("r_kv of the made-up MLA (with --shape or a GQA MODEL)", default=64)
+    rope_dim: int = arg("d_rope of the made-up MLA", default=32)
+    q_rank: str = arg("r_q of the made-up MLA: an integer, 'auto' (parameter parity) or 'none'", default="auto")
+    contexts: str = arg("cached tokens per sequence when timing starts, e.g. 1k,4k,8k (k = 1024)", default="1k,4k,8k")
+    batches: str = arg("batch sizes, e.g. 1,8,32", default="1,8,32")
+    runs: str = arg(f"what to time, from {', '.join(RUNS)}", default=DEFAULT_RUNS)
+    device: str = arg("cpu, cuda or auto", default="auto", choices=("auto", "cpu", "cuda"))
+    dtype: str = arg("auto (bfloat16 on CUDA, float32 on CPU) or a dtype", default="auto", choices=("auto", *DTYPES))
+    warmup: int = arg("untimed decode steps before timing", default=3)
+    steps: int = arg("timed decode steps (the median step is reported)", default=10)
+    fill: str = arg("fill the cache by a real (timed) prefill, by random rows written into it (synthetic), or "
+                    "auto: prefill when batch*context <= --prefill-max-tokens", default="auto",
+                    choices=("auto", "prefill", "synthetic"))
+    prefill_max_tokens: int | None = arg("threshold for --fill auto (default 2048 on CPU, 131072 on CUDA)",
+                                         default=None)
+    memory_budget_gb: float | None = arg("also find the max batch per context within this many GB (real "
+                                         "allocation search)", default=None)
+    capacity_runs: str = arg("runs for the max-batch search", default="absorbed,gqa-fair")
+    threads: int | None = arg("CPU threads for torch (default: torch's choice)", default=None)
+    seed: int = arg("seed for synthetic weights and tokens", default=0)
+    json: bool = arg("print the rows as JSON (and nothing else on stdout)", default=False)
+    out: str | None = arg("folder for report.md, results.json and tokens_per_s.png", default=None)
+
+    def __post_init__(self):
+        self.context_list = parse_sizes(self.contexts, "--contexts")
+        self.batch_list = parse_sizes(self.batches, "--batches")
+        self.run_list = self._runs(self.runs, "--runs")
+        self.capacity_list = self._runs(self.capacity_runs, "--capacity-runs") if self.memory_budget_gb else []
+        if self.warmup < 0 or self.steps < 1:
+            raise UserError(f"--warmup must be >= 0 and --steps >= 1, got {self.warmup} and {self.steps}")
+        if self.kv_rank < 1:
+            raise UserError(f"--kv-rank must be >= 1, got {self.kv_rank}")
+        if self.rope_dim < 2 or self.rope_dim % 2:
+            raise UserError(f"--rope-dim must be a positive even number, got {self.rope_dim}")
+        if self.q_rank not in ("auto", "none") and not str(self.q_rank).isdigit():
+            raise UserError(f"--q-rank must be an integer, 'auto' or 'none', got {self.q_rank!r}")
+        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
+            raise UserError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
+
+    @staticmethod
+    def _runs(text: str, flag: str) -> list[str]:
+        names = [r.strip() for r in text.split(",") if r.strip()]
+        bad = [r for r in names if r not in RUNS]
+        if bad or not names:
+            raise UserError(f"{flag}: unknown run(s) {bad or text!r}; choose from {', '.join(RUNS)}")
+        return names
+
+
+def resolve_device(args: BenchArgs) -> tuple[str, torch.dtype]:
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch")
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    return device, dtype
+
+
+def bench_subject(subject: Subject, args: BenchArgs, opts: DecodeOpts, device, dtype, copy_gbps, log) -> list[dict]:
+    """All decode and max-batch rows of one model (built here, freed on return)."""
+    runs = [RUNS[r] for r in args.run_list if RUNS[r].kind == subject.kind]
+    caps = [RUNS[r] for r in args.capacity_list if RUNS[r].kind == subject.kind]
+    if not runs and not caps:
+        return []
+    log(f"building {subject.kind} model: {subject.label}")
+    model = subject.build()
+    weights = weight_bytes_read(model)
+    base = {"model": subject.label, "system": subject.kind, "weights": subject.weights,
+            "dtype": str(dtype).split(".")[-1], "device": device_name(device), "weight_bytes": weights}
+    rows = []
+    for run in runs:
+        for ctx in args.context_list:
+            for b in args.batch_list:
+                row = {**base, "kind": "decode", "run": run.name, "path": run.path,
+                       "impl": decode_impl(run, device, dtype), "batch": b, "context": ctx, "status": "ok"}
+                try:
+                    m = time_decode(model, run, b, ctx, opts, device, dtype)
+                    row.update(m, **bandwidth_fields(m, b, ctx, weights, copy_gbps))
+                except torch.OutOfMemoryError:
+                    row.update(status="oom", tokens_per_s=None)
+                    free_memory(device)
+                rows.append(row)
+                log(f"  {run.name:>13} B={b:<4} ctx={ctx:<6} " + (
+                    f"{row['tokens_per_s']:9.1f} tok/s  {row['step_ms']:8.2f} ms/step  {row['fill']}"
+                    if row["status"] == "ok" else "out of memory"))
+    budget = int(args.memory_budget_gb * 1e9) if args.memory_budget_gb else 0
+    for run in caps:
+        for ctx in args.context_list:
+            m = max_batch(model, run, ctx, budget, opts, device, dtype)
+            row = {**base, "kind": "max_batch", "run": run.name, "path": run.path,
+                   "impl": decode_impl(run, device, dtype), "context": ctx, "status": "ok", **m}
+            if "step_s" in m:
+                row.update(bandwidth_fields(m, m["batch"], ctx, weights, copy_gbps))
+            rows.append(row)
+            log(f"  max batch {run.name} ctx={ctx}: {m['batch']} (fails at {m['batch_fails_at']}) "
+                f"in {budget / 1e9:g} GB")
+    del model
+    free_memory(device)
+    return rows
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "triton"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main(args: BenchArgs) -> list[dict]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = resolve_device(args)
+    log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
+    mla, gqa = subjects(args, dtype, device)
+    opts = DecodeOpts(warmup=args.warmup, steps=args.steps, fill=args.fill, seed=args.seed,
+                      prefill_max_tokens=args.prefill_max_tokens or (131072 if device == "cuda" else 2048))
+    copy_gbps = copy_bandwidth(device)
+    log(f"{device_name(device)}: measured copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
+    rows = []
+    for subject in (mla, gqa):
+        rows += bench_subject(subject, args, opts, device, dtype, copy_gbps, log)
+    add_speedups(rows)
+    meta = {"mla_model": mla.label, "gqa_model": gqa.label, "device": device_name(device), "dtype": str(dtype),
+            "copy_gb_per_s": round(copy_gbps, 1), **versions(), "python": platform.python_version(),
+            "command": "ecomla bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+            "args": {k: v for k, v in asdict(args).items()}}
+    if args.json:
+        import json
+
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows))
+    if args.out:
+        log(f"wrote {write(args.out, rows, meta)}")
+    return rows

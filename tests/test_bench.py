@@ -1,0 +1,211 @@
+"""`ecomla bench`: rows and their fields, cache bytes vs the formula, the caches each run decodes with
+(absorbed == decompressed == full forward; the fair GQA cache == transformers' caches), the max-batch search,
+and the user errors."""
+
+import json
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, StaticCache
+
+from ecomla.bench import capacity
+from ecomla.bench.caches import RUNS, fill_synthetic, make_cache
+from ecomla.bench.decode import DecodeOpts, time_decode, weight_bytes_read
+from ecomla.bench.gqa import PreallocKVLayer, attention_implementation, packed_gqa_attention
+from ecomla.bench.run import BenchArgs, main
+from ecomla.bench.shapes import mla_config, mla_spec, parse_sizes, shape_config, synthetic_model
+from ecomla.convert.convert import ConvertArgs, convert
+from ecomla.io import UserError
+from ecomla.mla.cache import cache_stats
+
+REQUIRED = {"model", "batch", "context", "tokens_per_s", "cache_bytes_per_token", "peak_memory_bytes", "path"}
+TINY = dict(shape="tiny", kv_rank=8, rope_dim=8, warmup=1, steps=2, threads=1)
+
+
+def tiny_models(dtype=torch.float32):
+    src = shape_config("tiny")
+    spec = mla_spec(src, kv_rank=8, rope_dim=6, q_rank="auto")
+    return synthetic_model(mla_config(src, spec), dtype, "cpu", 0), synthetic_model(src, dtype, "cpu", 0), spec
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_synthetic_shape_rows_and_cache_bytes_equal_formula(dtype, tmp_path, capsys):
+    rows = main(BenchArgs(**TINY, contexts="16,40", batches="1,3", dtype=dtype, json=True, out=str(tmp_path)))
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["tokens_per_s"] for r in printed] == [r["tokens_per_s"] for r in rows]
+    runs = {r["run"] for r in rows}
+    assert runs == {"absorbed", "decompressed", "gqa-dynamic", "gqa-static", "gqa-fair"}
+    assert len(rows) == 5 * 2 * 2
+    elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    L, G, d_h = 2, 2, 16  # the tiny preset
+    for r in rows:
+        assert REQUIRED <= set(r) and r["status"] == "ok" and r["tokens_per_s"] > 0
+        assert r["path"] in ("absorbed", "decompressed", "gqa")
+        want = (8 + 8) * L * elem if r["system"] == "mla" else 2 * G * d_h * L * elem
+        assert r["cache_bytes_per_token"] == want, r
+        assert r["bytes_per_step"] == r["weight_bytes"] + r["batch"] * r["context"] * want
+        assert r["cache_seq_len"] == r["context"] + 1 + 2  # filled, then warm-up + timed steps written in place
+    mla = [r for r in rows if r["run"] == "absorbed"]
+    assert all("speedup_vs_gqa-fair" in r for r in mla)
+    assert {r["impl"] for r in mla} == ({"torch-gemm"} if dtype == "float32" else {"sdpa"})
+    assert (tmp_path / "report.md").read_text().count("| mla |") == 2 * 2 * 2
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["context"] == 16
+    assert (tmp_path / "tokens_per_s.png").stat().st_size > 0
+
+
+def test_fill_modes_prefill_and_synthetic():
+    mla, gqa, spec = tiny_models()
+    for model, run in ((mla, RUNS["absorbed"]), (gqa, RUNS["gqa-fair"])):
+        pre = time_decode(model, run, 2, 12, DecodeOpts(warmup=0, steps=1, fill="prefill"), "cpu", torch.float32)
+        syn = time_decode(model, run, 2, 12, DecodeOpts(warmup=0, steps=1, fill="synthetic"), "cpu", torch.float32)
+        opts = DecodeOpts(warmup=0, steps=1, prefill_max_tokens=24)
+        auto = time_decode(model, run, 4, 12, opts, "cpu", torch.float32)
+        assert pre["fill"] == "prefill" and pre["prefill_s"] > 0
+        assert syn["fill"] == "synthetic" and syn["prefill_s"] is None
+        assert auto["fill"] == "synthetic"  # 4 * 12 tokens > 24
+        assert pre["cache_bytes_per_token"] == syn["cache_bytes_per_token"]
+        assert pre["cache_allocated_bytes"] == syn["cache_allocated_bytes"] > 0  # reserved once, written in place
+    assert pre["cache_bytes_per_token"] == 2 * 2 * 16 * 2 * 4
+
+
+@torch.inference_mode()
+def test_absorbed_equals_decompressed_equals_full_forward_through_bench_caches():
+    mla, _, spec = tiny_models()
+    x = torch.randint(4, 128, (3, 14))
+    full = mla(x, use_cache=False, mla_path="decompressed").logits
+    got = {}
+    for name in ("absorbed", "absorbed-sdpa", "decompressed"):
+        run = RUNS[name]
+        cache = make_cache(mla, run, 3, 14, torch.float32, "cpu")
+        for m in mla.modules():
+            if hasattr(m, "decode_kernel"):
+                m.decode_kernel = run.decode_kernel
+        logits = [mla(x[:, :9], cache=cache).logits]  # decompressed prefill
+        logits += [mla(x[:, t : t + 1], cache=cache, mla_path=run.path).logits for t in range(9, 14)]
+        got[name] = torch.cat(logits, dim=1)
+        assert cache.layers[0]._buf.shape == (3, 1, 14, spec.cache_elements)  # never re-allocated
+    for name, logits in got.items():
+        assert torch.allclose(logits, full, atol=1e-5), (name, (logits - full).abs().max())
+
+
+@torch.inference_mode()
+def test_fair_gqa_run_equals_transformers_default():
+    _, gqa, _ = tiny_models()
+    x = torch.randint(4, 128, (2, 11))
+    full = gqa(x).logits
+
+    def decode(cache):
+        logits = [gqa(x[:, :6], cache=cache).logits] + [gqa(x[:, t : t + 1], cache=cache).logits for t in range(6, 11)]
+        return torch.cat(logits, 1)
+
+    for cache in (DynamicCache(config=gqa.config), StaticCache(config=gqa.config, max_cache_len=11)):
+        assert torch.allclose(decode(cache), full, atol=1e-5), type(cache).__name__
+    with attention_implementation(gqa, RUNS["gqa-fair"].attn):
+        cache = make_cache(gqa, RUNS["gqa-fair"], 2, 11, torch.float32, "cpu")
+        assert torch.allclose(decode(cache), full, atol=1e-5)
+        assert isinstance(cache.layers[0], PreallocKVLayer) and cache.layers[0]._k.shape == (2, 2, 11, 16)
+        with pytest.raises(ValueError, match="holds 11 tokens"):
+            gqa(x[:, :1], cache=cache)
+    assert gqa.config._attn_implementation == "sdpa"  # restored
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the GEMM branch and the SDPA branch
+def test_packed_gqa_attention_equals_repeated_kv(dtype):
+    B, H, G, S, d = 2, 6, 2, 9, 8
+    q = torch.randn(B, H, 1, d, dtype=dtype)
+    k, v = torch.randn(B, G, S, d, dtype=dtype), torch.randn(B, G, S, d, dtype=dtype)
+    out, _ = packed_gqa_attention(None, q, k, v, scaling=0.3)
+    rep = lambda t: t.repeat_interleave(H // G, dim=1)  # noqa: E731  (head h uses KV head h // (H / G))
+    want = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), scale=0.3).transpose(1, 2)
+    assert out.shape == (B, 1, H, d) and torch.allclose(out, want, atol=1e-6)
+
+
+def test_synthetic_fill_writes_context_rows_per_layer():
+    mla, gqa, spec = tiny_models(torch.bfloat16)
+    for model, run in ((mla, RUNS["absorbed"]), (gqa, RUNS["gqa-static"]), (gqa, RUNS["gqa-dynamic"])):
+        cache = make_cache(model, run, 2, 40, torch.bfloat16, "cpu")
+        fill_synthetic(cache, model.config, 2, 33, torch.bfloat16, "cpu", chunk_bytes=1000)  # many chunks
+        assert cache.get_seq_length() == 33
+        if run.cache != "static":  # a static layer reports its full buffer length
+            assert cache_stats(cache)["seq_len"] == 33
+
+
+def test_weight_bytes_read_counts_tied_embedding_once_and_skips_untied_input_embedding():
+    _, gqa, _ = tiny_models()
+    total = sum(p.numel() * 4 for p in gqa.parameters())
+    assert not gqa.config.tie_word_embeddings
+    assert weight_bytes_read(gqa) == total - gqa.model.embed_tokens.weight.numel() * 4
+
+
+def test_max_batch_search_is_exact_for_a_monotone_predicate():
+    assert capacity.search(lambda b: b <= 37) == (37, 38, capacity.search(lambda b: b <= 37)[2])
+    assert capacity.search(lambda b: False)[:2] == (0, 1)
+    assert capacity.search(lambda b: True, cap=64)[:2] == (64, None)
+    lo, hi, _ = capacity.search(lambda b: b <= 5000)
+    assert lo <= 5000 < hi and hi - lo <= 50  # within 1%
+
+
+def test_max_batch_at_equal_memory_favours_the_latent_cache():
+    budget = 0.006  # GB: the tiny weights plus a few hundred KB of cache
+    rows = main(BenchArgs(**TINY, contexts="64", batches="1", runs="absorbed", memory_budget_gb=budget))
+    cap = {r["run"]: r for r in rows if r["kind"] == "max_batch"}
+    assert set(cap) == {"absorbed", "gqa-fair"}
+    for r in cap.values():
+        assert 0 < r["batch"] < r["batch_fails_at"]
+        assert r["peak_memory_bytes"] <= budget * 1e9
+        per_seq = (64 + 3) * r["cache_bytes_per_token"]  # rows reserved per sequence: context + warm-up + steps
+        assert r["peak_memory_bytes"] + per_seq * (r["batch_fails_at"] - r["batch"]) > budget * 1e9
+    assert cap["absorbed"]["batch"] > 3 * cap["gqa-fair"]["batch"]  # 16 vs 64 elements/token/layer
+
+
+def test_converted_checkpoint_benchmarks_against_its_recorded_source(llama_dir, tmp_path):
+    out = tmp_path / "mla"
+    convert(ConvertArgs(src=str(llama_dir), out=str(out), kv_rank=8, rope_dim=8), log=lambda *_: None)
+    rows = main(BenchArgs(model=str(out), contexts="8", batches="2", warmup=0, steps=1, runs="absorbed,gqa-fair"))
+    assert {r["model"] for r in rows} == {str(out), str(llama_dir)}
+    assert {r["weights"] for r in rows} == {"checkpoint"}
+    # a GQA checkpoint is its own baseline, with random MLA attention of the given ranks
+    rows = main(BenchArgs(model=str(llama_dir), kv_rank=4, rope_dim=4, contexts="8", batches="1", warmup=0, steps=1,
+                          runs="absorbed,gqa-fair"))
+    mla = next(r for r in rows if r["system"] == "mla")
+    assert mla["weights"] == "source+random-mla" and mla["cache_bytes_per_token"] == (4 + 4) * 3 * 4
+
+
+def test_user_errors(llama_dir):
+    with pytest.raises(UserError, match="--shape"):
+        main(BenchArgs())
+    with pytest.raises(UserError, match="not both"):
+        main(BenchArgs(model=str(llama_dir), shape="tiny"))
+    with pytest.raises(UserError, match="own baseline"):
+        main(BenchArgs(model=str(llama_dir), baseline=str(llama_dir)))
+    with pytest.raises(UserError, match="--contexts"):
+        BenchArgs(shape="tiny", contexts="4x")
+    with pytest.raises(UserError, match="unknown run"):
+        BenchArgs(shape="tiny", runs="absorbed,fast")
+    with pytest.raises(UserError, match="rope-dim"):
+        main(BenchArgs(shape="tiny", rope_dim=32))  # larger than the tiny head dim 16
+    assert parse_sizes("1k, 4K,512", "--contexts") == [1024, 4096, 512]
+
+
+def test_cli_prints_json_rows(capsys):
+    from ecomla.cli import main as cli
+
+    code = cli(["bench", "--shape", "tiny", "--kv-rank", "8", "--rope-dim", "8", "--contexts", "8", "--batches", "1",
+                "--runs", "absorbed,gqa-dynamic", "--warmup", "0", "--steps", "1", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["run"] for r in rows] == ["absorbed", "gqa-dynamic"] and REQUIRED <= set(rows[0])
+    assert cli(["bench", "--shape", "tiny", "--contexts", "0"]) == 2
+
+
+def test_attention_microbench_rows_on_cpu():
+    from ecomla.bench.attention import attention_rows, attention_table
+
+    rows = attention_rows(batch=2, context=64, heads=9, latents=[(48, 24)], kv_heads=3, head_dim=64,
+                          dtype=torch.float32, device="cpu", copy_gbps=10.0, iters=2)
+    by = {(r["shape"], r["impl"]): r for r in rows}
+    assert set(by) == {("mla 48+24", "sdpa-absorbed"), ("mla 48+24", "torch-gemm"), ("gqa 3x64", "sdpa-gqa")}
+    assert by[("mla 48+24", "torch-gemm")]["max_abs_err_vs_sdpa"] < 1e-5
+    assert by[("mla 48+24", "torch-gemm")]["bytes"] == 2 * 64 * (48 + 24) * 4
+    assert by[("gqa 3x64", "sdpa-gqa")]["bytes"] == 2 * 2 * 3 * 64 * 64 * 4
+    assert "torch-gemm" in attention_table(rows)

@@ -1,0 +1,168 @@
+"""The absorbed-MLA decode kernels (ecomla/kernels) against an explicit per-head reference.
+
+- `mla_decode_torch` (the CPU decode path and the reference) vs a loop over sequences and heads.
+- The Triton kernel under Triton's CPU interpreter: this file re-runs itself in a subprocess with
+  TRITON_INTERPRET=1 (it must be set before triton is imported, so it cannot leak into other tests).
+  fp32 and fp16 only: the interpreter's bfloat16 `tl.dot` is wrong (triton-lang/triton#11584).
+- On a CUDA machine: the compiled kernel in bfloat16, and the model's decode through the kernel.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ecomla.kernels.mla_decode import decode_fn, mla_decode_torch
+
+pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice about a default
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+# (B, H, r_kv, d_rope, S, num_splits): non-power-of-two widths, several splits, splits left empty by short lengths
+CASES = [
+    (2, 5, 48, 24, 100, 3),
+    (1, 9, 16, 32, 70, None),
+    (1, 12, 160, 32, 40, 8),
+    (1, 32, 64, 32, 70, 4),
+    (2, 3, 100, 6, 33, 6),
+]
+
+
+def explicit(q_lat, q_rope, latent, scale, lengths):
+    """softmax(scale * (q_lat . c_kv + q_rope . k_rope)) @ c_kv, one sequence and head at a time, float64."""
+    B, H, r = q_lat.shape
+    out = torch.zeros(B, H, r, dtype=torch.float64)
+    for b in range(B):
+        rows = latent[b, : int(lengths[b])].double()
+        for h in range(H):
+            s = scale * (rows[:, :r] @ q_lat[b, h].double() + rows[:, r:] @ q_rope[b, h].double())
+            out[b, h] = torch.softmax(s, 0) @ rows[:, :r]
+    return out
+
+
+def make_inputs(B, H, r, d_rope, S, dtype=torch.float32, device="cpu", seed=0):
+    """Query pieces and a latent cache view [B, 1, S, W] of a larger buffer (as LatentCacheLayer returns)."""
+    g = torch.Generator().manual_seed(seed)
+    q_lat, q_rope = torch.randn(B, H, r, generator=g), torch.randn(B, H, d_rope, generator=g)
+    buf = torch.randn(B, 1, S + 5, r + d_rope, generator=g)
+    lengths = torch.randint(1, S + 1, (B,), generator=g)
+    lengths[0] = S
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return cast(q_lat), cast(q_rope), cast(buf)[:, :, :S], lengths.to(device)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_torch_decode_matches_explicit_reference(case):
+    B, H, r, d_rope, S, _ = case
+    q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S)
+    want = explicit(q_lat, q_rope, latent[:, 0], 0.3, lengths)
+    got = mla_decode_torch(q_lat, q_rope, latent, 0.3, lengths=lengths)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    full = mla_decode_torch(q_lat, q_rope, latent[:, 0], 0.3)  # [B, S, W] input, all rows
+    assert torch.allclose(full.double(), explicit(q_lat, q_rope, latent[:, 0], 0.3, [S] * B), atol=1e-5)
+
+
+def test_torch_decode_rejects_bad_cache_shapes_and_picks_paths():
+    q_lat, q_rope, latent, _ = make_inputs(1, 2, 8, 4, 5)
+    with pytest.raises(ValueError, match=r"\[B, 1, S, W\]"):
+        mla_decode_torch(q_lat, q_rope, latent.expand(1, 2, 5, 12), 1.0)
+    assert decode_fn(latent) is mla_decode_torch  # CPU float32: the two-GEMM path
+    assert decode_fn(latent.bfloat16()) is None  # CPU bf16: the SDPA path (fp32 score accumulation)
+
+
+def _interpreter_results() -> list[dict]:
+    """Run by the subprocess: every case in fp32 with and without per-sequence lengths, and in fp16."""
+    from ecomla.kernels.mla_decode import mla_decode_triton
+
+    out = []
+    for B, H, r, d_rope, S, splits in CASES:
+        for dtype in (torch.float32, torch.float16):
+            q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S, dtype=dtype)
+            for lens in ((None, lengths) if dtype == torch.float32 else (lengths,)):
+                got = mla_decode_triton(q_lat, q_rope, latent, 0.2, lengths=lens, num_splits=splits)
+                want = explicit(q_lat, q_rope, latent[:, 0], 0.2, lens if lens is not None else [S] * B)
+                out.append({"case": [B, H, r, d_rope, S, splits], "dtype": str(dtype), "lengths": lens is not None,
+                            "err": (got.double() - want).abs().max().item(), "shape": list(got.shape)})
+    return out
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install -e .[test] installs it)")
+def test_triton_kernel_under_cpu_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--interpret"], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(CASES) * 3
+    for r in results:
+        tol = 1e-5 if r["dtype"] == "torch.float32" else 2e-3  # fp16 output rounding (|o| < 4)
+        assert r["err"] < tol, r
+        assert r["shape"] == r["case"][:3]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("cc, r_kv, d_rope, H", [(90, 64, 32, 32), (80, 48, 24, 9), (90, 160, 32, 20)])
+def test_kernel_compiles_to_tensor_core_code_without_a_gpu(cc, r_kv, d_rope, H):
+    """Compile mode (not the interpreter) for sm_90 / sm_80 with triton's bundled ptxas: the bf16 dot products
+    must become tensor-core MMAs. Catches compile-only errors (layouts, constexpr branches) on a CPU machine."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ecomla.kernels import triton_mla as K
+
+    block_h, block_c, block_r, block_n = K._blocks(H, r_kv, d_rope)
+    const = dict(R_KV=r_kv, D_ROPE=d_rope, NUM_SPLITS=3, HAS_LENS=True, BLOCK_H=block_h, BLOCK_C=block_c,
+                 BLOCK_R=block_r, BLOCK_N=block_n, DOT_PRECISION=None)
+    types = {"Q_lat": "*bf16", "Q_rope": "*bf16", "KV": "*bf16", "Lens": "*i32", "Mid_O": "*fp32",
+             "Mid_LSE": "*fp32", "scale_log2": "fp32"}
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in K._split_kernel.arg_names}
+    try:
+        kernel = triton.compile(ASTSource(K._split_kernel, sig, const), target=GPUTarget("cuda", cc, 32),
+                                options={"num_warps": 4, "num_stages": 2})
+    except RuntimeError as err:
+        if "ptxas" in str(err).lower() and "not found" in str(err).lower():
+            pytest.skip(f"no ptxas for ahead-of-time compilation: {err}")
+        raise
+    assert "mma.sync.aligned" in kernel.asm["ptx"] and ".bf16.bf16.f32" in kernel.asm["ptx"]
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("case", CASES + [(4, 32, 64, 32, 8192, None), (2, 32, 128, 32, 3000, None)])
+def test_triton_kernel_bf16_on_gpu(case):
+    from ecomla.kernels.mla_decode import mla_decode_triton
+
+    B, H, r, d_rope, S, splits = case
+    q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S, dtype=torch.bfloat16, device="cuda")
+    for lens in (None, lengths):
+        got = mla_decode_triton(q_lat, q_rope, latent, 0.125, lengths=lens, num_splits=splits)
+        want = mla_decode_torch(q_lat, q_rope, latent, 0.125, lengths=lens)  # fp32 math on the same bf16 inputs
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
+def test_model_decode_through_kernel_matches_sdpa_path_on_gpu():
+    from ecomla.bench.caches import RUNS, make_cache
+    from ecomla.bench.shapes import mla_config, mla_spec, shape_config, synthetic_model
+
+    src = shape_config("tiny")
+    model = synthetic_model(mla_config(src, mla_spec(src, 12, 6, "auto")), torch.bfloat16, "cuda", 0)
+    x = torch.randint(4, 128, (3, 20), device="cuda")
+    logits = {}
+    with torch.inference_mode():
+        for on in (True, False):
+            for m in model.modules():
+                if hasattr(m, "decode_kernel"):
+                    m.decode_kernel = on
+            cache = make_cache(model, RUNS["absorbed"], 3, 20, torch.bfloat16, "cuda")
+            model(x[:, :12], cache=cache)
+            logits[on] = torch.cat([model(x[:, t : t + 1], cache=cache).logits for t in range(12, 20)], 1).float()
+    torch.testing.assert_close(logits[True], logits[False], atol=5e-2, rtol=5e-2)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    print(json.dumps(_interpreter_results()))
