@@ -46,8 +46,9 @@ def main() -> None:
             res = json.loads(res_file.read_text())
         else:
             res = evaluate(EvalArgs(models=paths, names=",".join(names), teacher="default", tasks=a.tasks,
-                                    limit=a.limit, max_tokens=a.max_tokens, out=str(out / f"eval-{ratio}")))
-        rows += [m for m in res["models"] if m["name"] != "teacher" or not rows]
+                                    limit=a.limit, max_tokens=a.max_tokens, out=str(out / f"eval-{ratio}"),
+                                    teacher_row=not rows))
+        rows += res["models"]
     print(table(rows))
     (out / "table.md").write_text(table(rows) + "\n")
 

@@ -1,11 +1,14 @@
-"""`ecomla demo` (what `make demo` runs): the pipeline on the embedded default, SmolLM2-135M-Instruct.
+"""`ecomla demo` (what `make demo` runs): the whole pipeline on the embedded default, with a report.
 
-    ecomla demo                      # convert at 2x / 4x / 8x, measure the caches, compare answers
-    ecomla demo --ratios 4x --out runs/demo
+    ecomla demo                                  # SmolLM2-135M-Instruct -> 4x MLA, ~30 min on 2 CPU cores
+    ecomla demo --ratio 8x --budget-minutes 20 --out runs/demo-8x
+    ecomla demo --dpo                            # add stage 2 (DPO); off by default: it does not fit 30 min
 
-Stages: fetch the default model -> convert at each ratio (X-EcoMLA SVD init) -> generate with the
-teacher and each student on the same chat prompts, reading cache bytes/token from the live cache ->
-a summary table and `summary.json` in the output folder.
+Stages, each skipped when its output already exists (so an interrupted run continues where it stopped):
+  assets -> convert (--init, default rope-whitened) -> distill (layer-wise alignment, then end-to-end KD within
+  --budget-minutes; resumes from its last checkpoint) -> [dpo] -> eval (teacher, 0-token and trained student:
+  held-out KL, perplexities, a fixed task subset sized to the budget) -> chat answers side by side -> decode
+  speed and measured cache bytes at a long context -> OUT/report.md + OUT/results.json + plots.
 """
 
 from __future__ import annotations
@@ -18,82 +21,209 @@ from pathlib import Path
 from .args import arg
 from .io import UserError
 
-# ratio name -> (r_kv, d_rope) on SmolLM2-135M (G=3, d_h=64: 384 elements per token per layer)
-RATIOS = {"2x": (160, 32), "4x": (64, 32), "8x": (16, 32)}
-PROMPTS = ["What is the capital of France?", "Write one sentence about the ocean."]
+PROMPTS = ["What is the capital of France?", "Give me two tips for staying focused while studying."]
 
 
 @dataclass
 class DemoArgs:
-    out: str = arg("output folder (reused: finished stages are skipped on a rerun)", default="runs/demo")
-    ratios: str = arg("comma-separated KV compression ratios to build: 2x, 4x, 8x", default="2x,4x,8x")
-    max_new_tokens: int = arg("tokens per chat answer", default=24)
+    out: str = arg("output folder; rerunning continues an interrupted run", default="runs/demo")
+    ratio: str = arg("KV-cache compression: 2x, 4x or 8x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
+    budget_minutes: float = arg("minutes for the training stages (layer-wise alignment + end-to-end KD)",
+                                default=12.0)
+    init: str = arg("conversion init (see `ecomla convert --help`)", default="rope-whitened")
+    model: str = arg("source model", default="default")
+    data: str = arg("chat data for calibration, training and held-out metrics", default="default")
+    text: str = arg("plain text for the text perplexity ('boolq' or a file)", default="boolq")
+    rope_dim: int = arg("d_rope", default=32)
+    ild_tokens: int = arg("tokens for layer-wise alignment", default=32768)
+    seq_len: int = arg("training block length", default=256)
+    batch_size: int = arg("training blocks per step", default=4)
+    tasks: str = arg("lm-eval tasks ('all' = the paper's 7 available offline, 'none')", default="all")
+    limit: str | None = arg("documents per task (default: sized to --budget-minutes)", default=None)
+    eval_tokens: int = arg("held-out target tokens for KL / perplexity", default=4096)
+    dpo: bool = arg("run stage 2 (DPO) after distillation", default=False)
+    dpo_minutes: float = arg("minutes for DPO with --dpo", default=8.0)
+    bench_contexts: str = arg("contexts for the decode-speed comparison", default="512,2k")
+    bench_batch: int = arg("batch for the decode-speed comparison", default=4)
+    max_new_tokens: int = arg("tokens per chat answer", default=48)
+    calib_seqs: int = arg("calibration sequences for activation-aware inits", default=128)
 
     def __post_init__(self):
-        bad = [r for r in self.ratios.split(",") if r not in RATIOS]
-        if bad:
-            raise UserError(f"--ratios: unknown {bad}; choose from {', '.join(RATIOS)}")
+        if not self.ratio.endswith("x"):
+            raise UserError(f"--ratio must look like 4x, got {self.ratio!r}")
+        if self.budget_minutes <= 0:
+            raise UserError("--budget-minutes must be > 0")
+
+    def default_limit(self) -> str:
+        n = max(20, min(200, int(self.budget_minutes * 3)))  # ~36 documents per task for the 12-minute default
+        return f"mmlu={4 * n},*={n}"
 
 
-def _convert(out: Path, ratio: str, log) -> dict:
-    from .convert.convert import ConvertArgs, convert
+class Demo:
+    def __init__(self, args: DemoArgs, log=print):
+        self.a, self.log = args, log
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.commands: dict[str, str] = {}
+        self.state = self._load("state.json") or {}
 
-    folder = out / f"student-{ratio}-xecomla"
-    meta_file = folder / "ecomla_convert.json"
-    if meta_file.is_file():
-        log(f"[convert {ratio}] reusing {folder}")
-        return json.loads(meta_file.read_text())
-    r_kv, d_rope = RATIOS[ratio]
-    log(f"[convert {ratio}] r_kv={r_kv} d_rope={d_rope} -> {folder}")
-    return convert(ConvertArgs(src="default", out=str(folder), kv_rank=r_kv, rope_dim=d_rope), log=lambda *_: None)
+    def _load(self, name):
+        p = self.out / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def _save(self, name, obj):
+        tmp = self.out / (name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2))
+        tmp.replace(self.out / name)
+
+    def stage(self, name: str, fn):
+        t0 = time.time()
+        self.log(f"\n== {name} ==")
+        result = fn()
+        self.timings[name] = round((time.time() - t0) / 60, 2)
+        self.state.setdefault("minutes", {})[name] = self.state.get("minutes", {}).get(name, 0) + self.timings[name]
+        self._save("state.json", self.state)
+        return result
+
+    # ---- stages ------------------------------------------------------------------------------
+    def assets(self):
+        from .io import load_config, resolve
+
+        path = resolve(self.a.model)
+        cfg, _ = load_config(path)
+        self.source, self.config = path, cfg
+        if self.a.data == "default":
+            from .data.chat import load_chat
+
+            load_chat("default")
+        self.log(f"source: {path}")
+
+    def convert(self) -> Path:
+        from .convert.convert import ConvertArgs, convert
+
+        folder = self.out / "student-0tok"
+        cfg = self.config
+        d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_layer = 2 * cfg.num_key_value_heads * d_h
+        r_kv = int(per_layer / float(self.a.ratio[:-1])) - self.a.rope_dim
+        if r_kv < 1:
+            raise UserError(f"--ratio {self.a.ratio} leaves no room for a latent beside d_rope={self.a.rope_dim}")
+        cmd = (f"ecomla convert {self.a.model} {folder} --kv-rank {r_kv} --rope-dim {self.a.rope_dim} "
+               f"--init {self.a.init} --calib-data {self.a.data} --calib-seqs {self.a.calib_seqs}")
+        self.commands["convert"] = cmd
+        if (folder / "ecomla_convert.json").is_file():
+            self.log(f"reusing {folder}")
+        else:
+            self.log(cmd)
+            convert(ConvertArgs(src=self.a.model, out=str(folder), kv_rank=r_kv, rope_dim=self.a.rope_dim,
+                                init=self.a.init, calib_data=self.a.data, calib_seqs=self.a.calib_seqs,
+                                calib_len=min(256, self.a.seq_len), overwrite=True), log=self.log)
+        return folder
+
+    def distill(self, student: Path) -> Path:
+        from .distill.run import DistillArgs
+        from .distill.trainer import Trainer
+
+        folder = self.out / "student-kd"
+        max_tokens = int(self.a.budget_minutes * 60 * 200)  # the LR schedule assumes ~200 tok/s; time stops it
+        args = DistillArgs(student=str(student), teacher="source", data=self.a.data, out=str(folder),
+                           stage="both", ild_tokens=self.a.ild_tokens, max_tokens=max_tokens,
+                           max_minutes=self.a.budget_minutes, seq_len=self.a.seq_len, batch_size=self.a.batch_size,
+                           eval_tokens=0, save_every=20,
+                           resume=(folder / "checkpoints").is_dir() and not (folder / "ecomla_train.json").is_file())
+        self.commands["distill"] = (f"ecomla distill {student} --data {self.a.data} --out {folder} --ild-tokens "
+                                    f"{self.a.ild_tokens} --max-tokens {max_tokens} --max-minutes {self.a.budget_minutes}"
+                                    f" --seq-len {self.a.seq_len} --batch-size {self.a.batch_size}")
+        if (folder / "ecomla_train.json").is_file():
+            self.log(f"reusing {folder}")
+        else:
+            self.log(self.commands["distill"] + (" --resume" if args.resume else ""))
+            Trainer(args).run()
+        return folder
+
+    def dpo(self, student: Path) -> Path | None:
+        if not self.a.dpo:
+            return None
+        from .dpo.run import DPOArgs, run_dpo
+
+        folder = self.out / "student-dpo"
+        self.commands["dpo"] = f"ecomla dpo {student} --make-pairs --out {folder} --max-minutes {self.a.dpo_minutes}"
+        if (folder / "ecomla_dpo.json").is_file():
+            self.log(f"reusing {folder}")
+        else:
+            self.log(self.commands["dpo"])
+            run_dpo(DPOArgs(model=str(student), make_pairs=True, out=str(folder), max_minutes=self.a.dpo_minutes,
+                            chat_data=self.a.data))
+        return folder
+
+    def evaluate(self, models: dict[str, Path]) -> dict:
+        from .eval.run import EvalArgs, evaluate
+
+        limit = self.a.limit or self.a.default_limit()
+        names = ",".join(models)
+        paths = [str(p) for p in models.values()]
+        folder = self.out / "eval"
+        self.commands["eval"] = (f"ecomla eval {' '.join(paths)} --names {names} --teacher {self.a.model} --tasks "
+                                 f"{self.a.tasks} --limit {limit} --max-tokens {self.a.eval_tokens} --out {folder}")
+        res = self._load("eval/results.json")
+        if res and [m["name"] for m in res["models"]][1:] == list(models):
+            self.log(f"reusing {folder}/results.json")
+            return res
+        self.log(self.commands["eval"])
+        return evaluate(EvalArgs(models=paths, names=names, teacher=self.a.model, tasks=self.a.tasks, limit=limit,
+                                 max_tokens=self.a.eval_tokens, data=self.a.data, text=self.a.text, out=str(folder)),
+                        log=self.log)
+
+    def chat(self, models: dict[str, str]) -> dict:
+        from .generate.generate import generate
+        from .io import load_model, load_tokenizer
+
+        cached = self._load("chat.json")
+        if cached and list(cached["answers"]) == list(models):
+            return cached
+        tok = load_tokenizer(self.source)
+        answers = {}
+        for name, path in models.items():
+            model, _ = load_model(path, dtype="float32")
+            res = generate(model, tok, PROMPTS, chat=True, max_new_tokens=self.a.max_new_tokens)
+            answers[name] = [t.strip() for t in res["text"]]
+        self.commands["generate"] = f"ecomla generate {list(models.values())[-1]} --chat --prompt \"{PROMPTS[0]}\""
+        out = {"prompts": PROMPTS, "answers": answers}
+        self._save("chat.json", out)
+        return out
+
+    def bench(self, student: Path) -> list[dict]:
+        from .bench.run import BenchArgs, main as bench_main
+
+        folder = self.out / "bench"
+        self.commands["bench"] = (f"ecomla bench {student} --contexts {self.a.bench_contexts} --batches "
+                                  f"{self.a.bench_batch} --runs absorbed,gqa-dynamic,gqa-fair --out {folder}")
+        cached = self._load("bench/results.json")
+        if cached:
+            return cached["rows"]
+        self.log(self.commands["bench"])
+        rows = bench_main(BenchArgs(model=str(student), contexts=self.a.bench_contexts, batches=str(self.a.bench_batch),
+                                    runs="absorbed,gqa-dynamic,gqa-fair", steps=6, warmup=2, out=str(folder)))
+        return rows
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.time()
+        self.stage("assets", self.assets)
+        student0 = self.stage("convert", self.convert)
+        trained = self.stage("distill", lambda: self.distill(student0))
+        dpo = self.stage("dpo", lambda: self.dpo(trained)) if self.a.dpo else None
+        models = {"student-0tok": student0, "student-kd": trained, **({"student-dpo": dpo} if dpo else {})}
+        results = self.stage("eval", lambda: self.evaluate(models))
+        chat = self.stage("chat", lambda: self.chat({"teacher": self.source, **{k: str(v) for k, v in models.items()}}))
+        bench = self.stage("bench", lambda: self.bench(trained))
+        from .demo_report import write_report
+
+        summary = write_report(self, results, chat, bench, models, minutes=(time.time() - t0) / 60)
+        self.log(summary)
+        return results
 
 
-def _layer_summary(meta: dict) -> str:
-    errs = [r["kv_error"] for r in meta["layers"] if r.get("kv_error") is not None]
-    qerrs = [r["q_error"] for r in meta["layers"] if r.get("q_error") is not None]
-    return (f"kv_err mean {sum(errs) / len(errs):.3f} (min {min(errs):.3f}, max {max(errs):.3f}); "
-            f"q_err mean {sum(qerrs) / len(qerrs):.3f}")
-
-
-def main(args: DemoArgs, log=print) -> dict:
-    from .generate.generate import generate
-    from .io import load_model, load_tokenizer
-
-    t0 = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher, teacher_path = load_model("default", dtype="float32")
-    tok = load_tokenizer(teacher_path)
-    rows, answers = [], {}
-    res = generate(teacher, tok, PROMPTS, chat=True, max_new_tokens=args.max_new_tokens)
-    rows.append({"model": "teacher (GQA)", "bytes_per_token": res["cache_bytes_per_token"], "compression": 1.0,
-                 "tokens_per_s": res["tokens_per_s"], "layer_errors": "-"})
-    answers["teacher"] = res["text"]
-    for ratio in args.ratios.split(","):
-        meta = _convert(out, ratio, log)
-        student, _ = load_model(str(out / f"student-{ratio}-xecomla"), dtype="float32")
-        res = generate(student, tok, PROMPTS, chat=True, max_new_tokens=args.max_new_tokens)
-        rows.append({"model": f"student {ratio} (r_kv={RATIOS[ratio][0]}+{RATIOS[ratio][1]}, 0 tokens)",
-                     "bytes_per_token": res["cache_bytes_per_token"],
-                     "compression": rows[0]["bytes_per_token"] / res["cache_bytes_per_token"],
-                     "tokens_per_s": res["tokens_per_s"], "layer_errors": _layer_summary(meta),
-                     "convert_seconds": meta["summary"]["seconds"]})
-        answers[ratio] = res["text"]
-    summary = {"rows": rows, "answers": answers, "prompts": PROMPTS, "minutes": (time.time() - t0) / 60}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log(format_summary(summary))
-    return summary
-
-
-def format_summary(summary: dict) -> str:
-    lines = ["", f"{'model':<44} {'cache B/token':>13} {'smaller':>8} {'tok/s':>6}  per-layer SVD error"]
-    for r in summary["rows"]:
-        lines.append(f"{r['model']:<44} {r['bytes_per_token']:>13} {r['compression']:>7.2f}x "
-                     f"{r['tokens_per_s']:>6.1f}  {r['layer_errors']}")
-    lines.append("(cache bytes/token are read from the live cache of each generate() call, float32)")
-    for i, p in enumerate(summary["prompts"]):
-        lines.append(f"\nQ: {p}")
-        for name, texts in summary["answers"].items():
-            lines.append(f"  {name:>8}: {texts[i].strip()[:100]!r}")
-    lines.append(f"\ndemo finished in {summary['minutes']:.1f} min")
-    return "\n".join(lines)
+def main(args: DemoArgs) -> dict:
+    return Demo(args).run()

@@ -141,7 +141,7 @@ def test_lm_eval_runs_offline_on_the_mla_model(llama_dir, tmp_path):
     assert res["arc_easy"]["average_metric"] == "acc_norm" and res["winogrande"]["average_metric"] == "acc"
 
 
-def test_eval_cli_writes_results_and_report(llama_dir, tmp_path, monkeypatch):
+def test_eval_cli_writes_results_and_report(llama_dir, tmp_path):
     import ecomla.eval.run as run
     from ecomla.cli import main
     from ecomla.convert.convert import ConvertArgs, convert
@@ -149,9 +149,10 @@ def test_eval_cli_writes_results_and_report(llama_dir, tmp_path, monkeypatch):
     convert(ConvertArgs(src=str(llama_dir), out=str(tmp_path / "mla"), kv_rank=8, rope_dim=8), log=lambda *a: None)
     path = tmp_path / "chat.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in chat_rows(200)))
-    monkeypatch.setattr("ecomla.data.text.boolq_passages", lambda: [" ".join(WORDS)] * 30)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join([" ".join(WORDS)] * 30))
     out = tmp_path / "ev"
-    assert main(["eval", str(llama_dir), str(tmp_path / "mla"), "--tasks", "none", "--data", str(path),
+    assert main(["eval", str(llama_dir), str(tmp_path / "mla"), "--tasks", "none", "--data", str(path), "--text", str(text),
                  "--max-tokens", "64", "--seq-len", "16", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     names = [m["name"] for m in res["models"]]

@@ -31,7 +31,8 @@ class DistillArgs:
     stage: str = arg("ild (layer-wise alignment only), kd (end-to-end only) or both", default="both", choices=STAGES)
     max_tokens: int = arg("KD token budget; also sets the length of the LR schedule", default=1_000_000)
     ild_tokens: int = arg("ILD token budget", default=65_536)
-    max_minutes: float | None = arg("stop cleanly (with a checkpoint) after this many minutes", default=None)
+    max_minutes: float | None = arg("stop cleanly (with a checkpoint) after this many minutes of training, "
+                                    "counted over resumed runs too", default=None)
     resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints", default=False)
     seq_len: int = arg("tokens per packed block", default=256)
     batch_size: int = arg("blocks per micro-batch per process", default=4)

@@ -265,8 +265,9 @@ class Trainer:
         self.model.train()
         try:
             while self.step < self.total_steps:
-                if a.max_minutes is not None and step_times:
-                    if time.time() - t0 + sum(step_times[-5:]) / len(step_times[-5:]) > a.max_minutes * 60:
+                if a.max_minutes is not None and step_times:  # a budget for the whole run, resumes included
+                    spent = self.elapsed_before + time.time() - t0
+                    if spent + sum(step_times[-5:]) / len(step_times[-5:]) > a.max_minutes * 60:
                         stopped = "time budget"
                         break
                 ts = time.time()

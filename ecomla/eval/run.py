@@ -43,9 +43,11 @@ class EvalArgs:
     seq_len: int = arg("block length for perplexity / KL", default=512)
     batch_size: int = arg("batch size (blocks for perplexity, requests for lm-eval)", default=8)
     data: str = arg("chat data for ppl.chat and KL (its held-out split is used)", default="default")
+    text: str = arg("plain text for ppl.text: 'boolq' (BoolQ passages) or a .txt / .jsonl file", default="boolq")
     names: str | None = arg("comma-separated display names for MODELS", default=None)
     dtype: str = arg("float32 | bfloat16", default="float32")
     seed: int = arg("seed for task subsets", default=1234)
+    teacher_row: bool = arg("also report the teacher as a row (with its task scores)", default=True)
 
     def __post_init__(self):
         if self.names and len(self.names.split(",")) != len(self.models):
@@ -65,12 +67,12 @@ def default_teacher(model_specs: list[str]) -> str | None:
 def heldout_batches(tok, args: EvalArgs) -> dict[str, list[dict]]:
     from ..data.chat import load_chat, split_chat
     from ..data.packing import PackedChat, text_batches
-    from ..data.text import boolq_passages
+    from ..data.text import load_texts
 
     chat = split_chat(load_chat(args.data))["heldout"]
     return {
         "chat": PackedChat(chat, tok, args.seq_len, seed=0).take_tokens(args.max_tokens, args.batch_size),
-        "text": text_batches(boolq_passages(), tok, args.seq_len, args.max_tokens, args.batch_size),
+        "text": text_batches(load_texts(args.text), tok, args.seq_len, args.max_tokens, args.batch_size),
     }
 
 
@@ -112,7 +114,7 @@ def evaluate(args: EvalArgs, log=print) -> dict:
         if teacher is not None and not students:  # only the teacher itself was asked for
             fid[corpus] = fidelity({"teacher": teacher}, None, bs, desc=f"fidelity/{corpus}")
     entries = [(n, s, paths[n], models[n]) for n, s in zip(names, args.models)]
-    if teacher is not None and teacher_spec not in args.models:
+    if teacher is not None and teacher_spec not in args.models and args.teacher_row:
         entries.insert(0, ("teacher", teacher_spec, teacher_path, teacher))
     for name, spec, path, model in entries:
         t0 = time.time()

@@ -1,0 +1,33 @@
+"""`ecomla demo` end to end on a tiny random model and tiny data: the same code path, smaller inputs."""
+
+import json
+
+from ecomla.cli import main
+from tests.helpers import WORDS, make_source
+from tests.test_data_eval import chat_rows
+
+
+def test_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
+    src = make_source("llama", tmp_path / "src")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows(300)))
+    (tmp_path / "text.txt").write_text("\n\n".join([" ".join(WORDS)] * 40))
+    argv = ["demo", "--model", str(src), "--data", str(tmp_path / "chat.jsonl"), "--text", str(tmp_path / "text.txt"),
+            "--out", str(tmp_path / "demo"), "--rope-dim", "8", "--budget-minutes", "0.05", "--ild-tokens", "128",
+            "--seq-len", "16", "--batch-size", "2", "--tasks", "none", "--eval-tokens", "64", "--bench-contexts", "16",
+            "--bench-batch", "1", "--max-new-tokens", "4", "--calib-seqs", "4"]
+    assert main(argv) == 0
+    out = tmp_path / "demo"
+    res = json.loads((out / "results.json").read_text())
+    names = [m["name"] for m in res["models"]]
+    assert names == ["teacher", "student-0tok", "student-kd"]
+    kd = res["models"][2]
+    assert kd["kv_bytes_per_token"] == 3 * (64 // 4) * 4 and kd["compression"] == 4.0 and kd["tokens_trained"] > 0
+    assert set(res["demo"]["chat"]["answers"]) == {"teacher", "student-0tok", "student-kd"}
+    assert any(r["run"] == "absorbed" for r in res["demo"]["bench"]) and "distill" in res["demo"]["commands"]
+    for f in ("report.md", "training.png", "quality_vs_kv.png", "tokens_per_s.png"):
+        assert (out / f).is_file(), f
+    assert "ecomla demo finished" in capsys.readouterr().out
+    stamp = (out / "student-kd" / "model.safetensors").stat().st_mtime
+    assert main(argv) == 0  # a rerun reuses every stage
+    assert (out / "student-kd" / "model.safetensors").stat().st_mtime == stamp
+    assert "reusing" in capsys.readouterr().out
