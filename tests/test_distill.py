@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +185,17 @@ def test_two_cpu_processes_match_one_process(setup, tmp_path):
     assert json.loads((tmp_path / "ddp" / "ecomla_train.json").read_text())["world_size"] == 2
     assert len(ddp) == len(one) == 8
     assert ddp == pytest.approx(one, rel=1e-4, abs=1e-6)
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("distill-*.yaml")))
+def test_recipes_parse_and_start_with_their_command(recipe):
+    from ecomla.args import load_yaml_defaults
+
+    path = RECIPES / recipe
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# ecomla convert ") and "ecomla distill" in "\n".join(lines[1:3])
+    args = DistillArgs(student="STUDENT", **load_yaml_defaults(str(path)))  # unknown keys or bad values raise
+    assert args.loss == "forward" and args.beta_pair == (0.9, 0.98)
