@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eval.report import plot_quality_vs_kv, table
+from .bench.report import plot as plot_bench
+from .eval.report import plot_quality_vs_kv, pyplot, save, table
 
 
 def training_info(folder: Path) -> dict:
@@ -20,11 +21,7 @@ def training_info(folder: Path) -> dict:
 
 
 def plot_training(curve: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not curve:
         return False
     stages = [s for s in ("ild", "kd") if any(r["stage"] == s for r in curve)]
@@ -35,32 +32,7 @@ def plot_training(curve: list[dict], path: Path) -> bool:
         ax.plot([p[0] for p in pts], [p[1] for p in pts])
         ax.set_xlabel("training tokens")
         ax.set_title(labels[s], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_bench(rows: list[dict], path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in rows if r.get("kind") == "decode" and r.get("tokens_per_s")]
-    if not rows:
-        return False
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for run in dict.fromkeys(r["run"] for r in rows):
-        pts = sorted((r["context"], r["tokens_per_s"]) for r in rows if r["run"] == run)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run)
-    ax.set_xlabel("context (cached tokens)")
-    ax.set_ylabel(f"decode tokens/s (batch {rows[0]['batch']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def bench_lines(rows: list[dict]) -> list[str]:
@@ -98,7 +70,7 @@ def write_report(demo, results: dict, chat: dict, bench: list[dict], models: dic
     if plot_quality_vs_kv(results, out / "quality_vs_kv.png"):
         lines += ["![quality vs KV size](quality_vs_kv.png)", ""]
     lines += ["## Decode speed and cache", "", *bench_lines(bench), ""]
-    if plot_bench(bench, out / "tokens_per_s.png"):
+    if plot_bench(bench, out / "tokens_per_s.png"):  # the bench's own plot
         lines += ["![tokens/s vs context](tokens_per_s.png)", ""]
     lines += ["## Chat", ""]
     for i, p in enumerate(chat["prompts"]):

@@ -43,9 +43,9 @@ def test_chunked_equals_full_including_gradients(kind, ce):
     t_logits = torch.randn(20, 31)
     labels = torch.randint(0, 31, (20,))
     outs = []
-    for chunk in (3, 1000):
+    for chunk, above in ((3, 0), (1000, 2**27)):  # small chunks, checkpointed vs one chunk, graph kept
         h = torch.randn(20, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
-        total, n = chunked_loss(h, head, lambda lo, hi: t_logits[lo:hi], labels, kind, 1.5, 1.0, ce, chunk)
+        total, n = chunked_loss(h, head, lambda lo, hi: t_logits[lo:hi], labels, kind, 1.5, 1.0, ce, chunk, above)
         total.backward()
         outs.append((total.detach(), h.grad.clone(), head.weight.grad.clone()))
         head.weight.grad = None

@@ -93,11 +93,9 @@ def markdown_report(rows: list[dict], meta: dict) -> str:
 
 def plot(rows: list[dict], path: Path) -> bool:
     """tokens/s vs context, one line per (run, batch); False when there is nothing to plot."""
-    import matplotlib
+    from ..eval.report import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     series: dict[tuple, list] = {}
     for r in rows:
         if r["kind"] == "decode" and r.get("tokens_per_s"):
@@ -115,10 +113,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     ax.set_ylabel("decode tokens/s")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def write(out_dir: str, rows: list[dict], meta: dict) -> Path:

@@ -40,12 +40,25 @@ def table(results: dict) -> list[str]:
     return lines
 
 
-def plot_tasks(results: dict, path: Path) -> bool:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on these machines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(fig, path: Path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return True
+
+
+def plot_tasks(results: dict, path: Path) -> bool:
+    plt = pyplot()
     models = [m for m in results["models"] if m["tasks"]]
     if not models:
         return False
@@ -60,18 +73,11 @@ def plot_tasks(results: dict, path: Path) -> bool:
     ax.set_ylabel("score (%): acc_norm or acc")
     ax.legend(fontsize=8)
     ax.set_title("0-shot task scores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def plot_quality_vs_kv(results: dict, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = [m for m in results["models"] if m.get("kv_bytes_per_token")]
     if len(models) < 2:
         return False
@@ -91,10 +97,7 @@ def plot_quality_vs_kv(results: dict, path: Path) -> bool:
         ax.set_xlabel("KV cache bytes per token (measured)")
         ax.set_ylabel(label)
     fig.suptitle("quality vs KV cache size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save(fig, path)
 
 
 def write(results: dict, out: Path) -> Path:

@@ -1,0 +1,60 @@
+"""Training throughput on this machine: layer-wise alignment, end-to-end KD, KD from cached top-k teacher
+log-probs, and a plain cross-entropy step of the same student (the goal: KD >= 0.85x CE).
+
+    python benchmarks/distill_speed.py --student out/smollm2-4x      # a converted student; ~8 min on 2 cores
+    python benchmarks/distill_speed.py --student out/smollm2-4x --steps 6 --threads 2
+
+Each configuration runs `ecomla distill` in-process for warmup + steps optimizer steps (batch 4 x 256 tokens,
+bf16 autocast, all parameters trainable) and reports the median tokens/s of the timed steps, as logged in its
+metrics.jsonl. Run it on an otherwise idle machine: other processes distort CPU timings badly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ecomla.distill.run import DistillArgs
+from ecomla.distill.trainer import Trainer
+
+CONFIGS = {
+    "ILD (layer-wise alignment)": dict(stage="ild"),
+    "KD, live teacher (full vocabulary)": dict(stage="kd"),
+    "KD, cached teacher top-64": dict(stage="kd", teacher_topk=64),
+    "CE (no teacher)": dict(stage="kd", kl_weight=0.0, ce_weight=1.0),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", required=True)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="bf16")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    tokens = (a.steps + a.warmup) * 4 * 256
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kw in CONFIGS.items():
+            budget = {"ild_tokens": tokens, "max_tokens": 1} if kw["stage"] == "ild" else {"max_tokens": tokens}
+            args = DistillArgs(student=a.student, out=str(Path(tmp) / name.split()[0]), precision=a.precision,
+                               eval_tokens=0, progress=False, save_every=10**6, **budget, **kw)
+            Trainer(args).run()
+            rows = [json.loads(l) for l in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
+            speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][a.warmup:]
+            results[name] = statistics.median(speeds)
+    ce = results["CE (no teacher)"]
+    print(f"\n{'configuration':<38} {'tokens/s':>9} {'vs CE':>6}   ({a.threads} threads, {a.precision}, 4 x 256)")
+    for name, v in results.items():
+        print(f"{name:<38} {v:9.1f} {v / ce:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
