@@ -119,7 +119,8 @@ def evaluate(args: EvalArgs, log=print) -> dict:
     for name, spec, path, model in entries:
         t0 = time.time()
         key = "teacher" if model is teacher else name
-        tasks = run_tasks(model, tok, parse_tasks(args.tasks), args.limit, args.seed, args.batch_size)
+        tasks = run_tasks(model, tok, parse_tasks(args.tasks), args.limit, args.seed, args.batch_size,
+                          cache=answer_cache(Path(args.out), str(path)))
         row = {"name": name, "path": str(path), "tasks": tasks, "average": average(tasks),
                "ppl": {c: fid[c][key]["ppl"] for c in fid} or None,
                "kl_to_teacher": (0.0 if model is teacher else fid["chat"][key]["kl"]) if teacher is not None else None,
@@ -144,6 +145,20 @@ def evaluate(args: EvalArgs, log=print) -> dict:
     report.write(results, out)
     log(f"[eval] wrote {out / 'results.json'} and {out / 'report.md'}")
     return results
+
+
+def answer_cache(out: Path, model_path: str) -> str | None:
+    """lm-eval answer-cache prefix for one model, keyed by its weight files (so a rerun after an interruption
+    resumes, and a retrained model never reuses stale answers). None for hub ids."""
+    import hashlib
+
+    folder = Path(model_path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    key = json.dumps([str(folder.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    (out / "lm-eval-cache").mkdir(parents=True, exist_ok=True)
+    return str(out / "lm-eval-cache" / hashlib.sha1(key.encode()).hexdigest()[:16])
 
 
 def versions() -> dict:

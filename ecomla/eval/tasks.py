@@ -175,8 +175,11 @@ def _apportion(n: int, sizes: list[int]) -> list[int]:
 
 
 def run_tasks(model, tok, tasks: list[str], limit: str | None = None, seed: int = 1234, batch_size: int = 16,
-              max_length: int = 2048, data_root: Path | None = None) -> dict:
-    """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "average_metric"}} via lm-eval."""
+              max_length: int = 2048, data_root: Path | None = None, cache: str | None = None) -> dict:
+    """{task: {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "average_metric"}} via lm-eval.
+
+    `cache`: a path prefix for lm-eval's sqlite cache of model answers, so an interrupted evaluation resumes;
+    it must be unique to the model weights (see `eval.run.answer_cache`)."""
     import logging
 
     import lm_eval
@@ -198,6 +201,7 @@ def run_tasks(model, tok, tasks: list[str], limit: str | None = None, seed: int 
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length)
     res = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=TaskManager(include_path=str(folder)),
                                   num_fewshot=0, samples=samples or None, bootstrap_iters=1000, log_samples=False,
+                                  use_cache=cache,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                                   verbosity="ERROR")
     out = {}
