@@ -238,9 +238,25 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------
     def log(self, row: dict) -> None:
-        if self.acc.is_main_process:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        if not self.acc.is_main_process:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if "step" in row and self.tensorboard() is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                if row.get(key) is not None:
+                    self._tb.add_scalar(f"{row['stage']}/{key}", row[key], row["step"])
+
+    def tensorboard(self):
+        """A SummaryWriter on OUT/tensorboard when the tensorboard package is installed, else None."""
+        if not hasattr(self, "_tb"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._tb = None
+        return self._tb
 
     def run(self) -> dict:
         from .finish import finish
