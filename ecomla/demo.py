@@ -2,7 +2,8 @@
 
     ecomla demo                                  # SmolLM2-135M-Instruct -> 4x MLA, ~30 min on 2 CPU cores
     ecomla demo --ratio 8x --budget-minutes 20 --out runs/demo-8x
-    ecomla demo --dpo                            # add stage 2 (DPO); off by default: it does not fit 30 min
+    ecomla demo --dpo                            # add stage 2 (DPO); off by default: pairs + training take
+                                                 # ~30 more minutes on 2 cores
 
 Stages, each skipped when its output already exists (so an interrupted run continues where it stopped):
   assets -> convert (--init, default rope-whitened) -> distill (layer-wise alignment, then end-to-end KD within
@@ -42,7 +43,8 @@ class DemoArgs:
     limit: str | None = arg("documents per task (default: sized to --budget-minutes)", default=None)
     eval_tokens: int = arg("held-out target tokens for KL / perplexity", default=4096)
     dpo: bool = arg("run stage 2 (DPO) after distillation", default=False)
-    dpo_minutes: float = arg("minutes for DPO with --dpo", default=8.0)
+    dpo_minutes: float = arg("training minutes for DPO with --dpo (building the pairs comes on top)", default=8.0)
+    dpo_pairs: int = arg("preference pairs to build with --dpo", default=32)
     bench_contexts: str = arg("contexts for the decode-speed comparison", default="512,2k")
     bench_batch: int = arg("batch for the decode-speed comparison", default=4)
     max_new_tokens: int = arg("tokens per chat answer", default=48)
@@ -145,16 +147,17 @@ class Demo:
     def dpo(self, student: Path) -> Path | None:
         if not self.a.dpo:
             return None
-        from .dpo.run import DPOArgs, run_dpo
+        from .dpo.run import cpu_args, run_dpo
 
         folder = self.out / "student-dpo"
-        self.commands["dpo"] = f"ecomla dpo {student} --make-pairs --out {folder} --max-minutes {self.a.dpo_minutes}"
+        self.commands["dpo"] = (f"ecomla dpo {student} --config recipes/dpo-cpu-smollm2.yaml --out {folder} "
+                                f"--max-minutes {self.a.dpo_minutes} --pairs {self.a.dpo_pairs}")
         if (folder / "ecomla_dpo.json").is_file():
             self.log(f"reusing {folder}")
         else:
             self.log(self.commands["dpo"])
-            run_dpo(DPOArgs(model=str(student), make_pairs=True, out=str(folder), max_minutes=self.a.dpo_minutes,
-                            chat_data=self.a.data))
+            run_dpo(cpu_args(str(student), str(folder), max_minutes=self.a.dpo_minutes, chat_data=self.a.data,
+                             pairs=self.a.dpo_pairs), log=self.log)
         return folder
 
     def evaluate(self, models: dict[str, Path]) -> dict:

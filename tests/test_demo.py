@@ -31,3 +31,17 @@ def test_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
     assert main(argv) == 0  # a rerun reuses every stage
     assert (out / "student-kd" / "model.safetensors").stat().st_mtime == stamp
     assert "reusing" in capsys.readouterr().out
+
+
+def test_demo_with_dpo_adds_a_stage_2_row(tmp_path):
+    src = make_source("llama", tmp_path / "src")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows(300)))
+    (tmp_path / "text.txt").write_text("\n\n".join([" ".join(WORDS)] * 40))
+    assert main(["demo", "--model", str(src), "--data", str(tmp_path / "chat.jsonl"), "--text", str(tmp_path / "text.txt"),
+                 "--out", str(tmp_path / "demo"), "--rope-dim", "8", "--budget-minutes", "0.03", "--ild-tokens", "64",
+                 "--seq-len", "16", "--batch-size", "2", "--tasks", "none", "--eval-tokens", "32", "--bench-contexts",
+                 "16", "--bench-batch", "1", "--max-new-tokens", "4", "--calib-seqs", "4", "--init", "xecomla",
+                 "--dpo", "--dpo-minutes", "0.05", "--dpo-pairs", "4"]) == 0
+    res = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [m["name"] for m in res["models"]] == ["teacher", "student-0tok", "student-kd", "student-dpo"]
+    assert "dpo" in res["demo"]["commands"]

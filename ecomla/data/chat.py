@@ -89,12 +89,15 @@ def _load_local(path: Path) -> datasets.Dataset:
             raise UserError(f"{path} is a folder but not a `save_to_disk` dataset") from err
         return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
     kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty")
     if kind is None:
         raise UserError(f"{path}: unsupported data file type {path.suffix!r} (use .json, .jsonl, .parquet or .arrow)")
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for corrupt files
-        raise UserError(f"could not read {path}: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from err
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"could not read {path}: {type(err).__name__}: {first}") from err
 
 
 def load_chat(spec: str) -> datasets.Dataset:

@@ -151,6 +151,13 @@ class EcoMLAConfig(PreTrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
 
+    def to_dict(self):
+        """Serialised without `layer_types`: it is derived from `mla_layers`, and transformers' base config class
+        (e.g. the Trainer re-reading a checkpoint's config.json) rejects the "latent_attention" type."""
+        d = super().to_dict()
+        d.pop("layer_types", None)
+        return d
+
     # ---- convenience accessors -------------------------------------------------------------
     def mla_spec(self, layer_idx: int) -> MLASpec | None:
         spec = self.mla_layers[layer_idx]
