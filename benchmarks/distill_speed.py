@@ -42,9 +42,9 @@ def main() -> None:
     tokens = (a.steps + a.warmup) * 4 * 256
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in CONFIGS.items():
+        for i, (name, kw) in enumerate(CONFIGS.items()):
             budget = {"ild_tokens": tokens, "max_tokens": 1} if kw["stage"] == "ild" else {"max_tokens": tokens}
-            args = DistillArgs(student=a.student, out=str(Path(tmp) / name.split()[0]), precision=a.precision,
+            args = DistillArgs(student=a.student, out=str(Path(tmp) / f"run{i}"), precision=a.precision,
                                eval_tokens=0, progress=False, save_every=10**6, **budget, **kw)
             Trainer(args).run()
             rows = [json.loads(l) for l in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]

@@ -21,6 +21,7 @@ backward recomputes it instead of storing it; below that the graph is kept (reco
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +31,22 @@ KINDS = ("forward", "reverse", "jsd")
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward",
-             temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
-    """Per-token divergence [N] between [N, V] logits (fp32 inside)."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+             temperature: float = 1.0, beta: float = 0.5, compiled: bool = False) -> torch.Tensor:
+    """Per-token divergence [N] between [N, V] logits (fp32 inside).
+
+    compiled=True runs forward KL through torch.compile (one fused kernel per pass, ~2.5x less loss time on CPU
+    than the eager fused version; ~10-25 s to compile once per process); other kinds ignore it. Falls back to
+    eager, with one warning, where compilation fails (e.g. no C++ compiler)."""
+    if compiled and kind == "forward":
+        out = _compiled_forward_kl(student_logits, teacher_logits, temperature)
+        if out is not None:
+            return out
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     if kind == "forward":
-        out = _plogp_ratio(t, s)
-    elif kind == "reverse":
+        scaled = student_logits if temperature == 1.0 else student_logits / temperature
+        return _ForwardKL.apply(scaled, t) * temperature**2
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if kind == "reverse":
         out = _plogp_ratio(s, t)
     elif kind == "jsd":
         m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1 - beta)]), 0)
@@ -44,6 +54,50 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: s
     else:
         raise ValueError(f"loss kind must be one of {KINDS}, got {kind!r} (--loss)")
     return out * temperature**2
+
+
+class _ForwardKL(torch.autograd.Function):
+    """Per-token KL(p || softmax(z)) [N] from student logits z [N, V] and teacher log-probs [N, V], fused.
+
+    Plain autograd keeps five [N, V] intermediates and runs as many elementwise passes; here the forward keeps
+    log q and p and the backward is one pass, dKL/dz = q - p (about 3x less loss time on CPU)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+        log_q = F.log_softmax(z, dim=-1, dtype=torch.promote_types(z.dtype, torch.float32))
+        log_p = log_p.to(log_q.dtype).clamp_min(-1e30)  # a top-k teacher is -inf off its support: p = 0 there, and 0 * finite = 0
+        p = log_p.exp()
+        ctx.save_for_backward(log_q, p)
+        ctx.in_dtype = z.dtype
+        return torch.linalg.vecdot(p, log_p.sub_(log_q))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_q, p = ctx.saved_tensors
+        return log_q.exp().sub_(p).mul_(grad.unsqueeze(-1)).to(ctx.in_dtype), None
+
+
+def _forward_kl_plain(z: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_q = F.log_softmax(z.float() / temperature, dim=-1)
+    log_p = F.log_softmax(t.float() / temperature, dim=-1).clamp_min(-1e30)
+    return (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+
+
+_COMPILED = {"fn": None, "failed": False}
+
+
+def _compiled_forward_kl(z: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor | None:
+    if _COMPILED["failed"]:
+        return None
+    if _COMPILED["fn"] is None:
+        _COMPILED["fn"] = torch.compile(_forward_kl_plain, dynamic=True)
+    try:
+        return _COMPILED["fn"](z, t, temperature)
+    except Exception as e:  # the inductor backend raises many kinds (missing compiler, unsupported device)
+        _COMPILED["failed"] = True
+        warnings.warn(f"torch.compile of the KD loss failed ({type(e).__name__}: {str(e)[:200]}); "
+                      "using the eager loss (pass --no-compile-loss to skip the attempt)")
+        return None
 
 
 def _plogp_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -57,9 +111,9 @@ def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(student_logits.float(), labels, reduction="none")
 
 
-def _chunk_terms(s_h, t_logits, labels, head_w, head_b, kind, temperature, kl_w, ce_w):
+def _chunk_terms(s_h, t_logits, labels, head_w, head_b, kind, temperature, kl_w, ce_w, compiled=False):
     s_logits = F.linear(s_h, head_w, head_b)
-    loss = kl_w * token_kl(s_logits, t_logits, kind, temperature) if kl_w else s_logits.new_zeros(len(s_h)).float()
+    loss = kl_w * token_kl(s_logits, t_logits, kind, temperature, compiled=compiled) if kl_w else s_logits.new_zeros(len(s_h)).float()
     if ce_w:
         loss = loss + ce_w * token_ce(s_logits, labels)
     return loss.sum()
@@ -67,7 +121,7 @@ def _chunk_terms(s_h, t_logits, labels, head_w, head_b, kind, temperature, kl_w,
 
 def chunked_loss(student_hidden: torch.Tensor, head: torch.nn.Linear, teacher_logits_fn, labels: torch.Tensor,
                  kind: str = "forward", temperature: float = 1.0, kl_weight: float = 1.0, ce_weight: float = 0.0,
-                 chunk: int = 1024, checkpoint_above: int = 2**27) -> tuple[torch.Tensor, int]:
+                 chunk: int = 1024, checkpoint_above: int = 2**27, compiled: bool = False) -> tuple[torch.Tensor, int]:
     """Sum of kl_weight*KL + ce_weight*CE over N target rows, and N.
 
     student_hidden [N, D] are the student's final hidden states at target positions (after the final norm);
@@ -81,7 +135,7 @@ def chunked_loss(student_hidden: torch.Tensor, head: torch.nn.Linear, teacher_lo
         hi = min(n, lo + chunk)
         t_logits = teacher_logits_fn(lo, hi) if kl_weight else None
         args = (student_hidden[lo:hi], t_logits, labels[lo:hi], head.weight, head.bias, kind, temperature,
-                kl_weight, ce_weight)
+                kl_weight, ce_weight, compiled)
         if recompute:
             total = total + checkpoint(_chunk_terms, *args, use_reentrant=False)
         else:

@@ -27,6 +27,35 @@ def test_divergence_of_a_distribution_with_itself_is_zero(kind):
     assert (token_kl(logits, torch.randn(7, 50), kind) > 0).all()
 
 
+def test_fused_forward_kl_matches_the_plain_formula_and_its_gradient():
+    torch.manual_seed(0)
+    z = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 40, dtype=torch.float64)
+    t[:3, 10:] = float("-inf")  # a top-k teacher: no mass off its support
+    g = torch.rand(6, dtype=torch.float64)
+    (token_kl(z, t, "forward", temperature=1.7) * g).sum().backward()
+    fused = z.grad.clone()
+    z.grad = None
+    lp, lq = torch.log_softmax(t / 1.7, -1), torch.log_softmax(z / 1.7, -1)
+    plain = torch.where(lp.exp() > 0, lp.exp() * (lp - lq), torch.zeros_like(lq)).sum(-1) * 1.7**2
+    (plain * g).sum().backward()
+    assert torch.allclose(token_kl(z, t, "forward", temperature=1.7), plain)
+    assert torch.allclose(fused, z.grad)
+
+
+def test_compiled_forward_kl_matches_eager_values_and_gradients():
+    torch.manual_seed(0)
+    z = torch.randn(5, 30, requires_grad=True)
+    t = torch.randn(5, 30)
+    t[:2, 8:] = float("-inf")
+    eager = token_kl(z, t, "forward", temperature=1.3)
+    eager.sum().backward()
+    g_eager, z.grad = z.grad.clone(), None
+    compiled = token_kl(z, t, "forward", temperature=1.3, compiled=True)
+    compiled.sum().backward()
+    assert torch.allclose(eager, compiled, atol=1e-5) and torch.allclose(g_eager, z.grad, atol=1e-6)
+
+
 def test_all_masked_gives_zero_not_nan():
     h = torch.randn(0, 8, requires_grad=True)
     head = torch.nn.Linear(8, 11, bias=False)
@@ -71,7 +100,7 @@ def setup(tmp_path_factory):
 def args(setup, out, **kw):
     base = dict(student=str(setup / "mla"), data=str(setup / "chat.jsonl"), out=str(out), seq_len=16, batch_size=4,
                 max_tokens=64 * 20, ild_tokens=64 * 4, precision="fp32", eval_tokens=0, lr=3e-3, ild_lr=3e-3,
-                save_every=5, progress=False)
+                save_every=5, progress=False, compile_loss=False)
     base.update(kw)
     return DistillArgs(**base)
 

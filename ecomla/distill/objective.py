@@ -24,11 +24,13 @@ from ..mla.attention import MLAAttention, build_mask
 
 class Objective(nn.Module):
     def __init__(self, student: nn.Module, loss_kind: str = "forward", temperature: float = 1.0,
-                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024):
+                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024,
+                 compile_loss: bool = False):
         super().__init__()
         self.student = student
         self.loss_kind, self.temperature = loss_kind, temperature
         self.kl_weight, self.ce_weight, self.chunk = kl_weight, ce_weight, chunk
+        self.compile_loss = compile_loss
 
     def mla_layers(self) -> list[tuple[int, MLAAttention]]:
         return [(i, layer.self_attn) for i, layer in enumerate(self.student.model.layers)
@@ -56,5 +58,6 @@ class Objective(nn.Module):
         sel = loss_mask[:, 1:]
         labels = input_ids[:, 1:][sel]  # [N]
         total, n = chunked_loss(h[:, :-1][sel], self.student.get_output_embeddings(), teacher_logits_fn, labels,
-                                self.loss_kind, self.temperature, self.kl_weight, self.ce_weight, self.chunk)
+                                self.loss_kind, self.temperature, self.kl_weight, self.ce_weight, self.chunk,
+                                compiled=self.compile_loss)
         return total * scale, total.detach(), n

@@ -126,7 +126,8 @@ class Trainer:
         for name, ps in groups.items():
             for p in ps:
                 p.requires_grad_(name in trained)
-        self.objective = Objective(self.student, a.loss, a.temperature, a.kl_weight, a.ce_weight, a.chunk)
+        self.objective = Objective(self.student, a.loss, a.temperature, a.kl_weight, a.ce_weight, a.chunk,
+                                   compile_loss=a.compile_loss)
         opt_groups = [{"params": [p for p in groups[n] if p.requires_grad], "lr": 1.0, "name": n} for n in sorted(trained)]
         self.optimizer = torch.optim.AdamW(opt_groups, lr=1.0, betas=a.beta_pair, weight_decay=a.weight_decay)
         lambdas = [lambda s, n=g["name"]: self.lr_at(s, n) for g in opt_groups]
