@@ -60,12 +60,14 @@ class _ForwardKL(torch.autograd.Function):
     """Per-token KL(p || softmax(z)) [N] from student logits z [N, V] and teacher log-probs [N, V], fused.
 
     Plain autograd keeps five [N, V] intermediates and runs as many elementwise passes; here the forward keeps
-    log q and p and the backward is one pass, dKL/dz = q - p (1.7x less loss time on CPU, benchmarks/kd_loss_speed.py)."""
+    log q and p and the backward is one pass, dKL/dz = q - p
+    (1.7x less loss time on CPU, benchmarks/kd_loss_speed.py)."""
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
         log_q = F.log_softmax(z, dim=-1, dtype=torch.promote_types(z.dtype, torch.float32))
-        log_p = log_p.to(log_q.dtype).clamp_min(-1e30)  # a top-k teacher is -inf off its support: p = 0 there, and 0 * finite = 0
+        # a top-k teacher is -inf off its support: p = 0 there, and 0 * finite = 0
+        log_p = log_p.to(log_q.dtype).clamp_min(-1e30)
         p = log_p.exp()
         ctx.save_for_backward(log_q, p)
         ctx.in_dtype = z.dtype
@@ -113,7 +115,10 @@ def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 def _chunk_terms(s_h, t_logits, labels, head_w, head_b, kind, temperature, kl_w, ce_w, compiled=False):
     s_logits = F.linear(s_h, head_w, head_b)
-    loss = kl_w * token_kl(s_logits, t_logits, kind, temperature, compiled=compiled) if kl_w else s_logits.new_zeros(len(s_h)).float()
+    if kl_w:
+        loss = kl_w * token_kl(s_logits, t_logits, kind, temperature, compiled=compiled)
+    else:
+        loss = s_logits.new_zeros(len(s_h)).float()
     if ce_w:
         loss = loss + ce_w * token_ce(s_logits, labels)
     return loss.sum()
