@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,26 @@ def test_compiled_forward_kl_matches_eager_values_and_gradients():
     compiled = token_kl(z, t, "forward", temperature=1.3, compiled=True)
     compiled.sum().backward()
     assert torch.allclose(eager, compiled, atol=1e-5) and torch.allclose(g_eager, z.grad, atol=1e-6)
+
+
+def test_compile_failure_warns_once_and_falls_back_to_eager(monkeypatch):
+    from ecomla import losses
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(losses, "_COMPILED", {"fn": None, "failed": False})
+    monkeypatch.setattr(losses.torch, "compile", broken_compile)
+    z, t = torch.randn(4, 12), torch.randn(4, 12)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        out = token_kl(z, t, "forward", compiled=True)
+    assert torch.allclose(out, token_kl(z, t, "forward"))
+    assert losses._COMPILED["failed"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call neither retries nor warns again
+        token_kl(z, t, "forward", compiled=True)
 
 
 def test_all_masked_gives_zero_not_nan():

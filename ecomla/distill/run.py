@@ -57,7 +57,7 @@ class DistillArgs:
     save_every: int = arg("checkpoint every N optimizer steps", default=50)
     keep_last: int = arg("checkpoints to keep", default=2)
     eval_tokens: int = arg("held-out target tokens for the final KL/perplexity check (0 = skip)", default=4096)
-    compile_loss: bool = arg("fuse the forward-KL loss with torch.compile (compiles once, ~10-25 s; falls back "
+    compile_loss: bool = arg("fuse the forward-KL loss with torch.compile (compiles once per process; falls back "
                              "to eager where compiling fails)", default=True)
     chunk: int = arg("target rows per full-vocabulary logits chunk", default=1024)
     seed: int = arg("seed (data order, init of nothing else)", default=0)
