@@ -28,6 +28,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="MLA and GQA timed alternately this many times; the "
+                   "median repeat is reported with the tokens/s range (a shared machine drifts by 10-30%%)")
     p.add_argument("--runs", default="absorbed,absorbed-sdpa,decompressed,gqa-dynamic,gqa-static,gqa-fair")
     p.add_argument("--out", default=None, help="folder for report.md / results.json / tokens_per_s.png")
     return p.parse_args()
@@ -40,8 +42,12 @@ def summary(rows: list[dict]) -> str:
     for m in mla.values():
         for g in gqa.values():
             x = m["tokens_per_s"] / g["tokens_per_s"]
+            spread = ""
+            if "tokens_per_s_min" in m and "tokens_per_s_min" in g:
+                spread = (f"  (worst/best repeats: {m['tokens_per_s_min'] / g['tokens_per_s_max']:.2f}x / "
+                          f"{m['tokens_per_s_max'] / g['tokens_per_s_min']:.2f}x)")
             lines.append(f"{m['run']:>13} ({m['tokens_per_s']:.1f} tok/s) vs {g['run']:<11} "
-                         f"({g['tokens_per_s']:.1f} tok/s): {x:.2f}x")
+                         f"({g['tokens_per_s']:.1f} tok/s): {x:.2f}x{spread}")
     a = mla.get("absorbed")
     if a and gqa:
         worst = min(a["tokens_per_s"] / g["tokens_per_s"] for g in gqa.values())
@@ -56,7 +62,7 @@ def run() -> None:
         convert(ConvertArgs(src="default", out=args.student, kv_rank=16, rope_dim=32))
     rows = main(BenchArgs(model=args.student, contexts=args.context, batches=args.batch, runs=args.runs,
                           device="cpu", dtype="float32", fill="synthetic", warmup=args.warmup, steps=args.steps,
-                          threads=args.threads, out=args.out))
+                          repeats=args.repeats, threads=args.threads, out=args.out))
     print(summary(rows))
 
 

@@ -209,3 +209,28 @@ def test_attention_microbench_rows_on_cpu():
     assert by[("mla 48+24", "torch-gemm")]["bytes"] == 2 * 64 * (48 + 24) * 4
     assert by[("gqa 3x64", "sdpa-gqa")]["bytes"] == 2 * 2 * 3 * 64 * 64 * 4
     assert "torch-gemm" in attention_table(rows)
+
+
+def test_repeats_keep_the_median_repeat_and_its_spread():
+    from ecomla.bench.run import median_of_repeats
+
+    base = {"kind": "decode", "system": "mla", "run": "absorbed", "batch": 8, "context": 4096, "status": "ok"}
+    reps = [{**base, "step_ms": ms, "tokens_per_s": 8e3 / ms, "rep": i} for i, ms in enumerate([120.0, 90.0, 100.0])]
+    cap = {"kind": "max_batch", "system": "mla", "run": "absorbed", "context": 4096, "batch": 64}
+    out = median_of_repeats([reps[0], cap, reps[1], reps[2]])
+    assert [r["kind"] for r in out] == ["decode", "max_batch"]
+    row = out[0]
+    assert row["rep"] == 2 and row["step_ms"] == 100.0  # a measured repeat, not an average
+    assert row["step_ms_repeats"] == [90.0, 100.0, 120.0] and row["repeats"] == 3
+    assert row["tokens_per_s_min"] == pytest.approx(8e3 / 120) and row["tokens_per_s_max"] == pytest.approx(8e3 / 90)
+    assert median_of_repeats([reps[0]]) == [reps[0]]  # one repeat: rows pass through unchanged
+
+
+def test_bench_with_repeats_reports_one_row_per_setting(capsys):
+    rows = main(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair", repeats=3))
+    assert [(r["run"], r["repeats"], len(r["step_ms_repeats"])) for r in rows] == [("absorbed", 3, 3), ("gqa-fair", 3, 3)]
+    for r in rows:
+        assert round(r["step_ms"], 3) == sorted(r["step_ms_repeats"])[1]
+    assert "speedup_vs_gqa-fair" in rows[0] and "tok/s range" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--repeats"):
+        BenchArgs(**TINY, repeats=0)

@@ -59,6 +59,49 @@ def test_absorbed_decode_over_cache_equals_full_forward():
     assert torch.allclose(got, full, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["full-q", "latent-norm", "lowrank-q"])
+def test_decode_fold_equals_unfolded_absorbed_and_follows_weight_updates(name):
+    """Without autograd the absorbed path uses pre-multiplied weights; with it, the per-head einsums. Same logits,
+    biases included, and an in-place weight update (a training step) rebuilds the fold."""
+    model = tiny([SPECS[name]] * 2, qkv_bias=True, o_bias=True)
+    attn = model.model.layers[0].self_attn
+    fold = attn.decode_fold()
+    s = SPECS[name]
+    assert (fold.q_w is not None) == (s.kv_lora_rank < s.qk_nope_head_dim) and fold.o_w is not None
+    x = torch.randint(3, 97, (2, 7))
+
+    def both():
+        with torch.no_grad():
+            folded = model(x, mla_path="absorbed", use_cache=False).logits
+        with torch.enable_grad():
+            plain = model(x, mla_path="absorbed", use_cache=False).logits.detach()
+        return folded, plain
+
+    folded, plain = both()
+    assert torch.allclose(folded, plain, atol=1e-5), (folded - plain).abs().max()
+    with torch.no_grad():
+        attn.o_proj.weight.mul_(1.5)
+        attn.kv_b_proj.bias.add_(0.3)
+    folded2, plain2 = both()
+    assert attn.decode_fold() is not fold
+    assert not torch.allclose(plain2, plain, atol=1e-3)
+    assert torch.allclose(folded2, plain2, atol=1e-5), (folded2 - plain2).abs().max()
+
+
+def test_decode_fold_only_when_it_shrinks_the_weights():
+    from ecomla.bench.decode import weight_bytes_read
+
+    wide = tiny([MLASpec(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=12, v_head_dim=16, q_lora_rank=24)])
+    assert wide.model.layers[0].self_attn.decode_fold() is None
+    assert weight_bytes_read(wide, "absorbed") == weight_bytes_read(wide)
+    narrow = tiny([SPECS["full-q"]] * 2)
+    attn = narrow.model.layers[0].self_attn
+    H, s = attn.num_heads, attn.spec
+    replaced = 4 * (attn.q_proj.weight.numel() + attn.o_proj.weight.numel() + attn.kv_b_proj.weight.numel())
+    folded = 4 * (H * (s.kv_lora_rank + s.qk_rope_head_dim) * 64 + 64 * H * s.kv_lora_rank)
+    assert weight_bytes_read(narrow) - weight_bytes_read(narrow, "absorbed") == 2 * (replaced - folded) > 0
+
+
 def test_mla_path_rejects_unknown():
     model = tiny([SPECS["lowrank-q"]])
     with pytest.raises(ValueError, match="mla_path"):

@@ -14,7 +14,8 @@ On GPU this is compared with a measured device copy bandwidth (`copy_bandwidth`)
 
 Peak memory. On CUDA: `torch.cuda.max_memory_allocated` over fill + decode (weights, cache, activations).
 On CPU there is no allocator counter, and process RSS mixes in the other model, Python and the
-allocator's free lists, so we report what the tensors hold: weight bytes + allocated cache bytes
+allocator's free lists, so we report what the tensors hold: weight bytes (+ the absorbed path's
+pre-multiplied decode weights once built) + allocated cache bytes
 (measured from the cache tensors, reserved rows included). Transients (activations, and the copy that
 `torch.cat` makes in a DynamicCache step) are not in the CPU figure.
 """
@@ -55,14 +56,39 @@ def free_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
-def weight_bytes_read(model) -> int:
-    """Bytes of the weights one decode step reads (unique tensors; an untied input embedding excluded)."""
+def weight_bytes_read(model, path: str | None = None) -> int:
+    """Bytes of the weights one decode step reads (unique tensors; an untied input embedding excluded).
+    On the absorbed path, layers with pre-multiplied decode weights (`MLAAttention.decode_fold`) read those
+    instead of the projections they replace."""
     params = {id(p): p for p in model.parameters()}
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     if out is None or out.weight is not emb:
         params.pop(id(emb), None)
-    return sum(p.numel() * p.element_size() for p in params.values())
+    extra = 0
+    if path == "absorbed":
+        with torch.no_grad():
+            for m in model.modules():
+                fold = m.decode_fold() if isinstance(m, MLAAttention) else None
+                if fold is None:
+                    continue
+                replaced = []
+                if fold.q_w is not None:
+                    replaced.append(m.q_proj if m.spec.q_lora_rank is None else m.q_b_proj)
+                if fold.o_w is not None:
+                    replaced.append(m.o_proj)
+                if fold.q_w is not None and fold.o_w is not None:
+                    replaced.append(m.kv_b_proj)
+                for p in (p for lin in replaced for p in lin.parameters()):
+                    params.pop(id(p), None)
+                extra += fold.nbytes()
+    return extra + sum(p.numel() * p.element_size() for p in params.values())
+
+
+def fold_bytes(model) -> int:
+    """Bytes held by the decode folds built so far (kept beside the weights, see MLAAttention.decode_fold)."""
+    folds = (m.__dict__.get("_decode_fold") for m in model.modules() if isinstance(m, MLAAttention))
+    return sum(f.nbytes() for f in folds if f is not None)
 
 
 def device_name(device) -> str:
@@ -201,7 +227,7 @@ def _time_decode(model, run, batch, context, opts, device, dtype, steps, reserve
     if torch.device(device).type == "cuda":
         out["peak_memory_bytes"], out["peak_memory_source"] = torch.cuda.max_memory_allocated(device), "cuda"
     else:
-        out["peak_memory_bytes"] = weight_bytes_total(model) + out["cache_allocated_bytes"]
+        out["peak_memory_bytes"] = weight_bytes_total(model) + fold_bytes(model) + out["cache_allocated_bytes"]
         out["peak_memory_source"] = "weights+cache tensors"
     del cache
     free_memory(device)

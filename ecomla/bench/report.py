@@ -32,7 +32,8 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 DECODE_COLS = [("run", "run", None), ("impl", "impl", None), ("B", "batch", None), ("context", "context", None),
-               ("fill", "fill", None), ("tok/s", "tokens_per_s", "{:.1f}"), ("step ms", "step_ms", "{:.2f}"),
+               ("fill", "fill", None), ("tok/s", "tokens_per_s", "{:.1f}"), ("tok/s range", "_range", "range"),
+               ("step ms", "step_ms", "{:.2f}"),
                ("prefill s", "prefill_s", "{:.2f}"), ("cache B/tok", "cache_bytes_per_token", None),
                ("peak MiB", "peak_memory_bytes", "mb"), ("GB/s", "gb_per_s", "{:.1f}"),
                ("% copy BW", "roofline_fraction", "pct")]
@@ -48,6 +49,9 @@ def _cell(r: dict, key: str, fmt) -> str:
         return "OOM"
     if fmt == "mb":
         return _mb(v)
+    if fmt == "range":
+        lo, hi = r.get("tokens_per_s_min"), r.get("tokens_per_s_max")
+        return "-" if lo is None else f"{lo:.1f}-{hi:.1f}"
     if fmt == "pct":
         return "-" if v is None else f"{100 * v:.0f}%"
     return _f(v, fmt) if fmt else _f(v)
@@ -65,6 +69,8 @@ def table(rows: list[dict], markdown: bool = False) -> str:
         sel = [r for r in rows if r["kind"] == kind]
         if not sel:
             continue
+        if not any("tokens_per_s_min" in r for r in sel):
+            cols = [c for c in cols if c[2] != "range"]
         cols = [("system", "system", None)] + cols + (_speedup_cols(sel) if kind == "decode" else [])
         cells = [[h for h, _, _ in cols]] + [[_cell(r, k, f) for _, k, f in cols] for r in sel]
         if markdown:

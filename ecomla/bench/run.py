@@ -54,6 +54,8 @@ class BenchArgs:
     dtype: str = arg("auto (bfloat16 on CUDA, float32 on CPU) or a dtype", default="auto", choices=("auto", *DTYPES))
     warmup: int = arg("untimed decode steps before timing", default=3)
     steps: int = arg("timed decode steps (the median step is reported)", default=10)
+    repeats: int = arg("time every (run, context, batch) this many times, MLA and GQA alternating, and report the "
+                       "repeat with the median step (with the spread): for machines whose speed drifts", default=1)
     fill: str = arg("fill the cache by a real (timed) prefill, by random rows written into it (synthetic), or "
                     "auto: prefill when batch*context <= --prefill-max-tokens", default="auto",
                     choices=("auto", "prefill", "synthetic"))
@@ -72,8 +74,9 @@ class BenchArgs:
         self.batch_list = parse_sizes(self.batches, "--batches")
         self.run_list = self._runs(self.runs, "--runs")
         self.capacity_list = self._runs(self.capacity_runs, "--capacity-runs") if self.memory_budget_gb else []
-        if self.warmup < 0 or self.steps < 1:
-            raise UserError(f"--warmup must be >= 0 and --steps >= 1, got {self.warmup} and {self.steps}")
+        if self.warmup < 0 or self.steps < 1 or self.repeats < 1:
+            raise UserError(f"--warmup must be >= 0, --steps and --repeats >= 1, got {self.warmup}, {self.steps} "
+                            f"and {self.repeats}")
         if self.kv_rank < 1:
             raise UserError(f"--kv-rank must be >= 1, got {self.kv_rank}")
         if self.rope_dim < 2 or self.rope_dim % 2:
@@ -100,22 +103,23 @@ def resolve_device(args: BenchArgs) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def bench_subject(subject: Subject, args: BenchArgs, opts: DecodeOpts, device, dtype, copy_gbps, log) -> list[dict]:
-    """All decode and max-batch rows of one model (built here, freed on return)."""
+def bench_subject(subject: Subject, args: BenchArgs, opts: DecodeOpts, device, dtype, copy_gbps, log,
+                  capacity: bool = True) -> list[dict]:
+    """All decode and (with `capacity`) max-batch rows of one model (built here, freed on return)."""
     runs = [RUNS[r] for r in args.run_list if RUNS[r].kind == subject.kind]
-    caps = [RUNS[r] for r in args.capacity_list if RUNS[r].kind == subject.kind]
+    caps = [RUNS[r] for r in args.capacity_list if RUNS[r].kind == subject.kind] if capacity else []
     if not runs and not caps:
         return []
     log(f"building {subject.kind} model: {subject.label}")
     model = subject.build()
-    weights = weight_bytes_read(model)
     base = {"model": subject.label, "system": subject.kind, "weights": subject.weights,
-            "dtype": str(dtype).split(".")[-1], "device": device_name(device), "weight_bytes": weights}
+            "dtype": str(dtype).split(".")[-1], "device": device_name(device)}
     rows = []
     for run in runs:
         for ctx in args.context_list:
             for b in args.batch_list:
-                row = {**base, "kind": "decode", "run": run.name, "path": run.path,
+                weights = weight_bytes_read(model, run.path)
+                row = {**base, "kind": "decode", "run": run.name, "path": run.path, "weight_bytes": weights,
                        "impl": decode_impl(run, device, dtype), "batch": b, "context": ctx, "status": "ok"}
                 try:
                     m = time_decode(model, run, b, ctx, opts, device, dtype)
@@ -129,9 +133,10 @@ def bench_subject(subject: Subject, args: BenchArgs, opts: DecodeOpts, device, d
                     if row["status"] == "ok" else "out of memory"))
     budget = int(args.memory_budget_gb * 1e9) if args.memory_budget_gb else 0
     for run in caps:
+        weights = weight_bytes_read(model, run.path)
         for ctx in args.context_list:
             m = max_batch(model, run, ctx, budget, opts, device, dtype)
-            row = {**base, "kind": "max_batch", "run": run.name, "path": run.path,
+            row = {**base, "kind": "max_batch", "run": run.name, "path": run.path, "weight_bytes": weights,
                    "impl": decode_impl(run, device, dtype), "context": ctx, "status": "ok", **m}
             if "step_s" in m:
                 row.update(bandwidth_fields(m, m["batch"], ctx, weights, copy_gbps))
@@ -141,6 +146,37 @@ def bench_subject(subject: Subject, args: BenchArgs, opts: DecodeOpts, device, d
     del model
     free_memory(device)
     return rows
+
+
+def median_of_repeats(rows: list[dict]) -> list[dict]:
+    """One decode row per (system, run, batch, context): the repeat with the median step time, plus the step
+    times of all repeats (`step_ms_repeats`) and the min/max tokens/s over them. Other rows pass through."""
+    groups: dict[tuple, list[dict]] = {}
+    out = []
+    for r in rows:
+        if r["kind"] != "decode":
+            out.append(r)
+            continue
+        key = (r["system"], r["run"], r["batch"], r["context"])
+        if key not in groups:
+            groups[key] = []
+            out.append(key)
+        groups[key].append(r)
+    merged = []
+    for item in out:
+        if not isinstance(item, tuple):
+            merged.append(item)
+            continue
+        reps = groups[item]
+        ok = sorted((r for r in reps if r.get("tokens_per_s")), key=lambda r: r["step_ms"])
+        if len(reps) == 1 or not ok:
+            merged.append(reps[0])
+            continue
+        row = dict(ok[len(ok) // 2])  # the median repeat (the slower middle one for even counts), never an average
+        row.update(repeats=len(reps), step_ms_repeats=[round(r["step_ms"], 3) for r in ok],
+                   tokens_per_s_min=ok[-1]["tokens_per_s"], tokens_per_s_max=ok[0]["tokens_per_s"])
+        merged.append(row)
+    return merged
 
 
 def versions() -> dict:
@@ -166,8 +202,12 @@ def main(args: BenchArgs) -> list[dict]:
     copy_gbps = copy_bandwidth(device)
     log(f"{device_name(device)}: measured copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
     rows = []
-    for subject in (mla, gqa):
-        rows += bench_subject(subject, args, opts, device, dtype, copy_gbps, log)
+    for rep in range(args.repeats):
+        if args.repeats > 1:
+            log(f"repeat {rep + 1}/{args.repeats}")
+        for subject in (mla, gqa):
+            rows += bench_subject(subject, args, opts, device, dtype, copy_gbps, log, capacity=rep == 0)
+    rows = median_of_repeats(rows)
     add_speedups(rows)
     meta = {"mla_model": mla.label, "gqa_model": gqa.label, "device": device_name(device), "dtype": str(dtype),
             "copy_gb_per_s": round(copy_gbps, 1), **versions(), "python": platform.python_version(),

@@ -1,0 +1,79 @@
+"""One picture of the initialisation study: held-out KL to the teacher against KV cache size, per init.
+
+    python benchmarks/init_plot.py --out docs/img/inits.png
+
+Reads the `results.json` files that `benchmarks/zero_token.py` (0 training tokens) and
+`benchmarks/init_after_training.py` (after the same short distillation) wrote under `runs/`, so it plots
+measured rows only; missing runs are skipped with a note. Filled markers: 0 tokens; hollow: trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ecomla.eval.report import pyplot
+
+ZERO = ["runs/zero-token/eval-2x", "runs/zero-token/eval-4x", "runs/zero-token/eval-8x",
+        "runs/zero-token-8x-more/eval-8x"]
+TRAINED = ["runs/init-training-2x/eval", "runs/init-training/eval", "runs/init-training-8x/eval"]
+
+
+def init_name(model: str) -> str | None:
+    """'4x-rope-whitened-trained' -> 'rope-whitened'; None for the teacher."""
+    if model == "teacher" or "-" not in model:
+        return None
+    return model.split("-", 1)[1].removesuffix("-trained")
+
+
+def collect(folders: list[str]) -> dict[str, list[tuple[float, float]]]:
+    """init -> [(KV bytes/token, KL)], one point per measured student."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for folder in folders:
+        path = Path(folder) / "results.json"
+        if not path.is_file():
+            print(f"skipped (not run): {path}")
+            continue
+        for m in json.loads(path.read_text())["models"]:
+            name = init_name(m["name"])
+            if name and m.get("kl_to_teacher") is not None:
+                points.setdefault(name, []).append((m["kv_bytes_per_token"], m["kl_to_teacher"]))
+    return {k: sorted(set(v)) for k, v in points.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="docs/img/inits.png")
+    a = p.parse_args()
+    zero, trained = collect(ZERO), collect(TRAINED)
+    if not zero:
+        raise SystemExit("no results found: run benchmarks/zero_token.py first (see docs/RESULTS.md section 2)")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for name, pts in sorted(zero.items()):
+        line, = ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=f"{name}, 0 tokens")
+        colors[name] = line.get_color()
+    for name, pts in sorted(trained.items()):
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "o--", mfc="none", color=colors.get(name),
+                label=f"{name}, after 16k ILD + 32k KD tokens")
+    ax.set_xscale("log", base=2)
+    xs = sorted({x for pts in zero.values() for x, _ in pts})
+    ax.set_xticks(xs, [f"{x:,.0f}" for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel("KV cache bytes per token (fp32; the teacher's: 46,080)")
+    ax.set_ylabel("KL(teacher || student), nats/token")
+    ax.set_title("SmolLM2-135M-Instruct: where each MLA init starts, and where it gets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
