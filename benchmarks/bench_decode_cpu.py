@@ -28,8 +28,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=5, help="MLA and GQA timed alternately this many times; the "
-                   "median repeat is reported with the tokens/s range (a shared machine drifts by 10-30%%)")
+    p.add_argument("--repeats", type=int, default=5, help="MLA and GQA timed alternately this many times; "
+                   "tokens/s is the median repeat, the ratio the median of the per-repeat (paired) ratios "
+                   "(a shared machine drifts by 10-30%% between repeats)")
     p.add_argument("--runs", default="absorbed,absorbed-sdpa,decompressed,gqa-dynamic,gqa-static,gqa-fair")
     p.add_argument("--out", default=None, help="folder for report.md / results.json / tokens_per_s.png")
     return p.parse_args()
@@ -41,16 +42,14 @@ def summary(rows: list[dict]) -> str:
     lines = []
     for m in mla.values():
         for g in gqa.values():
-            x = m["tokens_per_s"] / g["tokens_per_s"]
-            spread = ""
-            if "tokens_per_s_min" in m and "tokens_per_s_min" in g:
-                spread = (f"  (worst/best repeats: {m['tokens_per_s_min'] / g['tokens_per_s_max']:.2f}x / "
-                          f"{m['tokens_per_s_max'] / g['tokens_per_s_min']:.2f}x)")
+            x = m[f"speedup_vs_{g['run']}"]
+            span = m.get(f"speedup_vs_{g['run']}_range")
+            spread = f"  (median of {m['repeats']} paired repeats; range {span[0]:.2f}x-{span[1]:.2f}x)" if span else ""
             lines.append(f"{m['run']:>13} ({m['tokens_per_s']:.1f} tok/s) vs {g['run']:<11} "
                          f"({g['tokens_per_s']:.1f} tok/s): {x:.2f}x{spread}")
     a = mla.get("absorbed")
     if a and gqa:
-        worst = min(a["tokens_per_s"] / g["tokens_per_s"] for g in gqa.values())
+        worst = min(a[f"speedup_vs_{g['run']}"] for g in gqa.values())
         lines.append(f"target: absorbed >= 2x every GQA baseline -> {'met' if worst >= 2 else 'NOT met'} "
                      f"(lowest ratio {worst:.2f}x)")
     return "\n".join(lines)

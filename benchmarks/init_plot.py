@@ -50,7 +50,7 @@ def main() -> None:
     if not zero:
         raise SystemExit("no results found: run benchmarks/zero_token.py first (see docs/RESULTS.md section 2)")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     colors = {}
     for name, pts in sorted(zero.items()):
         line, = ax.plot([x for x, _ in pts], [y for _, y in pts], "o-", label=f"{name}, 0 tokens")
@@ -66,7 +66,7 @@ def main() -> None:
     ax.set_ylabel("KL(teacher || student), nats/token")
     ax.set_title("SmolLM2-135M-Instruct: where each MLA init starts, and where it gets")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

@@ -56,8 +56,12 @@ def main() -> None:
     metas[f"energy-delta-{delta:.4f}"] = m
     names = list(metas)
     paths = [str(out / n) if not n.startswith("energy") else str(out / f"energy-search-{step}") for n in names]
-    res = evaluate(EvalArgs(models=paths, names=",".join(names), teacher="default", tasks="none",
-                            max_tokens=a.max_tokens, out=str(out / "eval"), teacher_row=False))
+    res_file = out / "eval" / "results.json"
+    if res_file.is_file() and [m["name"] for m in json.loads(res_file.read_text())["models"]] == names:
+        res = json.loads(res_file.read_text())  # already measured: reprint the table and redraw the plot
+    else:
+        res = evaluate(EvalArgs(models=paths, names=",".join(names), teacher="default", tasks="none",
+                                max_tokens=a.max_tokens, out=str(out / "eval"), teacher_row=False))
     print(f"\n{a.init} at a {a.budget} budget ({budget} elements/token): 0 training tokens")
     print("| allocation | KV elements/token | GQA layers kept | KL to teacher | ppl chat | ppl text |")
     print("|---|---|---|---|---|---|")
@@ -66,6 +70,28 @@ def main() -> None:
         kept = 30 - len(s["mla_layers"])
         print(f"| {name} | {s['kv_elements_per_token']} | {kept} | {row['kl_to_teacher']:.3f} | "
               f"{row['ppl']['chat']:.1f} | {row['ppl']['text']:.1f} |")
+    plot(names, paths, res["models"], out / "ranks.png", f"{a.init}, {a.budget} KV budget, 0 training tokens")
+
+
+def plot(names: list[str], paths: list[str], rows: list[dict], path: Path, title: str) -> None:
+    """r_kv per layer for each allocation (a kept-GQA layer drawn at 0), its KL in the legend."""
+    from ecomla.eval.report import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, folder, row in zip(names, paths, rows):
+        specs = json.loads((Path(folder) / "config.json").read_text())["mla_layers"]
+        ranks = [0 if sp is None else sp["kv_lora_rank"] for sp in specs]
+        ax.plot(range(len(ranks)), ranks, "o-", ms=3, label=f"{name} (KL {row['kl_to_teacher']:.2f})")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("r_kv (latent rank; + 32 rotary dims cached)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -221,9 +221,28 @@ def test_repeats_keep_the_median_repeat_and_its_spread():
     assert [r["kind"] for r in out] == ["decode", "max_batch"]
     row = out[0]
     assert row["rep"] == 2 and row["step_ms"] == 100.0  # a measured repeat, not an average
-    assert row["step_ms_repeats"] == [90.0, 100.0, 120.0] and row["repeats"] == 3
+    assert row["step_ms_repeats"] == [120.0, 90.0, 100.0] and row["repeats"] == 3  # in run order, for pairing
     assert row["tokens_per_s_min"] == pytest.approx(8e3 / 120) and row["tokens_per_s_max"] == pytest.approx(8e3 / 90)
     assert median_of_repeats([reps[0]]) == [reps[0]]  # one repeat: rows pass through unchanged
+
+
+def test_speedup_with_repeats_is_the_median_paired_ratio():
+    from ecomla.bench.report import add_speedups, table
+
+    def row(system, run, steps):
+        mid = sorted(steps)[1]
+        return {"kind": "decode", "system": system, "run": run, "path": "gqa" if system == "gqa" else "absorbed",
+                "batch": 8, "context": 4096, "step_ms": mid, "tokens_per_s": 8e3 / mid, "step_ms_repeats": steps}
+
+    # the machine slows down in repeat 3: unpaired medians would claim 3x, each repeat measured 2x or 3x
+    mla, gqa = row("mla", "absorbed", [100.0, 200.0, 100.0]), row("gqa", "gqa-fair", [200.0, 400.0, 300.0])
+    add_speedups([mla, gqa])
+    assert mla["speedup_vs_gqa-fair"] == pytest.approx(2.0)
+    assert mla["speedup_vs_gqa-fair_range"] == [2.0, 3.0]
+    assert "2.00 (2.00-3.00)" in table([mla, gqa]) and "x vs gqa-fair_range" not in table([mla, gqa])
+    single = {k: v for k, v in mla.items() if not k.startswith(("speedup", "step_ms_repeats"))}
+    add_speedups([single, {k: v for k, v in gqa.items() if k != "step_ms_repeats"}])
+    assert single["speedup_vs_gqa-fair"] == pytest.approx(3.0)  # no repeats: the plain tokens/s ratio (300 / 100 ms)
 
 
 def test_bench_with_repeats_reports_one_row_per_setting(capsys):

@@ -88,6 +88,16 @@ def test_decode_fold_equals_unfolded_absorbed_and_follows_weight_updates(name):
     assert torch.allclose(folded2, plain2, atol=1e-5), (folded2 - plain2).abs().max()
 
 
+def test_decode_fold_keeps_float64_precision():
+    model = tiny([SPECS["full-q"]] * 2, qkv_bias=True, o_bias=True).double()
+    x = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        folded = model(x, mla_path="absorbed", use_cache=False).logits
+    assert model.model.layers[0].self_attn.decode_fold().q_w.dtype == torch.float64
+    plain = model(x, mla_path="absorbed", use_cache=False).logits.detach()
+    assert (folded - plain).abs().max() < 1e-12
+
+
 def test_decode_fold_only_when_it_shrinks_the_weights():
     from ecomla.bench.decode import weight_bytes_read
 

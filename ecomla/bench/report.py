@@ -6,6 +6,7 @@ A decode row has kind "decode"; a max-batch row has kind "max_batch" (see run.py
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 
@@ -20,15 +21,26 @@ def _mb(v) -> str:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_<gqa run> = MLA tokens/s / GQA tokens/s at the same (batch, context), on every MLA decode row."""
-    gqa = {(r["run"], r["batch"], r["context"]): r["tokens_per_s"] for r in rows
+    """speedup_vs_<gqa run> = MLA tokens/s / GQA tokens/s at the same (batch, context), on every MLA decode row.
+
+    With repeats (`step_ms_repeats`, in run order, MLA and GQA alternating) it is the median over repeats of the
+    paired ratio GQA step / MLA step of the same repeat, and `speedup_vs_<run>_range` holds the lowest and
+    highest paired ratio: on a machine whose speed drifts between repeats, pairing cancels the drift."""
+    gqa = {(r["run"], r["batch"], r["context"]): r for r in rows
            if r["kind"] == "decode" and r["path"] == "gqa" and r.get("tokens_per_s")}
     for r in rows:
         if r["kind"] != "decode" or r["path"] == "gqa" or not r.get("tokens_per_s"):
             continue
-        for (run, b, c), tps in gqa.items():
-            if (b, c) == (r["batch"], r["context"]):
-                r[f"speedup_vs_{run}"] = r["tokens_per_s"] / tps
+        for (run, b, c), g in gqa.items():
+            if (b, c) != (r["batch"], r["context"]):
+                continue
+            mine, theirs = r.get("step_ms_repeats"), g.get("step_ms_repeats")
+            if mine and theirs and len(mine) == len(theirs):
+                paired = sorted(t / m for m, t in zip(mine, theirs))
+                r[f"speedup_vs_{run}"] = statistics.median(paired)
+                r[f"speedup_vs_{run}_range"] = [round(paired[0], 3), round(paired[-1], 3)]
+            else:
+                r[f"speedup_vs_{run}"] = r["tokens_per_s"] / g["tokens_per_s"]
 
 
 DECODE_COLS = [("run", "run", None), ("impl", "impl", None), ("B", "batch", None), ("context", "context", None),
@@ -52,14 +64,17 @@ def _cell(r: dict, key: str, fmt) -> str:
     if fmt == "range":
         lo, hi = r.get("tokens_per_s_min"), r.get("tokens_per_s_max")
         return "-" if lo is None else f"{lo:.1f}-{hi:.1f}"
+    if fmt == "speedup":  # with repeats: median paired ratio (lowest-highest)
+        span = r.get(f"{key}_range")
+        return "-" if v is None else f"{v:.2f}" + (f" ({span[0]:.2f}-{span[1]:.2f})" if span else "")
     if fmt == "pct":
         return "-" if v is None else f"{100 * v:.0f}%"
     return _f(v, fmt) if fmt else _f(v)
 
 
 def _speedup_cols(rows: list[dict]) -> list[tuple[str, str, str]]:
-    keys = sorted({k for r in rows for k in r if k.startswith("speedup_vs_")})
-    return [(f"x vs {k[len('speedup_vs_'):]}", k, "{:.2f}") for k in keys]
+    keys = sorted({k for r in rows for k in r if k.startswith("speedup_vs_") and not k.endswith("_range")})
+    return [(f"x vs {k[len('speedup_vs_'):]}", k, "speedup") for k in keys]
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:

@@ -150,7 +150,8 @@ def bench_subject(subject: Subject, args: BenchArgs, opts: DecodeOpts, device, d
 
 def median_of_repeats(rows: list[dict]) -> list[dict]:
     """One decode row per (system, run, batch, context): the repeat with the median step time, plus the step
-    times of all repeats (`step_ms_repeats`) and the min/max tokens/s over them. Other rows pass through."""
+    times of all repeats in the order they ran (`step_ms_repeats`, which pairs each MLA repeat with the GQA
+    repeat that ran right after it) and the min/max tokens/s over them. Other rows pass through."""
     groups: dict[tuple, list[dict]] = {}
     out = []
     for r in rows:
@@ -168,12 +169,13 @@ def median_of_repeats(rows: list[dict]) -> list[dict]:
             merged.append(item)
             continue
         reps = groups[item]
-        ok = sorted((r for r in reps if r.get("tokens_per_s")), key=lambda r: r["step_ms"])
-        if len(reps) == 1 or not ok:
-            merged.append(reps[0])
+        failed = [r for r in reps if not r.get("tokens_per_s")]
+        if len(reps) == 1 or failed:  # a setting that ran out of memory in any repeat is reported as failed
+            merged.append(failed[0] if failed else reps[0])
             continue
+        ok = sorted(reps, key=lambda r: r["step_ms"])
         row = dict(ok[len(ok) // 2])  # the median repeat (the slower middle one for even counts), never an average
-        row.update(repeats=len(reps), step_ms_repeats=[round(r["step_ms"], 3) for r in ok],
+        row.update(repeats=len(reps), step_ms_repeats=[round(r["step_ms"], 3) for r in reps],
                    tokens_per_s_min=ok[-1]["tokens_per_s"], tokens_per_s_max=ok[0]["tokens_per_s"])
         merged.append(row)
     return merged

@@ -80,30 +80,32 @@ class DecodeFold:
         None when r_kv >= d_nope (the folded weight would be larger than the original).
     o:  [D, H * r_kv] (+ bias): o_proj applied after W_UV[h] -> the layer output straight from o_lat.
         None when r_kv >= d_v.
+    Computed in float32 (float64 for a float64 model) and cast back to the weights' dtype.
     `key` identifies the source weights (storage and in-place version), so training or `.to()` rebuilds it.
     """
 
     def __init__(self, attn: "MLAAttention", key: tuple):
         s, H = attn.spec, attn.num_heads
         r, dn, dr = s.kv_lora_rank, s.qk_nope_head_dim, s.qk_rope_head_dim
-        w_uk, w_uv = (w.float() for w in attn.up_weights())  # [H, d_nope, r_kv], [H, d_v, r_kv]
+        acc = torch.promote_types(attn.kv_b_proj.weight.dtype, torch.float32)  # fp32, or fp64 for a float64 model
+        w_uk, w_uv = (w.to(acc) for w in attn.up_weights())  # [H, d_nope, r_kv], [H, d_v, r_kv]
         self.key, self.q_w, self.q_b, self.o_w, self.o_b = key, None, None, None, None
         up = attn.q_proj if s.q_lora_rank is None else attn.q_b_proj
         if r < dn:
-            w = up.weight.float().view(H, dn + dr, -1)
+            w = up.weight.to(acc).view(H, dn + dr, -1)
             q_lat = torch.einsum("hdc,hdi->hci", w_uk, w[:, :dn]).reshape(H * r, -1)
             self.q_w = torch.cat([q_lat, w[:, dn:].reshape(H * dr, -1)]).to(up.weight.dtype)
             if up.bias is not None:
-                b = up.bias.float().view(H, dn + dr)
+                b = up.bias.to(acc).view(H, dn + dr)
                 lat_b = torch.einsum("hdc,hd->hc", w_uk, b[:, :dn]).reshape(-1)
                 self.q_b = torch.cat([lat_b, b[:, dn:].reshape(-1)]).to(up.bias.dtype)
         if r < s.v_head_dim:
-            w_o = attn.o_proj.weight.float()
+            w_o = attn.o_proj.weight.to(acc)
             self.o_w = torch.einsum("dhv,hvc->dhc", w_o.view(w_o.shape[0], H, -1), w_uv).reshape(w_o.shape[0], H * r)
             self.o_w = self.o_w.to(attn.o_proj.weight.dtype)
-            bias = attn.o_proj.bias.float() if attn.o_proj.bias is not None else None
+            bias = attn.o_proj.bias.to(acc) if attn.o_proj.bias is not None else None
             if attn.kv_b_proj.bias is not None:  # the v bias passes through o_proj as a constant
-                b_v = attn.kv_b_proj.bias.float().view(H, -1)[:, dn:].reshape(-1)
+                b_v = attn.kv_b_proj.bias.to(acc).view(H, -1)[:, dn:].reshape(-1)
                 bias = w_o @ b_v if bias is None else bias + w_o @ b_v
             self.o_b = None if bias is None else bias.to(attn.o_proj.weight.dtype)
 
