@@ -55,11 +55,13 @@ def make_inputs(B, H, r, d_rope, S, dtype=torch.float32, device="cpu", seed=0):
 
 
 @pytest.mark.parametrize("case", CASES[:3])
-def test_torch_decode_matches_explicit_reference(case):
+@pytest.mark.parametrize("grad", [False, True])  # inference (in-place exp, late normalisation) and autograd
+def test_torch_decode_matches_explicit_reference(case, grad):
     B, H, r, d_rope, S, _ = case
     q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S)
     want = explicit(q_lat, q_rope, latent[:, 0], 0.3, lengths)
-    got = mla_decode_torch(q_lat, q_rope, latent, 0.3, lengths=lengths)
+    with torch.set_grad_enabled(grad):
+        got = mla_decode_torch(q_lat, q_rope, latent, 0.3, lengths=lengths)
     assert torch.allclose(got.double(), want, atol=1e-5)
     full = mla_decode_torch(q_lat, q_rope, latent[:, 0], 0.3)  # [B, S, W] input, all rows
     assert torch.allclose(full.double(), explicit(q_lat, q_rope, latent[:, 0], 0.3, [S] * B), atol=1e-5)
