@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ecomla.eval.report import pyplot
+from ecomla.eval.report import pyplot, save
 
 ZERO = ["runs/zero-token/eval-2x", "runs/zero-token/eval-4x", "runs/zero-token/eval-8x",
         "runs/zero-token-8x-more/eval-8x"]
@@ -69,9 +69,7 @@ def main() -> None:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
     print(f"wrote {out}")
 
 

@@ -75,7 +75,7 @@ def main() -> None:
 
 def plot(names: list[str], paths: list[str], rows: list[dict], path: Path, title: str) -> None:
     """r_kv per layer for each allocation (a kept-GQA layer drawn at 0), its KL in the legend."""
-    from ecomla.eval.report import pyplot
+    from ecomla.eval.report import pyplot, save
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -88,9 +88,7 @@ def plot(names: list[str], paths: list[str], rows: list[dict], path: Path, title
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     print(f"wrote {path}")
 
 
