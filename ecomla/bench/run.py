@@ -55,7 +55,8 @@ class BenchArgs:
     warmup: int = arg("untimed decode steps before timing", default=3)
     steps: int = arg("timed decode steps (the median step is reported)", default=10)
     repeats: int = arg("time every (run, context, batch) this many times, MLA and GQA alternating, and report the "
-                       "repeat with the median step (with the spread): for machines whose speed drifts", default=1)
+                       "repeat with the median step and its spread; the 'x vs' ratios become the median of the "
+                       "per-repeat ratios: for machines whose speed drifts", default=1)
     fill: str = arg("fill the cache by a real (timed) prefill, by random rows written into it (synthetic), or "
                     "auto: prefill when batch*context <= --prefill-max-tokens", default="auto",
                     choices=("auto", "prefill", "synthetic"))

@@ -51,7 +51,7 @@ def mla_decode_torch(
     if torch.is_grad_enabled():
         return torch.bmm(torch.softmax(scores, dim=-1), latent[..., :r_kv]).to(out_dtype)  # [B, H, r_kv]
     # Inference: exponentiate in place and normalise the [B, H, r_kv] result instead of the [B, H, S] weights
-    # (one pass less over the scores; ~20% of this function's time at S = 4k on CPU).
+    # (one pass less over the scores and no separate softmax output).
     top = scores.amax(dim=-1, keepdim=True)
     p = scores.sub_(top).exp_()
     return torch.bmm(p, latent[..., :r_kv]).div_(p.sum(dim=-1, keepdim=True)).to(out_dtype)

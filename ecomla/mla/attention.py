@@ -13,7 +13,7 @@ Absorbed (decode): W_UK folded into the query (q_lat = q_nope W_UK), heads folde
 attention is one SDPA call with a single shared key/value head over the latent cache; W_UV after.
 Without autograd, when r_kv is smaller than d_nope (resp. d_v), W_UK is also pre-multiplied into the query
 up-projection (resp. W_UV into o_proj): fewer weight bytes per step and two fewer ops per layer
-(`DecodeFold`; at 8x on SmolLM2 the attention weights a step reads shrink by 35%).
+(`DecodeFold`; at 8x on SmolLM2 a layer's attention weights read per step shrink from 884,736 to 558,144).
 The path is an explicit argument (`mla_path`) or, when None, chosen by query length.
 """
 
