@@ -31,7 +31,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="MLA and GQA timed alternately this many times; "
                    "tokens/s is the median repeat, the ratio the median of the per-repeat (paired) ratios "
                    "(a shared machine drifts by 10-30%% between repeats)")
-    p.add_argument("--runs", default="absorbed,absorbed-sdpa,decompressed,gqa-dynamic,gqa-static,gqa-fair")
+    p.add_argument("--runs", default="absorbed,absorbed-sdpa,decompressed,gqa-dynamic,gqa-static,gqa-fair,gqa-fair-sdpa")
     p.add_argument("--out", default=None, help="folder for report.md / results.json / tokens_per_s.png")
     return p.parse_args()
 

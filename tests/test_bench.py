@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache, StaticCache
 from ecomla.bench import capacity
 from ecomla.bench.caches import RUNS, fill_synthetic, make_cache
 from ecomla.bench.decode import DecodeOpts, time_decode, weight_bytes_read
-from ecomla.bench.gqa import PreallocKVLayer, attention_implementation, packed_gqa_attention
+from ecomla.bench.gqa import PreallocKVLayer, attention_implementation, packed_gqa_attention, packed_gqa_sdpa_attention
 from ecomla.bench.run import BenchArgs, main
 from ecomla.bench.shapes import mla_config, mla_spec, parse_sizes, shape_config, synthetic_model
 from ecomla.convert.convert import ConvertArgs, convert
@@ -100,21 +100,26 @@ def test_fair_gqa_run_equals_transformers_default():
 
     for cache in (DynamicCache(config=gqa.config), StaticCache(config=gqa.config, max_cache_len=11)):
         assert torch.allclose(decode(cache), full, atol=1e-5), type(cache).__name__
-    with attention_implementation(gqa, RUNS["gqa-fair"].attn):
-        cache = make_cache(gqa, RUNS["gqa-fair"], 2, 11, torch.float32, "cpu")
-        assert torch.allclose(decode(cache), full, atol=1e-5)
-        assert isinstance(cache.layers[0], PreallocKVLayer) and cache.layers[0]._k.shape == (2, 2, 11, 16)
-        with pytest.raises(ValueError, match="holds 11 tokens"):
-            gqa(x[:, :1], cache=cache)
+    for name in ("gqa-fair", "gqa-fair-sdpa"):
+        with attention_implementation(gqa, RUNS[name].attn):
+            cache = make_cache(gqa, RUNS[name], 2, 11, torch.float32, "cpu")
+            assert torch.allclose(decode(cache), full, atol=1e-5), name
+            assert isinstance(cache.layers[0], PreallocKVLayer) and cache.layers[0]._k.shape == (2, 2, 11, 16)
+            with pytest.raises(ValueError, match="holds 11 tokens"):
+                gqa(x[:, :1], cache=cache)
     assert gqa.config._attn_implementation == "sdpa"  # restored
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the GEMM branch and the SDPA branch
-def test_packed_gqa_attention_equals_repeated_kv(dtype):
+@pytest.mark.parametrize("dtype,fn,grad", [  # the GEMM branch (autograd / inference form) and the SDPA branch
+    (torch.float32, packed_gqa_attention, True), (torch.float32, packed_gqa_attention, False),
+    (torch.float64, packed_gqa_attention, False), (torch.float32, packed_gqa_sdpa_attention, False),
+])
+def test_packed_gqa_attention_equals_repeated_kv(dtype, fn, grad):
     B, H, G, S, d = 2, 6, 2, 9, 8
     q = torch.randn(B, H, 1, d, dtype=dtype)
     k, v = torch.randn(B, G, S, d, dtype=dtype), torch.randn(B, G, S, d, dtype=dtype)
-    out, _ = packed_gqa_attention(None, q, k, v, scaling=0.3)
+    with torch.set_grad_enabled(grad):
+        out, _ = fn(None, q, k, v, scaling=0.3)
     rep = lambda t: t.repeat_interleave(H // G, dim=1)  # noqa: E731  (head h uses KV head h // (H / G))
     want = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), scale=0.3).transpose(1, 2)
     assert out.shape == (B, 1, H, d) and torch.allclose(out, want, atol=1e-6)

@@ -29,6 +29,9 @@ SPECS = {
     "full-q": MLASpec(kv_lora_rank=8, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=16, q_lora_rank=None),
     "latent-norm": MLASpec(kv_lora_rank=10, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, q_lora_rank=20,
                            latent_norm=True),
+    # q_a_proj folded into the decode query GEMM (rows * D < r_q * (D + rows)), with and without W_UK
+    "q-down-fold": MLASpec(kv_lora_rank=6, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=16, q_lora_rank=40),
+    "q-down-only": MLASpec(kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=16, q_lora_rank=40),
     "rope-pairs": MLASpec(kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=12, v_head_dim=16, q_lora_rank=24,
                           rope_pairs=[0, 5]),
 }
@@ -59,15 +62,19 @@ def test_absorbed_decode_over_cache_equals_full_forward():
     assert torch.allclose(got, full, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["full-q", "latent-norm", "lowrank-q"])
-def test_decode_fold_equals_unfolded_absorbed_and_follows_weight_updates(name):
+@pytest.mark.parametrize("name,absorbs_uk,takes_x", [
+    ("full-q", True, False), ("latent-norm", True, False), ("lowrank-q", False, False),
+    ("q-down-fold", True, True), ("q-down-only", False, True),
+])
+def test_decode_fold_equals_unfolded_absorbed_and_follows_weight_updates(name, absorbs_uk, takes_x):
     """Without autograd the absorbed path uses pre-multiplied weights; with it, the per-head einsums. Same logits,
     biases included, and an in-place weight update (a training step) rebuilds the fold."""
     model = tiny([SPECS[name]] * 2, qkv_bias=True, o_bias=True)
     attn = model.model.layers[0].self_attn
     fold = attn.decode_fold()
-    s = SPECS[name]
-    assert (fold.q_w is not None) == (s.kv_lora_rank < s.qk_nope_head_dim) and fold.o_w is not None
+    assert (fold.absorbs_uk, fold.takes_x) == (absorbs_uk, takes_x)
+    assert (fold.q_w is not None) == (absorbs_uk or takes_x) and fold.o_w is not None
+    assert fold.q_w is None or fold.q_w.shape[1] == (64 if takes_x else SPECS[name].q_lora_rank or 64)
     x = torch.randint(3, 97, (2, 7))
 
     def both():
@@ -82,6 +89,8 @@ def test_decode_fold_equals_unfolded_absorbed_and_follows_weight_updates(name):
     with torch.no_grad():
         attn.o_proj.weight.mul_(1.5)
         attn.kv_b_proj.bias.add_(0.3)
+        if takes_x:
+            attn.q_a_proj.weight.mul_(-1.0)
     folded2, plain2 = both()
     assert attn.decode_fold() is not fold
     assert not torch.allclose(plain2, plain, atol=1e-3)
@@ -110,6 +119,12 @@ def test_decode_fold_only_when_it_shrinks_the_weights():
     replaced = 4 * (attn.q_proj.weight.numel() + attn.o_proj.weight.numel() + attn.kv_b_proj.weight.numel())
     folded = 4 * (H * (s.kv_lora_rank + s.qk_rope_head_dim) * 64 + 64 * H * s.kv_lora_rank)
     assert weight_bytes_read(narrow) - weight_bytes_read(narrow, "absorbed") == 2 * (replaced - folded) > 0
+    down = tiny([SPECS["q-down-fold"]])  # q_a_proj, q_b_proj, kv_b_proj, o_proj -> one q GEMM from x, one o GEMM
+    attn = down.model.layers[0].self_attn
+    s = attn.spec
+    replaced = sum(m.weight.numel() for m in (attn.q_a_proj, attn.q_b_proj, attn.kv_b_proj, attn.o_proj))
+    folded = H * (s.kv_lora_rank + s.qk_rope_head_dim) * 64 + 64 * H * s.kv_lora_rank
+    assert weight_bytes_read(down) - weight_bytes_read(down, "absorbed") == 4 * (replaced - folded) > 0
 
 
 def test_mla_path_rejects_unknown():

@@ -7,6 +7,7 @@ Runs (row fields `path` / `impl`):
 - gqa-static: transformers' `StaticCache` (in place; decode attends over the whole buffer with a mask).
 - gqa-fair: the fair GQA baseline (gqa.py): K/V [B, G, S, d_h] preallocated and written in place, query heads
   of a KV group packed as query rows (no repeat_kv copy, no mask); two GEMMs on CPU fp32, SDPA elsewhere.
+- gqa-fair-sdpa: the same with SDPA on every device (the faster of the two on some CPUs).
 Kept GQA layers of a hybrid MLA model use transformers' DynamicLayer in the MLA runs.
 """
 
@@ -18,7 +19,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
 from ..mla.cache import LatentCacheLayer, reserve_latent
-from .gqa import PACKED_GQA, PreallocKVLayer
+from .gqa import PACKED_GQA, PACKED_GQA_SDPA, PreallocKVLayer
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ RUNS = {r.name: r for r in (
     Run("gqa-dynamic", "gqa", "gqa", "dynamic"),
     Run("gqa-static", "gqa", "gqa", "static"),
     Run("gqa-fair", "gqa", "gqa", "prealloc", attn=PACKED_GQA),
+    Run("gqa-fair-sdpa", "gqa", "gqa", "prealloc", attn=PACKED_GQA_SDPA),
 )}
 
 

@@ -9,7 +9,9 @@ Notation: B batch, T new tokens, S cached tokens, H query heads, G KV heads, n_r
   `pack_gqa` layout, and the GQA twin of folding MLA heads into query rows. On CPU float32 it runs as two
   GEMMs with an fp32 softmax, on other devices as one SDPA call: the same rule as the MLA decode path
   (ecomla.kernels.mla_decode.decode_fn). Measured on CPU (B=8, S=4k, SmolLM2 shape, 1 thread) it beats
-  SDPA with enable_gqa=True, which transformers picks when there is no mask (docs/BENCH.md).
+  SDPA with enable_gqa=True, which transformers picks when there is no mask (docs/BENCH.md). Which of
+  packed GEMMs and packed SDPA is faster depends on the CPU, so the `gqa-fair-sdpa` run keeps the packed
+  layout with SDPA on every device, and the CPU target is checked against both.
   Prefill (T > 1, empty cache) is causal SDPA with enable_gqa. Batches must be unpadded: transformers
   builds no mask for a custom attention function.
 """
@@ -24,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicLayer
 
 PACKED_GQA = "ecomla_packed_gqa"
+PACKED_GQA_SDPA = "ecomla_packed_gqa_sdpa"
 
 
 class PreallocKVLayer(DynamicLayer):
@@ -60,6 +63,16 @@ class PreallocKVLayer(DynamicLayer):
 
 def packed_gqa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function: query [B, H, T, d_h], key/value [B, G, S, d_h] -> ([B, T, H, d_h], None)."""
+    gemm = query.device.type == "cpu" and query.dtype == torch.float32
+    return _packed(query, key, value, scaling, gemm)
+
+
+def packed_gqa_sdpa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """`packed_gqa_attention` with SDPA on every device (`gqa-fair-sdpa`)."""
+    return _packed(query, key, value, scaling, gemm=False)
+
+
+def _packed(query, key, value, scaling, gemm: bool):
     B, H, T, d = query.shape
     G = key.shape[1]
     if T > 1:
@@ -68,16 +81,21 @@ def packed_gqa_attention(module, query, key, value, attention_mask=None, scaling
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2), None
     q = query.view(B, G, H // G, d)  # [B, G, n_rep, d_h]: query heads of a group as rows
-    if query.device.type == "cpu" and query.dtype == torch.float32:
+    if gemm:
         scale = scaling if scaling is not None else d**-0.5
         scores = torch.matmul(q * scale, key.transpose(-1, -2))  # [B, G, n_rep, S]
-        out = torch.matmul(torch.softmax(scores, dim=-1), value)  # [B, G, n_rep, d_h]
+        if torch.is_grad_enabled():
+            out = torch.matmul(torch.softmax(scores, dim=-1), value)  # [B, G, n_rep, d_h]
+        else:  # the MLA CPU path's inference form (mla_decode_torch): exp in place, normalise the output
+            p = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+            out = torch.matmul(p, value).div_(p.sum(dim=-1, keepdim=True))
     else:
         out = F.scaled_dot_product_attention(q, key, value, scale=scaling)
     return out.reshape(B, H, 1, d).transpose(1, 2), None  # [B, 1, H, d_h]
 
 
 AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
+AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_attention)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ Decompressed (training, prefill): k_nope, v = kv_b_proj(c_kv) per head; SDPA ove
 Absorbed (decode): W_UK folded into the query (q_lat = q_nope W_UK), heads folded into query rows, so
 attention is one SDPA call with a single shared key/value head over the latent cache; W_UV after.
 Without autograd, when r_kv is smaller than d_nope (resp. d_v), W_UK is also pre-multiplied into the query
-up-projection (resp. W_UV into o_proj): fewer weight bytes per step and two fewer ops per layer
-(`DecodeFold`; at 8x on SmolLM2 a layer's attention weights read per step shrink from 884,736 to 558,144).
+up-projection (resp. W_UV into o_proj), and the query down-projection into that when the product is smaller
+(no q latent norm): fewer weight bytes and fewer ops per step (`DecodeFold`; at 8x on SmolLM2 a layer's
+attention weights read per step shrink from 884,736 to 359,424).
 The path is an explicit argument (`mla_path`) or, when None, chosen by query length.
 """
 
@@ -75,9 +76,12 @@ def _version(t: torch.Tensor) -> int | None:
 class DecodeFold:
     """Inference-only weights of one MLA layer with the up-projections pre-multiplied (no autograd).
 
-    q:  [H * r_kv + H * d_rope, r_q or D] (+ bias): rows h * r_kv + c are W_UK[h]^T applied to the nope rows
-        of the query up-projection, then the rope rows unchanged -> q_lat and q_rope in one GEMM.
-        None when r_kv >= d_nope (the folded weight would be larger than the original).
+    q:  [H * a + H * d_rope, D or r_q] (+ bias) -> [q_first | q_rope] in one GEMM, where q_first is
+        q_lat (a = r_kv; rows h * r_kv + c are W_UK[h]^T applied to head h's nope rows) when `absorbs_uk`,
+        else q_nope (a = d_nope, rows unchanged). With `takes_x` the query down-projection q_a_proj is
+        multiplied in too, so the GEMM reads the hidden state. Each part is folded only where it makes the
+        weights smaller: W_UK when r_kv < d_nope, q_a_proj when there is no q latent norm and
+        rows * D < r_q * (D + rows). q_w is None when neither applies.
     o:  [D, H * r_kv] (+ bias): o_proj applied after W_UV[h] -> the layer output straight from o_lat.
         None when r_kv >= d_v.
     Computed in float32 (float64 for a float64 model) and cast back to the weights' dtype.
@@ -90,16 +94,27 @@ class DecodeFold:
         acc = torch.promote_types(attn.kv_b_proj.weight.dtype, torch.float32)  # fp32, or fp64 for a float64 model
         w_uk, w_uv = (w.to(acc) for w in attn.up_weights())  # [H, d_nope, r_kv], [H, d_v, r_kv]
         self.key, self.q_w, self.q_b, self.o_w, self.o_b = key, None, None, None, None
+        self.absorbs_uk, self.takes_x, folds_o = self.plan(attn)
         up = attn.q_proj if s.q_lora_rank is None else attn.q_b_proj
-        if r < dn:
+        if self.absorbs_uk or self.takes_x:
             w = up.weight.to(acc).view(H, dn + dr, -1)
-            q_lat = torch.einsum("hdc,hdi->hci", w_uk, w[:, :dn]).reshape(H * r, -1)
-            self.q_w = torch.cat([q_lat, w[:, dn:].reshape(H * dr, -1)]).to(up.weight.dtype)
-            if up.bias is not None:
-                b = up.bias.to(acc).view(H, dn + dr)
-                lat_b = torch.einsum("hdc,hd->hc", w_uk, b[:, :dn]).reshape(-1)
-                self.q_b = torch.cat([lat_b, b[:, dn:].reshape(-1)]).to(up.bias.dtype)
-        if r < s.v_head_dim:
+            b = up.bias.to(acc).view(H, dn + dr) if up.bias is not None else None
+            if self.absorbs_uk:
+                first = torch.einsum("hdc,hdi->hci", w_uk, w[:, :dn])
+                first_b = None if b is None else torch.einsum("hdc,hd->hc", w_uk, b[:, :dn])
+            else:
+                first, first_b = w[:, :dn], None if b is None else b[:, :dn]
+            q_w = torch.cat([first.reshape(-1, w.shape[-1]), w[:, dn:].reshape(H * dr, -1)])
+            q_b = None if b is None else torch.cat([first_b.reshape(-1), b[:, dn:].reshape(-1)])
+            if self.takes_x:  # c_q = x W_a^T (+ b_a)  =>  q = x (W_q W_a)^T + (W_q b_a + b_q)
+                w_a = attn.q_a_proj.weight.to(acc)
+                if attn.q_a_proj.bias is not None:
+                    extra = q_w @ attn.q_a_proj.bias.to(acc)
+                    q_b = extra if q_b is None else q_b + extra
+                q_w = q_w @ w_a
+            self.q_w = q_w.to(up.weight.dtype)
+            self.q_b = None if q_b is None else q_b.to(up.weight.dtype)
+        if folds_o:
             w_o = attn.o_proj.weight.to(acc)
             self.o_w = torch.einsum("dhv,hvc->dhc", w_o.view(w_o.shape[0], H, -1), w_uv).reshape(w_o.shape[0], H * r)
             self.o_w = self.o_w.to(attn.o_proj.weight.dtype)
@@ -108,6 +123,31 @@ class DecodeFold:
                 b_v = attn.kv_b_proj.bias.to(acc).view(H, -1)[:, dn:].reshape(-1)
                 bias = w_o @ b_v if bias is None else bias + w_o @ b_v
             self.o_b = None if bias is None else bias.to(attn.o_proj.weight.dtype)
+
+    @staticmethod
+    def plan(attn: "MLAAttention") -> tuple[bool, bool, bool]:
+        """(absorbs_uk, takes_x, folds_o): which folds make this layer's decode weights smaller."""
+        s, H = attn.spec, attn.num_heads
+        absorbs_uk = s.kv_lora_rank < s.qk_nope_head_dim
+        rows = H * (s.kv_lora_rank if absorbs_uk else s.qk_nope_head_dim) + H * s.qk_rope_head_dim
+        takes_x = False
+        if s.q_lora_rank is not None and attn.q_a_layernorm is None:
+            D = attn.q_a_proj.in_features
+            takes_x = rows * D < s.q_lora_rank * (D + rows)
+        return absorbs_uk, takes_x, s.kv_lora_rank < s.v_head_dim
+
+    def replaced(self, attn: "MLAAttention") -> list[nn.Module]:
+        """The projections a folded decode step no longer reads."""
+        out = []
+        if self.q_w is not None:
+            out.append(attn.q_proj if attn.spec.q_lora_rank is None else attn.q_b_proj)
+        if self.takes_x:
+            out.append(attn.q_a_proj)
+        if self.absorbs_uk and self.o_w is not None:
+            out.append(attn.kv_b_proj)
+        if self.o_w is not None:
+            out.append(attn.o_proj)
+        return out
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.q_w, self.q_b, self.o_w, self.o_b) if t is not None)
@@ -180,12 +220,13 @@ class MLAAttention(_RopeBuffers, nn.Module):
 
     def decode_fold(self) -> DecodeFold | None:
         """The pre-multiplied decode weights (built on first use, rebuilt when a source weight changes), or
-        None when folding would not make them smaller (r_kv >= d_nope and r_kv >= d_v)."""
-        s = self.spec
-        if s.kv_lora_rank >= s.qk_nope_head_dim and s.kv_lora_rank >= s.v_head_dim:
+        None when no fold would make them smaller (see `DecodeFold.plan`)."""
+        if not any(DecodeFold.plan(self)):
             return None
+        s = self.spec
         up = self.q_proj if s.q_lora_rank is None else self.q_b_proj
-        sources = [t for t in (up.weight, up.bias, self.kv_b_proj.weight, self.kv_b_proj.bias,
+        down = () if s.q_lora_rank is None else (self.q_a_proj.weight, self.q_a_proj.bias)
+        sources = [t for t in (*down, up.weight, up.bias, self.kv_b_proj.weight, self.kv_b_proj.bias,
                                self.o_proj.weight, self.o_proj.bias) if t is not None]
         key = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for t in sources)
         fold = self.__dict__.get("_decode_fold")
@@ -217,8 +258,8 @@ class MLAAttention(_RopeBuffers, nn.Module):
         if cache is not None:
             latent = cache.update(latent[:, None], latent[:, None, :, :0], self.layer_idx)[0][:, 0]  # [B, S, W]
         if fold is not None and fold.q_w is not None:
-            q_lat, q_rope = self._folded_query(hidden_states, fold)
-            q_nope = None
+            first, q_rope = self._folded_query(hidden_states, fold)
+            q_lat, q_nope = (first, None) if fold.absorbs_uk else (None, first)
         else:
             q_nope, q_rope = self.query(hidden_states).split([s.qk_nope_head_dim, s.qk_rope_head_dim], -1)
             q_lat = None
@@ -232,17 +273,19 @@ class MLAAttention(_RopeBuffers, nn.Module):
         return self.o_proj(self._latent_to_values(o_lat).reshape(B, T, self.num_heads * s.v_head_dim))
 
     def _folded_query(self, x: torch.Tensor, fold: DecodeFold) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_lat [B, T, H, r_kv] and the un-rotated q_rope [B, T, H, d_rope] from one GEMM."""
+        """q_lat [B, T, H, r_kv] (or q_nope [B, T, H, d_nope]) and the un-rotated q_rope [B, T, H, d_rope]
+        from one GEMM."""
         B, T, _ = x.shape
         s, H = self.spec, self.num_heads
         c = x
-        if s.q_lora_rank is not None:
+        if s.q_lora_rank is not None and not fold.takes_x:
             c = self.q_a_proj(x)
             if self.q_a_layernorm is not None:
                 c = self.q_a_layernorm(c)
+        first = s.kv_lora_rank if fold.absorbs_uk else s.qk_nope_head_dim
         q = F.linear(c, fold.q_w, fold.q_b)
-        q_lat, q_rope = q.split([H * s.kv_lora_rank, H * s.qk_rope_head_dim], -1)
-        return q_lat.view(B, T, H, s.kv_lora_rank), q_rope.view(B, T, H, s.qk_rope_head_dim)
+        q_first, q_rope = q.split([H * first, H * s.qk_rope_head_dim], -1)
+        return q_first.view(B, T, H, first), q_rope.view(B, T, H, s.qk_rope_head_dim)
 
     def _decompressed(self, q_nope, q_rope, latent, mask):
         s, H = self.spec, self.num_heads
