@@ -1,77 +1,100 @@
-"""Which exact formulation of one decode-attention layer is fastest on CPU, and where a decode step's time goes.
+"""Which exact formulation of decode attention is fastest on CPU, and where a decode step's time goes.
 
-    .venv/bin/python benchmarks/cpu_formulations.py --threads 1
-    .venv/bin/python benchmarks/cpu_formulations.py --threads 1 --profile out/smollm2-8x
+    .venv/bin/python benchmarks/cpu_formulations.py --threads 2
+    .venv/bin/python benchmarks/cpu_formulations.py --threads 2 --profile out/smollm2-8x
 
 Notation: B batch, S cached tokens, H query heads, G KV heads, d_h head dim, W = r_kv + d_rope.
-Default shape: SmolLM2-135M (H=9, G=3, d_h=64) with the 8x latent 16+32, B=8, S=4k, fp32.
-1. Absorbed MLA, one layer: two GEMMs (ecomla's CPU decode path), scores as latent @ q^T, and SDPA.
-2. GQA, one layer: SDPA with enable_gqa=True (what transformers uses without a mask), the packed layout
-   (query heads of a KV group as rows) through SDPA, and the packed layout as two GEMMs (ecomla's fair baseline).
+Default shape: SmolLM2-135M (H=9, G=3, d_h=64, 30 layers) with the 8x latent 16+32, B=8, S=4k, fp32.
+Each variant runs over `--layers` distinct caches, as a decode step does (30 layers of an 8x latent cache at
+B 8 / 4k hold 189 MB, the GQA K/V 1.5 GB: read from memory, not from the last-level cache as a one-layer loop
+would be), and reports the total per step. Variants are timed in interleaved rounds (median of rounds), so
+machine drift hits all alike; every variant is checked against the first of its group.
+1. Absorbed MLA: two GEMMs (ecomla's CPU decode path), torch.softmax instead of the in-place form, scores as
+   latent @ q^T, SDPA with heads as query rows; and a plain sum over the same caches, the memory-read floor.
+2. GQA: SDPA with enable_gqa=True (what transformers uses without a mask), the packed layout (query heads of a
+   KV group as rows) through SDPA (`gqa-fair-sdpa`) and as two GEMMs (`gqa-fair`); and the read floor.
 3. With --profile DIR: torch-profiler totals of one absorbed decode step of that MLA checkpoint.
-Times are medians; every variant is checked against the first of its group.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from ecomla.bench.gqa import packed_gqa_attention, packed_gqa_sdpa_attention
 from ecomla.kernels.mla_decode import mla_decode_torch
 
 
-def median_ms(fn, n: int = 15) -> float:
-    fn()
+def median_ms(fn, n: int) -> float:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return sorted(times)[n // 2] * 1e3
+    return statistics.median(times) * 1e3
 
 
-def report(name: str, variants: dict) -> None:
-    ref = None
-    for label, fn in variants.items():
-        out = fn()
-        ref = out if ref is None else ref
-        print(f"{name:5s} {label:28s} {median_ms(fn):8.2f} ms   max |diff| {(out - ref).abs().max().item():.1e}")
+@torch.inference_mode()
+def report(name: str, variants: dict, rounds: int, n: int = 3) -> None:
+    outs = {label: fn() for label, fn in variants.items()}  # also the warm-up
+    ref = next(iter(outs.values()))
+    times = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, fn in variants.items():
+            times[label].append(median_ms(fn, n))
+    for label, out in outs.items():
+        diff = "" if out is None else f"max |diff| {(out - ref).abs().max().item():.1e}"
+        ts = times[label]
+        print(f"{name:5s} {label:30s} {statistics.median(ts):8.2f} ms/step  ({min(ts):.1f}-{max(ts):.1f})   {diff}")
 
 
-def mla_layer(B, H, r, d_rope, S):
-    latent = torch.randn(B, S + 64, r + d_rope)[:, :S]  # a view of a reserved buffer, as the cache returns
+def mla_variants(B, H, r, d_rope, S, layers):
+    # views of reserved buffers, as the cache returns them
+    lat = [torch.randn(B, S + 64, r + d_rope)[:, :S] for _ in range(layers)]
     q_lat, q_rope = torch.randn(B, H, r) * 0.1, torch.randn(B, H, d_rope) * 0.1
     q = torch.cat([q_lat, q_rope], -1)
 
-    def lat_qt():
-        p = torch.softmax(torch.bmm(latent, q.transpose(1, 2)), dim=1)  # [B, S, H]
-        return torch.bmm(p.transpose(1, 2), latent[..., :r])
+    def each(fn):  # one step: every layer's attention; the last layer's output is compared
+        return lambda: [fn(x) for x in lat][-1]
 
-    report("mla", {
-        "two GEMMs (ecomla CPU path)": lambda: mla_decode_torch(q_lat, q_rope, latent, 1.0),
-        "scores as latent @ q^T": lat_qt,
-        "SDPA, heads as query rows": lambda: F.scaled_dot_product_attention(
-            q[:, None], latent[:, None], latent[:, None, :, :r], scale=1.0)[:, 0],
-    })
+    def floor():
+        for x in lat:
+            x.sum()
+
+    return {
+        "two GEMMs (ecomla CPU path)": each(lambda x: mla_decode_torch(q_lat, q_rope, x, 1.0)),
+        "two GEMMs, torch.softmax": each(lambda x: torch.bmm(torch.softmax(torch.bmm(q, x.transpose(1, 2)), -1),
+                                                             x[..., :r])),
+        "scores as latent @ q^T": each(lambda x: torch.bmm(torch.softmax(torch.bmm(x, q.transpose(1, 2)), 1)
+                                                           .transpose(1, 2), x[..., :r])),
+        "SDPA, heads as query rows": each(lambda x: F.scaled_dot_product_attention(
+            q[:, None], x[:, None], x[:, None, :, :r], scale=1.0)[:, 0]),
+        "read floor (sum of the caches)": floor,
+    }
 
 
-def gqa_layer(B, H, G, d, S):
-    k = torch.randn(B, G, S + 64, d)[:, :, :S]
-    v = torch.randn(B, G, S + 64, d)[:, :, :S]
+def gqa_variants(B, H, G, d, S, layers):
+    kv = [(torch.randn(B, G, S + 64, d)[:, :, :S], torch.randn(B, G, S + 64, d)[:, :, :S]) for _ in range(layers)]
     q = torch.randn(B, H, 1, d)
-    packed = q.view(B, G, H // G, d)
 
-    def gemm():
-        return torch.matmul(torch.softmax(torch.matmul(packed * d**-0.5, k.transpose(-1, -2)), -1), v)
+    def each(fn):
+        return lambda: [fn(k, v) for k, v in kv][-1]
 
-    report("gqa", {
-        "SDPA enable_gqa=True": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True).view(B, G, H // G, d),
-        "SDPA packed (pack_gqa)": lambda: F.scaled_dot_product_attention(packed, k, v),
-        "two GEMMs packed (gqa-fair)": gemm,
-    })
+    def floor():
+        for k, v in kv:
+            k.sum(), v.sum()
+
+    return {
+        "SDPA enable_gqa=True": each(lambda k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                                     .transpose(1, 2)),
+        "packed, SDPA (gqa-fair-sdpa)": each(lambda k, v: packed_gqa_sdpa_attention(None, q, k, v)[0]),
+        "packed, two GEMMs (gqa-fair)": each(lambda k, v: packed_gqa_attention(None, q, k, v)[0]),
+        "read floor (sum of the caches)": floor,
+    }
 
 
 @torch.inference_mode()
@@ -96,16 +119,19 @@ def profile_step(path: str, B: int, S: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--layers", type=int, default=30, help="distinct layer caches per step (SmolLM2-135M: 30)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     p.add_argument("--profile", default=None, help="an MLA checkpoint to profile one decode step of")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    print(f"B={a.batch} S={a.context} fp32, {a.threads} thread(s)")
-    mla_layer(a.batch, 9, 16, 32, a.context)
-    gqa_layer(a.batch, 9, 3, 64, a.context)
+    print(f"B={a.batch} S={a.context} fp32, {a.layers} layers per step, {a.threads} thread(s), "
+          f"median of {a.rounds} rounds (range)")
+    report("mla", mla_variants(a.batch, 9, 16, 32, a.context, a.layers), a.rounds)
+    report("gqa", gqa_variants(a.batch, 9, 3, 64, a.context, a.layers), a.rounds)
     if a.profile:
         profile_step(a.profile, a.batch, a.context)
 

@@ -258,3 +258,11 @@ def test_bench_with_repeats_reports_one_row_per_setting(capsys):
     assert "speedup_vs_gqa-fair" in rows[0] and "tok/s range" in capsys.readouterr().out
     with pytest.raises(UserError, match="--repeats"):
         BenchArgs(**TINY, repeats=0)
+
+
+def test_both_fair_gqa_runs_report_their_formulation():
+    rows = main(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair,gqa-fair-sdpa"))
+    assert {r["run"]: r["impl"] for r in rows} == {
+        "absorbed": "torch-gemm", "gqa-fair": "packed-gqa-gemm", "gqa-fair-sdpa": "packed-gqa-sdpa"}
+    mla = next(r for r in rows if r["run"] == "absorbed")
+    assert "speedup_vs_gqa-fair" in mla and "speedup_vs_gqa-fair-sdpa" in mla

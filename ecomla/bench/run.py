@@ -9,9 +9,10 @@ For every run x context x batch: decode tokens/s, step latency, prefill time (wh
 a real prefill), peak memory, cache bytes per token read from the live cache, and GB/s achieved vs the
 measured copy bandwidth. Runs (caches.py): MLA `absorbed` (Triton kernel on CUDA, two GEMMs on CPU fp32),
 `absorbed-sdpa`, `decompressed`; GQA `gqa-dynamic` (transformers' default), `gqa-static` (StaticCache),
-`gqa-fair` (the fair one, gqa.py: preallocated, heads packed per KV group). `--memory-budget-gb` adds the
-max batch per context found by real allocation (capacity.py). `--json` prints the rows; `--out DIR` writes
-report.md, results.json and tokens_per_s.png.
+`gqa-fair` (the fair one, gqa.py: preallocated, heads packed per KV group; two GEMMs on CPU fp32, SDPA
+elsewhere) and `gqa-fair-sdpa` (the same through SDPA everywhere; not in the default set).
+`--memory-budget-gb` adds the max batch per context found by real allocation (capacity.py). `--json` prints
+the rows; `--out DIR` writes report.md, results.json and tokens_per_s.png.
 """
 
 from __future__ import annotations
