@@ -8,7 +8,9 @@ elements per token per layer vs 2 * 3 * 64 = 384: 8x). Both models decode from a
 tokens filled with random rows (a real prefill of 8 x 4k tokens takes minutes on a laptop CPU; decode
 cost does not depend on the cached values), then `--steps` real decode steps are timed (median).
 Prints the `ecomla bench` table and the ratio the issue targets: student tokens/s >= 2x the GQA source's,
-against each GQA baseline (transformers' default DynamicCache, StaticCache, and the fair preallocated SDPA).
+against each GQA baseline (transformers' default DynamicCache, StaticCache, and the fair preallocated,
+head-packed baseline as two GEMMs, `gqa-fair`, and through SDPA, `gqa-fair-sdpa`; which is faster depends
+on the CPU).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def summary(rows: list[dict]) -> str:
             x = m[f"speedup_vs_{g['run']}"]
             span = m.get(f"speedup_vs_{g['run']}_range")
             spread = f"  (median of {m['repeats']} paired repeats; range {span[0]:.2f}x-{span[1]:.2f}x)" if span else ""
-            lines.append(f"{m['run']:>13} ({m['tokens_per_s']:.1f} tok/s) vs {g['run']:<11} "
+            lines.append(f"{m['run']:>13} ({m['tokens_per_s']:.1f} tok/s) vs {g['run']:<13} "
                          f"({g['tokens_per_s']:.1f} tok/s): {x:.2f}x{spread}")
     a = mla.get("absorbed")
     if a and gqa:
