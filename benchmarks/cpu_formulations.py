@@ -126,6 +126,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median reported)")
     p.add_argument("--profile", default=None, help="an MLA checkpoint to profile one decode step of")
     a = p.parse_args()
+    if min(a.layers, a.rounds, a.batch, a.context) < 1:
+        p.error("--layers, --rounds, --batch and --context must be at least 1")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     print(f"B={a.batch} S={a.context} fp32, {a.layers} layers per step, {a.threads} thread(s), "

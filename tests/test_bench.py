@@ -11,7 +11,8 @@ from transformers.cache_utils import DynamicCache, StaticCache
 from ecomla.bench import capacity
 from ecomla.bench.caches import RUNS, fill_synthetic, make_cache
 from ecomla.bench.decode import DecodeOpts, time_decode, weight_bytes_read
-from ecomla.bench.gqa import PreallocKVLayer, attention_implementation, packed_gqa_attention, packed_gqa_sdpa_attention
+from ecomla.bench.gqa import (PreallocKVLayer, attention_implementation, packed_gqa_attention,
+                              packed_gqa_sdpa_attention)
 from ecomla.bench.run import BenchArgs, main
 from ecomla.bench.shapes import mla_config, mla_spec, parse_sizes, shape_config, synthetic_model
 from ecomla.convert.convert import ConvertArgs, convert

@@ -125,6 +125,12 @@ def test_decode_fold_only_when_it_shrinks_the_weights():
     replaced = sum(m.weight.numel() for m in (attn.q_a_proj, attn.q_b_proj, attn.kv_b_proj, attn.o_proj))
     folded = H * (s.kv_lora_rank + s.qk_rope_head_dim) * 64 + 64 * H * s.kv_lora_rank
     assert weight_bytes_read(down) - weight_bytes_read(down, "absorbed") == 4 * (replaced - folded) > 0
+    only = tiny([SPECS["q-down-only"]])  # q_a_proj + q_b_proj -> one GEMM from x; kv_b_proj still read (W_UK)
+    attn = only.model.layers[0].self_attn
+    s = attn.spec
+    replaced = sum(m.weight.numel() for m in (attn.q_a_proj, attn.q_b_proj, attn.o_proj))
+    folded = H * (s.qk_nope_head_dim + s.qk_rope_head_dim) * 64 + 64 * H * s.kv_lora_rank
+    assert weight_bytes_read(only) - weight_bytes_read(only, "absorbed") == 4 * (replaced - folded) > 0
 
 
 def test_mla_path_rejects_unknown():

@@ -32,7 +32,7 @@ import torch
 from ..mla.attention import MLAAttention
 from ..mla.cache import cache_stats
 from .caches import Run, allocated_bytes, fill_synthetic, make_cache
-from .gqa import PACKED_GQA_SDPA, attention_implementation
+from .gqa import attention_implementation, packed_uses_gemm
 
 
 @dataclass
@@ -72,8 +72,7 @@ def weight_bytes_read(model, path: str | None = None) -> int:
                 fold = m.decode_fold() if isinstance(m, MLAAttention) else None
                 if fold is None:
                     continue
-                replaced = fold.replaced(m)
-                for p in (p for lin in replaced for p in lin.parameters()):
+                for p in (p for lin in fold.replaced(m) for p in lin.parameters()):
                     params.pop(id(p), None)
                 extra += fold.nbytes()
     return extra + sum(p.numel() * p.element_size() for p in params.values())
@@ -155,11 +154,8 @@ def set_decode_kernel(model, on: bool) -> None:
 def decode_impl(run: Run, device, dtype) -> str:
     """What does the attention of a decode step for this run: the name reported in the `impl` field."""
     if run.kind == "gqa":
-        if run.attn == PACKED_GQA_SDPA:
-            return "packed-gqa-sdpa"
-        if run.attn is not None:  # the device rule of gqa.packed_gqa_attention
-            cpu32 = torch.device(device).type == "cpu" and dtype == torch.float32
-            return "packed-gqa-gemm" if cpu32 else "packed-gqa-sdpa"
+        if run.attn is not None:
+            return "packed-gqa-gemm" if packed_uses_gemm(run.attn, device, dtype) else "packed-gqa-sdpa"
         return {"dynamic": "hf-dynamic", "static": "hf-static"}[run.cache]
     if run.path == "decompressed":
         return "sdpa-decompressed"

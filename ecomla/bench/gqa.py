@@ -61,10 +61,15 @@ class PreallocKVLayer(DynamicLayer):
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
 
+def packed_uses_gemm(name: str, device, dtype: torch.dtype) -> bool:
+    """The device rule of the packed baselines: `gqa-fair` (PACKED_GQA) runs as two GEMMs on CPU float32 and as
+    SDPA elsewhere; `gqa-fair-sdpa` (PACKED_GQA_SDPA) always as SDPA."""
+    return name == PACKED_GQA and torch.device(device).type == "cpu" and dtype == torch.float32
+
+
 def packed_gqa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function: query [B, H, T, d_h], key/value [B, G, S, d_h] -> ([B, T, H, d_h], None)."""
-    gemm = query.device.type == "cpu" and query.dtype == torch.float32
-    return _packed(query, key, value, scaling, gemm)
+    return _packed(query, key, value, scaling, packed_uses_gemm(PACKED_GQA, query.device, query.dtype))
 
 
 def packed_gqa_sdpa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
