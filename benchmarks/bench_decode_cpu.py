@@ -9,17 +9,21 @@ tokens filled with random rows (a real prefill of 8 x 4k tokens takes minutes on
 cost does not depend on the cached values), then `--steps` real decode steps are timed (median).
 Prints the `ecomla bench` table and the ratio the issue targets: student tokens/s >= 2x the GQA source's,
 against each GQA baseline (transformers' default DynamicCache, StaticCache, and the fair preallocated,
-head-packed baseline as two GEMMs, `gqa-fair`, and through SDPA, `gqa-fair-sdpa`; which is faster depends
-on the CPU).
+head-packed baseline of benchmarks/gqa_baselines.py as two GEMMs, `gqa-fair`, and through SDPA,
+`gqa-fair-sdpa`; which is faster depends on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from ecomla.bench.run import BenchArgs, main
+from ecomla.bench.run import BenchArgs, bench
 from ecomla.convert.convert import ConvertArgs, convert
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a script: `benchmarks` importable
+from benchmarks import gqa_baselines
 
 
 def parse() -> argparse.Namespace:
@@ -32,7 +36,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5, help="MLA and GQA timed alternately this many times; "
                    "tokens/s is the median repeat, the ratio the median of the per-repeat (paired) ratios "
-                   "(a shared machine drifts by 10-30%% between repeats)")
+                   "(a shared machine drifts between repeats: docs/BENCH.md)")
     p.add_argument("--runs", default="absorbed,absorbed-sdpa,decompressed,gqa-dynamic,gqa-static,gqa-fair,gqa-fair-sdpa")
     p.add_argument("--out", default=None, help="folder for report.md / results.json / tokens_per_s.png")
     return p.parse_args()
@@ -61,9 +65,10 @@ def run() -> None:
     args = parse()
     if not (Path(args.student) / "config.json").is_file():
         convert(ConvertArgs(src="default", out=args.student, kv_rank=16, rope_dim=32))
-    rows = main(BenchArgs(model=args.student, contexts=args.context, batches=args.batch, runs=args.runs,
-                          device="cpu", dtype="float32", fill="synthetic", warmup=args.warmup, steps=args.steps,
-                          repeats=args.repeats, threads=args.threads, out=args.out))
+    rows = bench(BenchArgs(model=args.student, contexts=args.context, batches=args.batch, runs=args.runs,
+                           device="cpu", dtype="float32", fill="synthetic", warmup=args.warmup, steps=args.steps,
+                           repeats=args.repeats, threads=args.threads, out=args.out),
+                 extra_runs=gqa_baselines.register())
     print(summary(rows))
 
 

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ecomla.bench.gqa import packed_gqa_attention, packed_gqa_sdpa_attention
 from ecomla.kernels.mla_decode import mla_decode_torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a script: `benchmarks` importable
+from benchmarks.gqa_baselines import packed_gqa_attention, packed_gqa_sdpa_attention
 
 
 def median_ms(fn, n: int) -> float:
@@ -99,11 +103,11 @@ def gqa_variants(B, H, G, d, S, layers):
 
 @torch.inference_mode()
 def profile_step(path: str, B: int, S: int) -> None:
-    from ecomla.bench.caches import RUNS, fill_synthetic, make_cache
+    from ecomla.bench.runs import fill_synthetic, latent_cache
     from ecomla.io import load_model
 
-    model, _ = load_model(path, dtype="float32")
-    cache = make_cache(model, RUNS["absorbed"], B, S + 8, torch.float32, "cpu")
+    model = load_model(path, dtype="float32")[0].prepare_for_decode()
+    cache = latent_cache(model, B, S + 8, torch.float32, "cpu")
     fill_synthetic(cache, model.config, B, S, torch.float32, "cpu")
     tok = torch.randint(0, model.config.vocab_size, (B, 1))
     step = lambda: model(tok, cache=cache, logits_to_keep=1, mla_path="absorbed")  # noqa: E731

@@ -2,26 +2,25 @@
 
     python benchmarks/decode_fold_ab.py --student /tmp/ecomla-smollm2-8x --threads 2 --repeats 5
 
-Without autograd, `MLAAttention` folds W_UK into the query up-projection and W_UV into o_proj when r_kv is
-smaller than d_nope / d_v (`MLAAttention.decode_fold`). This loads the model once and times the `absorbed`
-bench run (`ecomla.bench.decode.time_decode`: synthetic cache fill, warm-up, median of timed steps) with the
-fold on and off, alternating, so machine drift hits both alike. Prints each repeat, the medians and the
-median of the per-repeat ratios.
+`model.prepare_for_decode()` folds W_UK into the query up-projection and W_UV into o_proj where r_kv is
+smaller than d_nope / d_v (ecomla/mla/decode.py); `fold=False` keeps the plain weights with the same kernel.
+This loads the model once and times the `absorbed` bench run (`ecomla.bench.decode.time_decode`: synthetic
+cache fill, warm-up, median of timed steps) prepared both ways, alternating, so machine drift hits both alike.
+Prints each repeat, the medians and the median of the per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
-from unittest import mock
 
 import torch
 
-from ecomla.bench.caches import RUNS
 from ecomla.bench.decode import DecodeOpts, time_decode
+from ecomla.bench.runs import RUNS, prepare
 from ecomla.bench.shapes import parse_sizes
 from ecomla.io import load_model
-from ecomla.mla.attention import MLAAttention
 
 
 def main() -> None:
@@ -36,17 +35,16 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model, _ = load_model(a.student, dtype=torch.float32)
-    attn = next(m for m in model.modules() if isinstance(m, MLAAttention))
-    if attn.decode_fold() is None:
-        raise SystemExit(f"{a.student}: r_kv {attn.spec.kv_lora_rank} >= d_nope and d_v, nothing is folded")
+    if not any(attn.prepared.replaced for attn in model.prepare_for_decode().mla_attention()):
+        raise SystemExit(f"{a.student}: r_kv >= d_nope and d_v in every layer, nothing is folded")
     context = parse_sizes(a.context, "--context")[0]
     opts = DecodeOpts(warmup=a.warmup, steps=a.steps, fill="synthetic")
-    times: dict[str, list[float]] = {"fold": [], "no fold": []}
+    runs = {"fold": RUNS["absorbed"], "no fold": dataclasses.replace(RUNS["absorbed"], fold=False)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(a.repeats):
-        for name in times:
-            fold = (lambda self: None) if name == "no fold" else MLAAttention.decode_fold
-            with mock.patch.object(MLAAttention, "decode_fold", fold):
-                m = time_decode(model, RUNS["absorbed"], a.batch, context, opts, "cpu", torch.float32)
+        for name, run in runs.items():
+            prepare(model, run, "cpu", torch.float32)
+            m = time_decode(model, run, a.batch, context, opts, "cpu", torch.float32)
             times[name].append(m["step_s"] * 1e3)
             print(f"repeat {rep + 1}: {name:>7} {times[name][-1]:7.1f} ms/step", flush=True)
     f, n = statistics.median(times["fold"]), statistics.median(times["no fold"])

@@ -1,7 +1,7 @@
 """Training throughput on this machine: layer-wise alignment, end-to-end KD, KD from cached top-k teacher
 log-probs, and a plain cross-entropy step of the same student (the goal: KD >= 0.85x CE).
 
-    python benchmarks/distill_speed.py --student out/smollm2-4x      # a converted student; ~8 min on 2 cores
+    python benchmarks/distill_speed.py --student out/smollm2-4x      # a converted student; minutes on 2 cores
     python benchmarks/distill_speed.py --student out/smollm2-4x --steps 6 --threads 2
 
 Each configuration runs `ecomla distill` in-process for warmup + steps optimizer steps (batch 4 x 256 tokens,
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ecomla.distill.run import DistillArgs
-from ecomla.distill.trainer import Trainer
+from ecomla.distill import DistillArgs, distill
 
 CONFIGS = {
     "ILD (layer-wise alignment)": dict(stage="ild"),
@@ -46,7 +45,7 @@ def main() -> None:
             budget = {"ild_tokens": tokens, "max_tokens": 1} if kw["stage"] == "ild" else {"max_tokens": tokens}
             args = DistillArgs(student=a.student, out=str(Path(tmp) / f"run{i}"), precision=a.precision,
                                eval_tokens=0, progress=False, save_every=10**6, **budget, **kw)
-            Trainer(args).run()
+            distill(args)
             rows = [json.loads(l) for l in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
             speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][a.warmup:]
             results[name] = statistics.median(speeds)

@@ -9,24 +9,31 @@ Prints, with the card named:
 2. one layer's decode attention, 32 heads, context 8k: the Triton absorbed-MLA kernel and the SDPA
    formulation for latents 64+32 and 128+32, and GQA SDPA (8 x 64), in GB/s and % of copy bandwidth
    (target: kernel >= 80%);
-3. the whole model at batch 128, context 8k, 64+32: MLA absorbed (kernel), absorbed-sdpa, and GQA through
-   transformers' StaticCache / DynamicCache and the fair preallocated SDPA (target: >= 10x transformers'
-   static-cache tokens/s);
-4. max batch at context 8k under one memory budget, by real allocation (target: MLA >= 9x GQA).
+3. the whole model at batch 128, context 8k, 64+32 (`ecomla bench`): MLA absorbed (kernel), absorbed-sdpa,
+   and GQA through transformers' StaticCache / DynamicCache and the fair preallocated SDPA of
+   benchmarks/gqa_baselines.py (target: >= 10x transformers' static-cache tokens/s);
+4. max batch at context 8k under one memory budget, by real allocation (benchmarks/capacity.py; target:
+   MLA >= 9x GQA).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 
-from ecomla.bench.attention import attention_rows, attention_table
 from ecomla.bench.decode import copy_bandwidth, device_name
-from ecomla.bench.run import BenchArgs, main
+from ecomla.bench.report import columns_table
+from ecomla.bench.run import BenchArgs, bench, select_runs
+from ecomla.bench.runs import RUNS
 from ecomla.bench.shapes import PRESETS, parse_sizes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a script: `benchmarks` importable
+from benchmarks import capacity, gqa_baselines
+from benchmarks.layer_attention import attention_rows, attention_table
 
 
 def parse() -> argparse.Namespace:
@@ -90,17 +97,23 @@ def run() -> None:
     print(f"# {device_name(args.device)}, torch {torch.__version__}, "
           f"copy bandwidth {copy_gbps:.0f} GB/s (read + write)")
     attn = attention_section(args, dtype, copy_gbps)
-    rows = main(BenchArgs(shape=args.shape, kv_rank=args.kv_rank, rope_dim=args.rope_dim, contexts=args.context,
-                          batches=args.batch, runs=args.runs, device=args.device, dtype=str(dtype).split(".")[-1],
-                          fill="synthetic", warmup=3, steps=10, memory_budget_gb=args.budget_gb,
-                          capacity_runs="absorbed,gqa-fair,gqa-static", out=args.out))
-    lines = ratios(rows)
+    fair = gqa_baselines.register()
+    bench_args = BenchArgs(shape=args.shape, kv_rank=args.kv_rank, rope_dim=args.rope_dim, contexts=args.context,
+                           batches=args.batch, runs=args.runs, device=args.device, dtype=str(dtype).split(".")[-1],
+                           fill="synthetic", warmup=3, steps=10, out=args.out)
+    rows = bench(bench_args, extra_runs=fair)
+    cap = capacity.max_batch_rows(bench_args, select_runs("absorbed,gqa-fair,gqa-static", {**RUNS, **fair}),
+                                  args.budget_gb, copy_gbps)
+    print(columns_table(cap, capacity.COLS))
+    lines = ratios(rows + cap)
     print("\n".join(lines))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "attention.json").write_text(json.dumps(attn, indent=2))
+        (Path(args.out) / "capacity.json").write_text(json.dumps(cap, indent=2))
         with open(Path(args.out) / "report.md", "a") as f:
-            f.write("\n## One layer's decode attention\n\n```\n" + attention_table(attn) + "\n```\n\n"
+            f.write("\n## Max batch at equal memory\n\n" + columns_table(cap, capacity.COLS, markdown=True)
+                    + "\n## One layer's decode attention\n\n```\n" + attention_table(attn) + "\n```\n\n"
                     + "\n".join(f"- {line}" for line in lines) + "\n")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU decode benchmark (benchmarks/gpu_decode.py) on a CUDA machine: installs triton if missing, runs the
-# kernel tests, then prints the GPU table and writes out/bench-gpu/{report.md,results.json,attention.json}.
+# kernel tests, then prints the GPU tables and writes out/bench-gpu/{report.md,results.json,capacity.json,
+# attention.json}.
 #   bash benchmarks/gpu_decode.sh [extra gpu_decode.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 
 from ecomla.convert.convert import ConvertArgs, convert
-from ecomla.distill.run import DistillArgs
-from ecomla.distill.trainer import Trainer
+from ecomla.distill import DistillArgs, distill
 from ecomla.eval.run import EvalArgs, evaluate
 
 R_KV = {"2x": 160, "4x": 64, "8x": 16}
@@ -47,8 +46,8 @@ def main() -> None:
                                     overwrite=True), log=lambda *x: None)
         kd = out / "trained" / init
         if not (kd / "ecomla_train.json").is_file():
-            Trainer(DistillArgs(student=str(start), out=str(kd), ild_tokens=a.ild_tokens, max_tokens=a.kd_tokens,
-                                eval_tokens=0, progress=False, resume=(kd / "checkpoints").is_dir())).run()
+            distill(DistillArgs(student=str(start), out=str(kd), ild_tokens=a.ild_tokens, max_tokens=a.kd_tokens,
+                                eval_tokens=0, progress=False, resume=(kd / "checkpoints").is_dir()))
         trained[f"{a.ratio}-{init}-trained"] = str(kd)
     res_file = out / "eval" / "results.json"
     if res_file.is_file():

@@ -16,9 +16,12 @@ import json
 from pathlib import Path
 
 from ecomla.convert.convert import ConvertArgs, convert
+from ecomla.convert.ranks import parse_budget
 from ecomla.eval.run import EvalArgs, evaluate
+from ecomla.io import load_config
+from ecomla.mla.config import SourceShape
 
-SOURCE_ELEMS, LAYERS, D_ROPE = 11520, 30, 32  # SmolLM2-135M: 30 layers x 384
+D_ROPE = 32
 
 
 def conv(out: Path, **kw) -> dict:
@@ -36,8 +39,9 @@ def main() -> None:
     p.add_argument("--out", default="runs/rank-alloc")
     a = p.parse_args()
     out = Path(a.out)
-    budget = int(SOURCE_ELEMS // float(a.budget[:-1]))
-    uniform = budget // LAYERS - D_ROPE
+    shape = SourceShape.of(load_config("default")[0])
+    budget = parse_budget(a.budget, shape.kv_elements)
+    uniform = budget // shape.num_layers - D_ROPE
     variants = {
         "uniform": dict(kv_rank=uniform),
         "budget-absolute": dict(kv_budget=a.budget),
@@ -51,7 +55,7 @@ def main() -> None:
         m = conv(out / f"energy-search-{step}", init=a.init, rank_energy=round(delta, 5))
         used = m["summary"]["kv_elements_per_token"]
         lo, hi = (delta, hi) if used < budget else (lo, delta)
-        if abs(used - budget) <= LAYERS:
+        if abs(used - budget) <= shape.num_layers:
             break
     metas[f"energy-delta-{delta:.4f}"] = m
     names = list(metas)
@@ -67,7 +71,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, row in zip(names, res["models"]):
         s = metas[name]["summary"]
-        kept = 30 - len(s["mla_layers"])
+        kept = shape.num_layers - len(s["mla_layers"])
         print(f"| {name} | {s['kv_elements_per_token']} | {kept} | {row['kl_to_teacher']:.3f} | "
               f"{row['ppl']['chat']:.1f} | {row['ppl']['text']:.1f} |")
     plot(names, paths, res["models"], out / "ranks.png", f"{a.init}, {a.budget} KV budget, 0 training tokens")

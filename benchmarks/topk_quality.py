@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ecomla.distill.run import DistillArgs
-from ecomla.distill.trainer import Trainer
+from ecomla.distill import DistillArgs, distill
 from ecomla.eval.run import EvalArgs, evaluate
 
 
@@ -30,9 +29,9 @@ def main() -> None:
     runs = {"kd-full-vocab": 0, f"kd-top{a.k}": a.k}
     for name, k in runs.items():
         if not (out / name / "ecomla_train.json").is_file():
-            Trainer(DistillArgs(student=a.student, out=str(out / name), stage="kd", max_tokens=a.tokens,
+            distill(DistillArgs(student=a.student, out=str(out / name), stage="kd", max_tokens=a.tokens,
                                 teacher_topk=k, eval_tokens=0, progress=False,
-                                resume=(out / name / "checkpoints").is_dir())).run()
+                                resume=(out / name / "checkpoints").is_dir()))
     res = evaluate(EvalArgs(models=[a.student] + [str(out / n) for n in runs], names=",".join(["start", *runs]),
                             teacher="default", tasks="none", max_tokens=a.max_tokens, out=str(out / "eval"),
                             teacher_row=False))

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.eval.run import EvalArgs, evaluate
+from ecomla.io import load_config
+from ecomla.mla.config import SourceShape
 
-RATIOS = {"2x": 160, "4x": 64, "8x": 16}  # r_kv at d_rope = 32 on SmolLM2-135M (384 elements/token/layer)
+ROPE_DIM = 32
 
 
 def main() -> None:
@@ -31,13 +33,15 @@ def main() -> None:
     p.add_argument("--out", default="runs/zero-token")
     a = p.parse_args()
     out = Path(a.out)
+    shape = SourceShape.of(load_config("default")[0])
     rows = []
     for ratio in a.ratios.split(","):
         names, paths = [], []
         for init in a.inits.split(","):
             folder = out / "models" / f"{ratio}-{init}"
             if not (folder / "ecomla_convert.json").is_file():
-                convert(ConvertArgs(src="default", out=str(folder), kv_rank=RATIOS[ratio], rope_dim=32, init=init,
+                kv_rank = shape.kv_rank_for_ratio(float(ratio.removesuffix("x")), ROPE_DIM)
+                convert(ConvertArgs(src="default", out=str(folder), kv_rank=kv_rank, rope_dim=ROPE_DIM, init=init,
                                     overwrite=True), log=lambda *x: None)
             names.append(f"{ratio}-{init}")
             paths.append(str(folder))

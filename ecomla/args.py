@@ -18,6 +18,10 @@ import types
 import typing
 from pathlib import Path
 
+import yaml
+
+from .common import UserError
+
 MISSING = dataclasses.MISSING
 
 
@@ -73,7 +77,7 @@ def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
+        raise UserError(f"unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
     for name in names:
         v = getattr(ns, name, None)
         if v is not None:
@@ -84,12 +88,13 @@ def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
 def load_yaml_defaults(path: str | None) -> dict:
     if not path:
         return {}
-    import yaml
-
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"no such recipe file: {path}")
-    data = yaml.safe_load(p.read_text()) or {}
+        raise UserError(f"no such recipe file: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of option: value")
+        raise UserError(f"{path} must hold a mapping of option: value")
     return {k.replace("-", "_"): v for k, v in data.items()}

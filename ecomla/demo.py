@@ -1,9 +1,9 @@
 """`ecomla demo` (what `make demo` runs): the whole pipeline on the embedded default, with a report.
 
-    ecomla demo                                  # SmolLM2-135M-Instruct -> 4x MLA, ~30 min on 2 CPU cores
+    ecomla demo                                  # SmolLM2-135M-Instruct -> 4x MLA (timings: docs/RESULTS.md)
     ecomla demo --ratio 8x --budget-minutes 20 --out runs/demo-8x
-    ecomla demo --dpo                            # add stage 2 (DPO); off by default: pairs + training take
-                                                 # ~30 more minutes on 2 cores
+    ecomla demo --dpo                            # add stage 2 (DPO); off by default: building the pairs and
+                                                 # training take as long again as the rest (docs/DPO.md)
 
 Stages, each skipped when its output already exists (so an interrupted run continues where it stopped):
   assets -> convert (--init, default rope-whitened) -> distill (layer-wise alignment, then end-to-end KD within
@@ -20,9 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .args import arg
-from .io import UserError
+from .bench.run import BenchArgs, bench
+from .common import UserError
+from .convert.convert import ConvertArgs, convert
+from .data.chat import load_chat
+from .demo_report import write_report
+from .distill import DistillArgs, distill
+from .dpo.run import cpu_args, run_dpo
+from .eval.run import EvalArgs, evaluate
+from .generate.generate import generate, prepared
+from .io import load_config, load_model, load_tokenizer, resolve
+from .mla import SourceShape
 
 PROMPTS = ["What is the capital of France?", "Give me two tips for staying focused while studying."]
+BENCH_RUNS = "absorbed,gqa-dynamic,gqa-static"  # the MLA decode path vs transformers' two GQA caches
 
 
 @dataclass
@@ -51,8 +62,12 @@ class DemoArgs:
     calib_seqs: int = arg("calibration sequences for activation-aware inits", default=128)
 
     def __post_init__(self):
-        if not self.ratio.endswith("x"):
-            raise UserError(f"--ratio must look like 4x, got {self.ratio!r}")
+        try:
+            self.compression = float(self.ratio.removesuffix("x")) if self.ratio.endswith("x") else 0.0
+        except ValueError:
+            self.compression = 0.0
+        if self.compression <= 1:
+            raise UserError(f"--ratio must be a compression above 1 written like 4x, got {self.ratio!r}")
         if self.budget_minutes <= 0:
             raise UserError("--budget-minutes must be > 0")
 
@@ -90,27 +105,16 @@ class Demo:
 
     # ---- stages ------------------------------------------------------------------------------
     def assets(self):
-        from .io import load_config, resolve
-
         path = resolve(self.a.model)
         cfg, _ = load_config(path)
         self.source, self.config = path, cfg
         if self.a.data == "default":
-            from .data.chat import load_chat
-
             load_chat("default")
         self.log(f"source: {path}")
 
     def convert(self) -> Path:
-        from .convert.convert import ConvertArgs, convert
-
         folder = self.out / "student-0tok"
-        cfg = self.config
-        d_h = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_layer = 2 * cfg.num_key_value_heads * d_h
-        r_kv = int(per_layer / float(self.a.ratio[:-1])) - self.a.rope_dim
-        if r_kv < 1:
-            raise UserError(f"--ratio {self.a.ratio} leaves no room for a latent beside d_rope={self.a.rope_dim}")
+        r_kv = SourceShape.of(self.config).kv_rank_for_ratio(self.a.compression, self.a.rope_dim)
         cmd = (f"ecomla convert {self.a.model} {folder} --kv-rank {r_kv} --rope-dim {self.a.rope_dim} "
                f"--init {self.a.init} --calib-data {self.a.data} --calib-seqs {self.a.calib_seqs}")
         self.commands["convert"] = cmd
@@ -124,9 +128,6 @@ class Demo:
         return folder
 
     def distill(self, student: Path) -> Path:
-        from .distill.run import DistillArgs
-        from .distill.trainer import Trainer
-
         folder = self.out / "student-kd"
         max_tokens = int(self.a.budget_minutes * 60 * 200)  # the LR schedule assumes ~200 tok/s; time stops it
         args = DistillArgs(student=str(student), teacher="source", data=self.a.data, out=str(folder),
@@ -141,14 +142,12 @@ class Demo:
             self.log(f"reusing {folder}")
         else:
             self.log(self.commands["distill"] + (" --resume" if args.resume else ""))
-            Trainer(args).run()
+            distill(args)
         return folder
 
     def dpo(self, student: Path) -> Path | None:
         if not self.a.dpo:
             return None
-        from .dpo.run import cpu_args, run_dpo
-
         folder = self.out / "student-dpo"
         self.commands["dpo"] = (f"ecomla dpo {student} --config recipes/dpo-cpu-smollm2.yaml --out {folder} "
                                 f"--max-minutes {self.a.dpo_minutes} --pairs {self.a.dpo_pairs}")
@@ -161,8 +160,6 @@ class Demo:
         return folder
 
     def evaluate(self, models: dict[str, Path]) -> dict:
-        from .eval.run import EvalArgs, evaluate
-
         limit = self.a.limit or self.a.default_limit()
         names = ",".join(models)
         paths = [str(p) for p in models.values()]
@@ -179,16 +176,13 @@ class Demo:
                         log=self.log)
 
     def chat(self, models: dict[str, str]) -> dict:
-        from .generate.generate import generate
-        from .io import load_model, load_tokenizer
-
         cached = self._load("chat.json")
         if cached and list(cached["answers"]) == list(models):
             return cached
         tok = load_tokenizer(self.source)
         answers = {}
         for name, path in models.items():
-            model, _ = load_model(path, dtype="float32")
+            model = prepared(load_model(path, dtype="float32")[0])
             res = generate(model, tok, PROMPTS, chat=True, max_new_tokens=self.a.max_new_tokens)
             answers[name] = [t.strip() for t in res["text"]]
         self.commands["generate"] = f"ecomla generate {list(models.values())[-1]} --chat --prompt \"{PROMPTS[0]}\""
@@ -197,17 +191,15 @@ class Demo:
         return out
 
     def bench(self, student: Path) -> list[dict]:
-        from .bench.run import BenchArgs, main as bench_main
-
         folder = self.out / "bench"
         self.commands["bench"] = (f"ecomla bench {student} --contexts {self.a.bench_contexts} --batches "
-                                  f"{self.a.bench_batch} --runs absorbed,gqa-dynamic,gqa-fair --out {folder}")
+                                  f"{self.a.bench_batch} --runs {BENCH_RUNS} --out {folder}")
         cached = self._load("bench/results.json")
         if cached:
             return cached["rows"]
         self.log(self.commands["bench"])
-        rows = bench_main(BenchArgs(model=str(student), contexts=self.a.bench_contexts, batches=str(self.a.bench_batch),
-                                    runs="absorbed,gqa-dynamic,gqa-fair", steps=6, warmup=2, out=str(folder)))
+        rows = bench(BenchArgs(model=str(student), contexts=self.a.bench_contexts, batches=str(self.a.bench_batch),
+                               runs=BENCH_RUNS, steps=6, warmup=2, out=str(folder)))
         return rows
 
     # ---- the run ------------------------------------------------------------------------------
@@ -220,13 +212,11 @@ class Demo:
         models = {"student-0tok": student0, "student-kd": trained, **({"student-dpo": dpo} if dpo else {})}
         results = self.stage("eval", lambda: self.evaluate(models))
         chat = self.stage("chat", lambda: self.chat({"teacher": self.source, **{k: str(v) for k, v in models.items()}}))
-        bench = self.stage("bench", lambda: self.bench(trained))
-        from .demo_report import write_report
-
-        summary = write_report(self, results, chat, bench, models, minutes=(time.time() - t0) / 60)
+        speed = self.stage("bench", lambda: self.bench(trained))
+        summary = write_report(self, results, chat, speed, models, minutes=(time.time() - t0) / 60)
         self.log(summary)
         return results
 
 
-def main(args: DemoArgs) -> dict:
+def demo(args: DemoArgs) -> dict:
     return Demo(args).run()

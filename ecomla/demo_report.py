@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from .bench.report import plot as plot_bench
-from .eval.report import plot_quality_vs_kv, pyplot, save, table
+from .eval.report import plot_quality_vs_kv, table
+from .plots import pyplot, save
 
 
 def training_info(folder: Path) -> dict:

@@ -1,33 +1,28 @@
-"""Model/tokenizer resolution and atomic checkpoint folders, shared by every stage.
+"""Loading what a stage reads: models, configs and tokenizers by MODEL argument, and a checkpoint's provenance.
 
 A MODEL argument is `default` (the embedded SmolLM2-135M-Instruct), a local folder, or a hub id.
-Outputs are written to `<out>.tmp-<pid>` and renamed into place, so a crash never leaves a
-half-written checkpoint where a user expects a good one.
+Importing any part of ecomla registers the "ecomla" model type (ecomla/__init__.py), so MLA checkpoints load
+through the Auto classes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .assets.smollm2 import default_model_dir
+from .common import DTYPES, UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UserError(Exception):
-    """A mistake the user can fix; the CLI prints the message alone, without a traceback."""
 
 
 def resolve(spec: str) -> str:
     """`default` -> the cached default checkpoint (fetched once); a folder -> itself; else a hub id."""
     if spec == "default":
-        from .assets.smollm2 import default_model_dir
-
         return str(default_model_dir())
     p = Path(spec)
     if p.exists():
@@ -49,10 +44,6 @@ def _hub_hint(spec: str, err: Exception) -> UserError:
 
 
 def load_config(spec: str):
-    from transformers import AutoConfig
-
-    import ecomla  # noqa: F401  (registers the ecomla model type)
-
     path = resolve(spec)
     try:
         return AutoConfig.from_pretrained(path), path
@@ -62,10 +53,6 @@ def load_config(spec: str):
 
 def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str | None = None):
     """(model in eval mode, resolved path). Missing/unexpected weights raise (transformers is strict for us)."""
-    from transformers import AutoModelForCausalLM
-
-    import ecomla  # noqa: F401
-
     path = resolve(spec)
     dt = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     try:
@@ -78,8 +65,6 @@ def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str | None 
 
 
 def load_tokenizer(spec_or_path: str):
-    from transformers import AutoTokenizer
-
     path = resolve(spec_or_path)
     try:
         return AutoTokenizer.from_pretrained(path)
@@ -87,28 +72,10 @@ def load_tokenizer(spec_or_path: str):
         raise UserError(f"no tokenizer in {spec_or_path}: {err}".splitlines()[0]) from err
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on error it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+def recorded_source(model_path: str | Path) -> str | None:
+    """The source model `ecomla convert` recorded in MODEL/ecomla_convert.json (kept by distill and dpo), or None."""
+    meta = Path(model_path) / "ecomla_convert.json"
+    return json.loads(meta.read_text()).get("source") if meta.is_file() else None
 
 
 def count_params(model) -> int:

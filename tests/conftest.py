@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,15 @@ def _isolated_cache(request, tmp_path_factory, monkeypatch):
     """Fast tests never touch the user's asset cache; slow tests share it (the real model is fetched once)."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("ECOMLA_CACHE", str(tmp_path_factory.getbasetemp() / "ecomla-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps one state (and mixed precision) per process; tests that train with several precisions in
+    one pytest process each leave it clean, as accelerate's own test suite does."""
+    yield
+    if "accelerate.state" in sys.modules:
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

@@ -1,37 +1,48 @@
 """`ecomla bench`: rows and their fields, cache bytes vs the formula, the caches each run decodes with
-(absorbed == decompressed == full forward; the fair GQA cache == transformers' caches), the max-batch search,
-and the user errors."""
+(absorbed == decompressed == full forward; the fair GQA baselines of benchmarks/ == transformers' caches), the
+max-batch search (benchmarks/capacity.py), the attention rows (benchmarks/layer_attention.py) and the user
+errors."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from ecomla.bench import capacity
-from ecomla.bench.caches import RUNS, fill_synthetic, make_cache
+from benchmarks import capacity, gqa_baselines
+from benchmarks.gqa_baselines import PreallocKVLayer, packed_gqa_attention, packed_gqa_sdpa_attention
 from ecomla.bench.decode import DecodeOpts, time_decode, weight_bytes_read
-from ecomla.bench.gqa import (PreallocKVLayer, attention_implementation, packed_gqa_attention,
-                              packed_gqa_sdpa_attention)
-from ecomla.bench.run import BenchArgs, main
-from ecomla.bench.shapes import mla_config, mla_spec, parse_sizes, shape_config, synthetic_model
+from ecomla.bench.run import BenchArgs, bench
+from ecomla.bench.runs import RUNS, attention_implementation, fill_synthetic, prepare
+from ecomla.bench.shapes import mla_config, parse_sizes, shape_config, synthetic_model
+from ecomla.common import UserError
 from ecomla.convert.convert import ConvertArgs, convert
-from ecomla.io import UserError
 from ecomla.mla.cache import cache_stats
 
 REQUIRED = {"model", "batch", "context", "tokens_per_s", "cache_bytes_per_token", "peak_memory_bytes", "path"}
 TINY = dict(shape="tiny", kv_rank=8, rope_dim=8, warmup=1, steps=2, threads=1)
+FAIR = gqa_baselines.register()
 
 
 def tiny_models(dtype=torch.float32):
     src = shape_config("tiny")
-    spec = mla_spec(src, kv_rank=8, rope_dim=6, q_rank="auto")
-    return synthetic_model(mla_config(src, spec), dtype, "cpu", 0), synthetic_model(src, dtype, "cpu", 0), spec
+    mla = synthetic_model(mla_config(src, kv_rank=8, rope_dim=6), dtype, "cpu", 0)
+    return mla, synthetic_model(src, dtype, "cpu", 0), mla.config.mla_spec(0)
+
+
+def test_importing_the_baselines_leaves_transformers_alone():
+    code = ("import benchmarks.gqa_baselines as g; from transformers import AttentionInterface as A; "
+            "assert g.PACKED_GQA not in A._global_mapping; g.register(); assert g.PACKED_GQA in A._global_mapping")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_synthetic_shape_rows_and_cache_bytes_equal_formula(dtype, tmp_path, capsys):
-    rows = main(BenchArgs(**TINY, contexts="16,40", batches="1,3", dtype=dtype, json=True, out=str(tmp_path)))
+    rows = bench(BenchArgs(**TINY, contexts="16,40", batches="1,3", dtype=dtype, json=True, out=str(tmp_path),
+                           runs="absorbed,decompressed,gqa-dynamic,gqa-static,gqa-fair"), extra_runs=FAIR)
     printed = json.loads(capsys.readouterr().out)
     assert [r["tokens_per_s"] for r in printed] == [r["tokens_per_s"] for r in rows]
     runs = {r["run"] for r in rows}
@@ -56,7 +67,8 @@ def test_synthetic_shape_rows_and_cache_bytes_equal_formula(dtype, tmp_path, cap
 
 def test_fill_modes_prefill_and_synthetic():
     mla, gqa, spec = tiny_models()
-    for model, run in ((mla, RUNS["absorbed"]), (gqa, RUNS["gqa-fair"])):
+    for model, run in ((mla, RUNS["absorbed"]), (gqa, FAIR["gqa-fair"])):
+        prepare(model, run, "cpu", torch.float32)
         pre = time_decode(model, run, 2, 12, DecodeOpts(warmup=0, steps=1, fill="prefill"), "cpu", torch.float32)
         syn = time_decode(model, run, 2, 12, DecodeOpts(warmup=0, steps=1, fill="synthetic"), "cpu", torch.float32)
         opts = DecodeOpts(warmup=0, steps=1, prefill_max_tokens=24)
@@ -75,16 +87,17 @@ def test_absorbed_equals_decompressed_equals_full_forward_through_bench_caches()
     x = torch.randint(4, 128, (3, 14))
     full = mla(x, use_cache=False, mla_path="decompressed").logits
     got = {}
+    impls = {}
     for name in ("absorbed", "absorbed-sdpa", "decompressed"):
         run = RUNS[name]
-        cache = make_cache(mla, run, 3, 14, torch.float32, "cpu")
-        for m in mla.modules():
-            if hasattr(m, "decode_kernel"):
-                m.decode_kernel = run.decode_kernel
+        impls[name] = (prepare(mla, run, "cpu", torch.float32), mla.decode_kernel())
+        cache = run.cache(mla, 3, 14, torch.float32, "cpu")
         logits = [mla(x[:, :9], cache=cache).logits]  # decompressed prefill
         logits += [mla(x[:, t : t + 1], cache=cache, mla_path=run.path).logits for t in range(9, 14)]
         got[name] = torch.cat(logits, dim=1)
         assert cache.layers[0]._buf.shape == (3, 1, 14, spec.cache_elements)  # never re-allocated
+    assert impls == {"absorbed": ("torch-gemm", "torch-gemm"), "absorbed-sdpa": ("sdpa", "sdpa"),
+                     "decompressed": ("sdpa-decompressed", None)}  # the decompressed run drops the preparation
     for name, logits in got.items():
         assert torch.allclose(logits, full, atol=1e-5), (name, (logits - full).abs().max())
 
@@ -101,9 +114,9 @@ def test_fair_gqa_run_equals_transformers_default():
 
     for cache in (DynamicCache(config=gqa.config), StaticCache(config=gqa.config, max_cache_len=11)):
         assert torch.allclose(decode(cache), full, atol=1e-5), type(cache).__name__
-    for name in ("gqa-fair", "gqa-fair-sdpa"):
-        with attention_implementation(gqa, RUNS[name].attn):
-            cache = make_cache(gqa, RUNS[name], 2, 11, torch.float32, "cpu")
+    for name, run in FAIR.items():
+        with attention_implementation(gqa, run.attn_implementation):
+            cache = run.cache(gqa, 2, 11, torch.float32, "cpu")
             assert torch.allclose(decode(cache), full, atol=1e-5), name
             assert isinstance(cache.layers[0], PreallocKVLayer) and cache.layers[0]._k.shape == (2, 2, 11, 16)
             with pytest.raises(ValueError, match="holds 11 tokens"):
@@ -129,10 +142,10 @@ def test_packed_gqa_attention_equals_repeated_kv(dtype, fn, grad):
 def test_synthetic_fill_writes_context_rows_per_layer():
     mla, gqa, spec = tiny_models(torch.bfloat16)
     for model, run in ((mla, RUNS["absorbed"]), (gqa, RUNS["gqa-static"]), (gqa, RUNS["gqa-dynamic"])):
-        cache = make_cache(model, run, 2, 40, torch.bfloat16, "cpu")
+        cache = run.cache(model, 2, 40, torch.bfloat16, "cpu")
         fill_synthetic(cache, model.config, 2, 33, torch.bfloat16, "cpu", chunk_bytes=1000)  # many chunks
         assert cache.get_seq_length() == 33
-        if run.cache != "static":  # a static layer reports its full buffer length
+        if run.name != "gqa-static":  # a static layer reports its full buffer length
             assert cache_stats(cache)["seq_len"] == 33
 
 
@@ -151,9 +164,11 @@ def test_max_batch_search_is_exact_for_a_monotone_predicate():
     assert lo <= 5000 < hi and hi - lo <= 50  # within 1%
 
 
-def test_max_batch_at_equal_memory_favours_the_latent_cache():
+def test_max_batch_at_equal_memory_favours_the_latent_cache(capsys):
     budget = 0.006  # GB: the tiny weights plus a few hundred KB of cache
-    rows = main(BenchArgs(**TINY, contexts="64", batches="1", runs="absorbed", memory_budget_gb=budget))
+    rows = capacity.main(["--shape", "tiny", "--kv-rank", "8", "--rope-dim", "8", "--warmup", "1", "--steps", "2",
+                          "--threads", "1", "--contexts", "64", "--memory-budget-gb", str(budget)])
+    assert "max batch" in capsys.readouterr().out
     cap = {r["run"]: r for r in rows if r["kind"] == "max_batch"}
     assert set(cap) == {"absorbed", "gqa-fair"}
     for r in cap.values():
@@ -167,29 +182,37 @@ def test_max_batch_at_equal_memory_favours_the_latent_cache():
 def test_converted_checkpoint_benchmarks_against_its_recorded_source(llama_dir, tmp_path):
     out = tmp_path / "mla"
     convert(ConvertArgs(src=str(llama_dir), out=str(out), kv_rank=8, rope_dim=8), log=lambda *_: None)
-    rows = main(BenchArgs(model=str(out), contexts="8", batches="2", warmup=0, steps=1, runs="absorbed,gqa-fair"))
+    rows = bench(BenchArgs(model=str(out), contexts="8", batches="2", warmup=0, steps=1, runs="absorbed,gqa-static"))
     assert {r["model"] for r in rows} == {str(out), str(llama_dir)}
     assert {r["weights"] for r in rows} == {"checkpoint"}
     # a GQA checkpoint is its own baseline, with random MLA attention of the given ranks
-    rows = main(BenchArgs(model=str(llama_dir), kv_rank=4, rope_dim=4, contexts="8", batches="1", warmup=0, steps=1,
-                          runs="absorbed,gqa-fair"))
+    rows = bench(BenchArgs(model=str(llama_dir), kv_rank=4, rope_dim=4, contexts="8", batches="1", warmup=0, steps=1,
+                           runs="absorbed,gqa-static"))
     mla = next(r for r in rows if r["system"] == "mla")
     assert mla["weights"] == "source+random-mla" and mla["cache_bytes_per_token"] == (4 + 4) * 3 * 4
 
 
 def test_user_errors(llama_dir):
     with pytest.raises(UserError, match="--shape"):
-        main(BenchArgs())
+        bench(BenchArgs())
     with pytest.raises(UserError, match="not both"):
-        main(BenchArgs(model=str(llama_dir), shape="tiny"))
+        bench(BenchArgs(model=str(llama_dir), shape="tiny"))
     with pytest.raises(UserError, match="own baseline"):
-        main(BenchArgs(model=str(llama_dir), baseline=str(llama_dir)))
+        bench(BenchArgs(model=str(llama_dir), baseline=str(llama_dir)))
     with pytest.raises(UserError, match="--contexts"):
         BenchArgs(shape="tiny", contexts="4x")
+    with pytest.raises(UserError, match="--q-rank"):
+        BenchArgs(shape="tiny", q_rank="half")
     with pytest.raises(UserError, match="unknown run"):
-        BenchArgs(shape="tiny", runs="absorbed,fast")
+        bench(BenchArgs(shape="tiny", runs="absorbed,fast"))
+    with pytest.raises(UserError, match="unknown run"):
+        bench(BenchArgs(shape="tiny", runs="gqa-fair"))  # a benchmark's run, unknown without its extra_runs
     with pytest.raises(UserError, match="rope-dim"):
-        main(BenchArgs(shape="tiny", rope_dim=32))  # larger than the tiny head dim 16
+        bench(BenchArgs(shape="tiny", rope_dim=32))  # larger than the tiny head dim 16
+    with pytest.raises(UserError, match="kv-rank"):
+        bench(BenchArgs(shape="tiny", kv_rank=0, rope_dim=8))
+    with pytest.raises(UserError, match="memory-budget-gb"):
+        capacity.main(["--shape", "tiny", "--memory-budget-gb", "0"])
     assert parse_sizes("1k, 4K,512", "--contexts") == [1024, 4096, 512]
 
 
@@ -205,7 +228,7 @@ def test_cli_prints_json_rows(capsys):
 
 
 def test_attention_microbench_rows_on_cpu():
-    from ecomla.bench.attention import attention_rows, attention_table
+    from benchmarks.layer_attention import attention_rows, attention_table
 
     rows = attention_rows(batch=2, context=64, heads=9, latents=[(48, 24)], kv_heads=3, head_dim=64,
                           dtype=torch.float32, device="cpu", copy_gbps=10.0, iters=2)
@@ -222,9 +245,9 @@ def test_repeats_keep_the_median_repeat_and_its_spread():
 
     base = {"kind": "decode", "system": "mla", "run": "absorbed", "batch": 8, "context": 4096, "status": "ok"}
     reps = [{**base, "step_ms": ms, "tokens_per_s": 8e3 / ms, "rep": i} for i, ms in enumerate([120.0, 90.0, 100.0])]
-    cap = {"kind": "max_batch", "system": "mla", "run": "absorbed", "context": 4096, "batch": 64}
-    out = median_of_repeats([reps[0], cap, reps[1], reps[2]])
-    assert [r["kind"] for r in out] == ["decode", "max_batch"]
+    other = {**base, "batch": 16, "step_ms": 150.0, "tokens_per_s": 16e3 / 150}
+    out = median_of_repeats([reps[0], other, reps[1], reps[2]])
+    assert out[1] == other  # one repeat of its setting: passed through, in first-seen order
     row = out[0]
     assert row["rep"] == 2 and row["step_ms"] == 100.0  # a measured repeat, not an average
     assert row["step_ms_repeats"] == [120.0, 90.0, 100.0] and row["repeats"] == 3  # in run order, for pairing
@@ -252,7 +275,7 @@ def test_speedup_with_repeats_is_the_median_paired_ratio():
 
 
 def test_bench_with_repeats_reports_one_row_per_setting(capsys):
-    rows = main(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair", repeats=3))
+    rows = bench(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair", repeats=3), extra_runs=FAIR)
     assert [(r["run"], r["repeats"], len(r["step_ms_repeats"])) for r in rows] == [("absorbed", 3, 3), ("gqa-fair", 3, 3)]
     for r in rows:
         assert round(r["step_ms"], 3) == sorted(r["step_ms_repeats"])[1]
@@ -262,7 +285,8 @@ def test_bench_with_repeats_reports_one_row_per_setting(capsys):
 
 
 def test_both_fair_gqa_runs_report_their_formulation():
-    rows = main(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair,gqa-fair-sdpa"))
+    rows = gqa_baselines.main(["--shape", "tiny", "--kv-rank", "8", "--rope-dim", "8", "--warmup", "1", "--steps", "2",
+                               "--contexts", "16", "--batches", "2", "--runs", "absorbed,gqa-fair,gqa-fair-sdpa"])
     assert {r["run"]: r["impl"] for r in rows} == {
         "absorbed": "torch-gemm", "gqa-fair": "packed-gqa-gemm", "gqa-fair-sdpa": "packed-gqa-sdpa"}
     mla = next(r for r in rows if r["run"] == "absorbed")

@@ -10,7 +10,7 @@ import ecomla  # noqa: F401
 from ecomla.cli import main
 from ecomla.convert import svd
 from ecomla.convert.convert import ConvertArgs, convert
-from ecomla.io import UserError
+from ecomla.common import UserError
 from ecomla.mla import EcoMLAForCausalLM, cache_stats
 from tests.helpers import make_tokenizer
 
@@ -45,7 +45,7 @@ def test_qwen2_biases_reach_the_mla_projections(qwen2_dir, tmp_path):
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         q_src = svd.select_head_dims(s_attn.q_proj(x).reshape(10, -1).T, 4, 16, 16, 4).T.reshape(2, 5, 4, 20)
-        assert torch.allclose(m_attn.query(x), q_src, atol=1e-5)
+        assert torch.allclose(m_attn.q_up_proj(m_attn.q_latent(x)).view(2, 5, 4, 20), q_src, atol=1e-5)
         c = m_attn.kv_a_proj_with_mqa(x)[..., :64]
         k_nope, v = m_attn.kv_b_proj(c).view(2, 5, 4, 32).split([16, 16], -1)
         k_src = s_attn.k_proj(x).view(2, 5, 2, 16).repeat_interleave(2, dim=2)
@@ -104,12 +104,14 @@ def test_yarn_option_needs_scaled_source(llama_dir, tmp_path):
         (["--q-rank", "many"], "--q-rank"),
         (["--layers", "5"], "layer indices"),
         ([], "--kv-rank"),
+        (["--kv-budget", "abc"], "--kv-budget"),
+        (["--init", "rope-aware", "--nope-dim", "4"], "--nope-dim"),
     ],
 )
 def test_bad_input_gives_one_clear_error_and_no_output(flags, message, llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
     base = ["convert", str(llama_dir), str(out)]
-    if flags and "--kv-rank" not in flags:
+    if flags and not {"--kv-rank", "--kv-budget"} & set(flags):
         base += ["--kv-rank", "16"]
     if "--rope-dim" not in flags:
         base += ["--rope-dim", "8"]

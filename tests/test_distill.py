@@ -13,9 +13,9 @@ import torch
 
 from ecomla.cli import main
 from ecomla.convert.convert import ConvertArgs, convert
-from ecomla.distill.run import DistillArgs
-from ecomla.distill.trainer import Trainer, schedule
-from ecomla.io import UserError
+from ecomla.common import UserError
+from ecomla.distill import DistillArgs, Trainer, distill
+from ecomla.distill.trainer import schedule
 from ecomla.losses import chunked_loss, masked_mean, token_kl
 from tests.helpers import make_source
 from tests.test_data_eval import chat_rows
@@ -28,20 +28,23 @@ def test_divergence_of_a_distribution_with_itself_is_zero(kind):
     assert (token_kl(logits, torch.randn(7, 50), kind) > 0).all()
 
 
-def test_fused_forward_kl_matches_the_plain_formula_and_its_gradient():
+@pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
+def test_each_divergence_matches_its_plain_formula_and_gradient(kind):
     torch.manual_seed(0)
     z = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
     t = torch.randn(6, 40, dtype=torch.float64)
-    t[:3, 10:] = float("-inf")  # a top-k teacher: no mass off its support
+    if kind == "forward":
+        t[:3, 10:] = float("-inf")  # a top-k teacher: no mass off its support
     g = torch.rand(6, dtype=torch.float64)
-    (token_kl(z, t, "forward", temperature=1.7) * g).sum().backward()
-    fused = z.grad.clone()
-    z.grad = None
+    (token_kl(z, t, kind, temperature=1.7, beta=0.3) * g).sum().backward()
+    ours, z.grad = z.grad.clone(), None
     lp, lq = torch.log_softmax(t / 1.7, -1), torch.log_softmax(z / 1.7, -1)
-    plain = torch.where(lp.exp() > 0, lp.exp() * (lp - lq), torch.zeros_like(lq)).sum(-1) * 1.7**2
+    kl = lambda la, lb: torch.where(la.exp() > 0, la.exp() * (la - lb), torch.zeros_like(la)).sum(-1)
+    lm = torch.log(0.3 * lp.exp() + 0.7 * lq.exp())
+    plain = {"forward": kl(lp, lq), "reverse": kl(lq, lp), "jsd": 0.3 * kl(lp, lm) + 0.7 * kl(lq, lm)}[kind] * 1.7**2
     (plain * g).sum().backward()
-    assert torch.allclose(token_kl(z, t, "forward", temperature=1.7), plain)
-    assert torch.allclose(fused, z.grad)
+    assert torch.allclose(token_kl(z, t, kind, temperature=1.7, beta=0.3).double(), plain, atol=1e-6)  # fp32 inside
+    assert torch.allclose(ours, z.grad, atol=1e-6)
 
 
 def test_compiled_forward_kl_matches_eager_values_and_gradients():
@@ -156,24 +159,25 @@ def test_ild_stage_trains_only_mla_weights(setup, tmp_path):
 
 def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, monkeypatch):
     Trainer(args(setup, tmp_path / "full")).run()
-    full, _ = losses(tmp_path / "full")
+    full, full_rows = losses(tmp_path / "full")
 
-    original = Trainer.train_step
+    original = Trainer.kd_step
 
-    def dies_at_step_7(self, step):
+    def dies_at_step_7(self, step):  # steps 0-3 are ILD, 4-23 KD
         if step == 7:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_7)
+    monkeypatch.setattr(Trainer, "kd_step", dies_at_step_7)
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C saves a checkpoint, then exits
         Trainer(args(setup, tmp_path / "cut")).run()
     assert (tmp_path / "cut" / "checkpoints" / "step-0000007").is_dir()
-    monkeypatch.setattr(Trainer, "train_step", original)
-    Trainer(args(setup, tmp_path / "cut", resume=True)).run()
-    resumed, _ = losses(tmp_path / "cut")
-    assert len(resumed) == len(full)
-    assert resumed == pytest.approx(full, rel=1e-6, abs=1e-7)
+    monkeypatch.setattr(Trainer, "kd_step", original)
+    distill(args(setup, tmp_path / "cut", resume=True))
+    resumed, rows = losses(tmp_path / "cut")
+    assert len(resumed) == len(full) == 24 and [r["stage"] for r in rows[:5]] == ["ild"] * 4 + ["kd"]
+    untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows[:-1]]
+    assert untimed(rows) == untimed(full_rows)  # bit-identical losses, grad norms, lrs: same blocks, RNG, optimizer
 
 
 def test_rerun_without_resume_refuses_and_stale_tmp_is_ignored(setup, tmp_path):
@@ -198,13 +202,23 @@ def test_vocab_mismatch_and_missing_data_are_clear_errors(setup, tmp_path, capsy
     assert "no MLA layer" in capsys.readouterr().err
 
 
+def test_a_second_precision_in_one_process_is_a_clear_error(setup, tmp_path):
+    Trainer(args(setup, tmp_path / "a", stage="kd"))
+    with pytest.raises(UserError, match="--precision bf16"):  # accelerate keeps one precision per process
+        Trainer(args(setup, tmp_path / "b", stage="kd", precision="bf16"))
+    with pytest.raises(UserError, match="--stage"):  # a recipe's values bypass argparse's choices
+        args(setup, tmp_path / "c", stage="everything")
+
+
 def test_teacher_topk_cache_is_reused(setup, tmp_path):
+    blocks = lambda: {p: p.stat().st_mtime_ns for p in Path(os.environ["ECOMLA_CACHE"]).rglob("block-*.pt")}
     Trainer(args(setup, tmp_path / "k1", stage="kd", max_tokens=64 * 4, teacher_topk=8)).run()
-    files = sorted((tmp_path.parent / "ecomla-cache").rglob("block-*.pt")) or sorted(
-        p for p in os.popen(f"find {os.environ['ECOMLA_CACHE']} -name 'block-*.pt'").read().split())
-    assert len(files) >= 16
+    first = blocks()
+    assert len(first) >= 16
     curve, _ = losses(tmp_path / "k1")
     assert all(c == c for c in curve)  # finite
+    Trainer(args(setup, tmp_path / "k2", stage="kd", max_tokens=64 * 4, teacher_topk=8)).run()
+    assert blocks() == first and losses(tmp_path / "k2")[0] == curve  # nothing recomputed, same run
 
 
 def launch_two_cpu_processes(tmp_path) -> tuple[list[str], dict]:

@@ -211,7 +211,6 @@ def test_arguments_and_recipes():
 def test_two_cpu_processes_match_one_process(setup, tmp_path):
     """`accelerate launch` with 2 CPU processes x 2 pairs == 1 process x 4 pairs; pairs are built once (rank 0)."""
     import subprocess
-    import sys
 
     from tests.test_distill import launch_two_cpu_processes
 

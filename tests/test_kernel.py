@@ -4,6 +4,7 @@
 - The Triton kernel under Triton's CPU interpreter: this file re-runs itself in a subprocess with
   TRITON_INTERPRET=1 (it must be set before triton is imported, so it cannot leak into other tests).
   fp32 and fp16 only: the interpreter's bfloat16 `tl.dot` is wrong (triton-lang/triton#11584).
+- The kernel a decode preparation picks for a device and dtype (`ecomla.mla.decode.pick_kernel`).
 - On a CUDA machine: the compiled kernel in bfloat16, and the model's decode through the kernel.
 """
 
@@ -16,7 +17,8 @@ import sys
 import pytest
 import torch
 
-from ecomla.kernels.mla_decode import decode_fn, mla_decode_torch
+from ecomla.kernels.mla_decode import mla_decode_torch, mla_decode_triton, triton_available
+from ecomla.mla.decode import pick_kernel
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice about a default
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -67,12 +69,26 @@ def test_torch_decode_matches_explicit_reference(case, grad):
     assert torch.allclose(full.double(), explicit(q_lat, q_rope, latent[:, 0], 0.3, [S] * B), atol=1e-5)
 
 
-def test_torch_decode_rejects_bad_cache_shapes_and_picks_paths():
+def test_torch_decode_rejects_bad_cache_shapes():
     q_lat, q_rope, latent, _ = make_inputs(1, 2, 8, 4, 5)
     with pytest.raises(ValueError, match=r"\[B, 1, S, W\]"):
         mla_decode_torch(q_lat, q_rope, latent.expand(1, 2, 5, 12), 1.0)
-    assert decode_fn(latent) is mla_decode_torch  # CPU float32: the two-GEMM path
-    assert decode_fn(latent.bfloat16()) is None  # CPU bf16: the SDPA path (fp32 score accumulation)
+
+
+def test_pick_kernel_by_device_and_dtype():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pick_kernel(cpu, torch.float32).fn is mla_decode_torch  # CPU float32: the two-GEMM path
+    assert pick_kernel(cpu, torch.float32).name == "torch-gemm"
+    assert pick_kernel(cpu, torch.bfloat16) is None  # CPU bf16: the SDPA path (fp32 score accumulation)
+    assert pick_kernel(cpu, torch.float32, "sdpa") is None
+    assert pick_kernel(cpu, torch.bfloat16, "torch-gemm").fn is mla_decode_torch  # an explicit choice wins
+    auto = pick_kernel(cuda, torch.bfloat16)  # no GPU needed: the choice only reads the device type
+    if triton_available():
+        assert (auto.name, auto.fn) == ("triton", mla_decode_triton)
+    else:
+        assert auto is None
+    with pytest.raises(ValueError, match="decode kernel"):
+        pick_kernel(cpu, torch.float32, "fast")
 
 
 def _interpreter_results() -> list[dict]:
@@ -147,22 +163,19 @@ def test_triton_kernel_bf16_on_gpu(case):
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and triton")
 def test_model_decode_through_kernel_matches_sdpa_path_on_gpu():
-    from ecomla.bench.caches import RUNS, make_cache
-    from ecomla.bench.shapes import mla_config, mla_spec, shape_config, synthetic_model
+    from ecomla.bench.runs import latent_cache
+    from ecomla.bench.shapes import mla_config, shape_config, synthetic_model
 
-    src = shape_config("tiny")
-    model = synthetic_model(mla_config(src, mla_spec(src, 12, 6, "auto")), torch.bfloat16, "cuda", 0)
+    model = synthetic_model(mla_config(shape_config("tiny"), 12, 6), torch.bfloat16, "cuda", 0)
     x = torch.randint(4, 128, (3, 20), device="cuda")
     logits = {}
     with torch.inference_mode():
-        for on in (True, False):
-            for m in model.modules():
-                if hasattr(m, "decode_kernel"):
-                    m.decode_kernel = on
-            cache = make_cache(model, RUNS["absorbed"], 3, 20, torch.bfloat16, "cuda")
+        for kernel in ("auto", "sdpa"):
+            assert model.prepare_for_decode(kernel=kernel).decode_kernel() == ("triton" if kernel == "auto" else "sdpa")
+            cache = latent_cache(model, 3, 20, torch.bfloat16, "cuda")
             model(x[:, :12], cache=cache)
-            logits[on] = torch.cat([model(x[:, t : t + 1], cache=cache).logits for t in range(12, 20)], 1).float()
-    torch.testing.assert_close(logits[True], logits[False], atol=5e-2, rtol=5e-2)
+            logits[kernel] = torch.cat([model(x[:, t : t + 1], cache=cache).logits for t in range(12, 20)], 1).float()
+    torch.testing.assert_close(logits["auto"], logits["sdpa"], atol=5e-2, rtol=5e-2)
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--interpret"]:

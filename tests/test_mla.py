@@ -66,25 +66,23 @@ def test_absorbed_decode_over_cache_equals_full_forward():
     ("full-q", True, False), ("latent-norm", True, False), ("lowrank-q", False, False),
     ("q-down-fold", True, True), ("q-down-only", False, True),
 ])
-def test_decode_fold_equals_unfolded_absorbed_and_follows_weight_updates(name, absorbs_uk, takes_x):
-    """Without autograd the absorbed path uses pre-multiplied weights; with it, the per-head einsums. Same logits,
-    biases included, and an in-place weight update (a training step) rebuilds the fold."""
+def test_prepared_decode_equals_plain_absorbed_and_prepare_again_follows_weight_updates(name, absorbs_uk, takes_x):
+    """prepare_for_decode pre-multiplies the absorbed path's weights; the plain (unprepared) model gives the same
+    logits, biases included, and preparing again after an in-place weight update (a training step) sees it."""
     model = tiny([SPECS[name]] * 2, qkv_bias=True, o_bias=True)
     attn = model.model.layers[0].self_attn
-    fold = attn.decode_fold()
-    assert (fold.absorbs_uk, fold.takes_x) == (absorbs_uk, takes_x)
-    assert (fold.q_w is not None) == (absorbs_uk or takes_x) and fold.o_w is not None
-    assert fold.q_w is None or fold.q_w.shape[1] == (64 if takes_x else SPECS[name].q_lora_rank or 64)
     x = torch.randint(3, 97, (2, 7))
 
     def both():
         with torch.no_grad():
-            folded = model(x, mla_path="absorbed", use_cache=False).logits
-        with torch.enable_grad():
-            plain = model(x, mla_path="absorbed", use_cache=False).logits.detach()
+            plain = model.train().eval()(x, mla_path="absorbed", use_cache=False).logits  # train() unprepares
+            folded = model.prepare_for_decode()(x, mla_path="absorbed", use_cache=False).logits
         return folded, plain
 
     folded, plain = both()
+    w = attn.prepared
+    assert (w.w_uk is None, w.q_from_hidden) == (absorbs_uk, takes_x) and w.w_uv is None
+    assert w.q_w.shape[1] == (64 if takes_x or SPECS[name].q_lora_rank is None else SPECS[name].q_lora_rank)
     assert torch.allclose(folded, plain, atol=1e-5), (folded - plain).abs().max()
     with torch.no_grad():
         attn.o_proj.weight.mul_(1.5)
@@ -92,40 +90,67 @@ def test_decode_fold_equals_unfolded_absorbed_and_follows_weight_updates(name, a
         if takes_x:
             attn.q_a_proj.weight.mul_(-1.0)
     folded2, plain2 = both()
-    assert attn.decode_fold() is not fold
     assert not torch.allclose(plain2, plain, atol=1e-3)
     assert torch.allclose(folded2, plain2, atol=1e-5), (folded2 - plain2).abs().max()
 
 
-def test_decode_fold_keeps_float64_precision():
+def test_prepared_decode_keeps_float64_precision():
     model = tiny([SPECS["full-q"]] * 2, qkv_bias=True, o_bias=True).double()
     x = torch.randint(3, 97, (2, 7))
     with torch.no_grad():
-        folded = model(x, mla_path="absorbed", use_cache=False).logits
-    assert model.model.layers[0].self_attn.decode_fold().q_w.dtype == torch.float64
-    plain = model(x, mla_path="absorbed", use_cache=False).logits.detach()
+        plain = model(x, mla_path="absorbed", use_cache=False).logits
+        folded = model.prepare_for_decode()(x, mla_path="absorbed", use_cache=False).logits
+    assert model.model.layers[0].self_attn.prepared.q_w.dtype == torch.float64
     assert (folded - plain).abs().max() < 1e-12
 
 
-def test_decode_fold_only_when_it_shrinks_the_weights():
+def test_prepared_decode_refuses_gradients_and_a_moved_model_and_train_drops_it():
+    model = tiny([SPECS["full-q"], None]).prepare_for_decode()
+    assert model.decode_kernel() == "torch-gemm"  # CPU float32
+    x = torch.randint(3, 97, (2, 1))
+    with pytest.raises(RuntimeError, match="no gradient"):
+        model(x, use_cache=False)
+    model.to(torch.bfloat16)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="prepare_for_decode"):
+        model(x, use_cache=False)
+    assert model.prepare_for_decode().decode_kernel() == "sdpa"  # CPU bf16: no GEMM kernel
+    model.train()
+    assert model.decode_kernel() is None and model.model.layers[0].self_attn.prepared is None
+
+
+def test_prepared_decode_with_the_kernel_over_the_cache_equals_the_plain_model():
+    plain = tiny([SPECS["lowrank-q"], None, SPECS["q-down-fold"]], qkv_bias=True)
+    prepared = tiny([SPECS["lowrank-q"], None, SPECS["q-down-fold"]], qkv_bias=True).prepare_for_decode()
+    x = torch.randint(3, 97, (3, 6))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
+              return_dict_in_generate=True)
+    a, b = plain.generate(x, **kw), prepared.generate(x, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.allclose(torch.stack(a.logits), torch.stack(b.logits), atol=1e-5)
+
+
+def test_prepared_decode_only_folds_what_shrinks_the_weights():
     from ecomla.bench.decode import weight_bytes_read
 
     wide = tiny([MLASpec(kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=12, v_head_dim=16, q_lora_rank=24)])
-    assert wide.model.layers[0].self_attn.decode_fold() is None
+    wide.prepare_for_decode()
+    prepared = wide.model.layers[0].self_attn.prepared
+    assert prepared.replaced == () and prepared.nbytes == 0
     assert weight_bytes_read(wide, "absorbed") == weight_bytes_read(wide)
-    narrow = tiny([SPECS["full-q"]] * 2)
+    narrow = tiny([SPECS["full-q"]] * 2).prepare_for_decode()
     attn = narrow.model.layers[0].self_attn
     H, s = attn.num_heads, attn.spec
     replaced = 4 * (attn.q_proj.weight.numel() + attn.o_proj.weight.numel() + attn.kv_b_proj.weight.numel())
     folded = 4 * (H * (s.kv_lora_rank + s.qk_rope_head_dim) * 64 + 64 * H * s.kv_lora_rank)
+    assert attn.prepared.nbytes == folded
     assert weight_bytes_read(narrow) - weight_bytes_read(narrow, "absorbed") == 2 * (replaced - folded) > 0
-    down = tiny([SPECS["q-down-fold"]])  # q_a_proj, q_b_proj, kv_b_proj, o_proj -> one q GEMM from x, one o GEMM
+    down = tiny([SPECS["q-down-fold"]]).prepare_for_decode()  # q_a, q_b, kv_b, o -> one q GEMM from x, one o GEMM
     attn = down.model.layers[0].self_attn
     s = attn.spec
     replaced = sum(m.weight.numel() for m in (attn.q_a_proj, attn.q_b_proj, attn.kv_b_proj, attn.o_proj))
     folded = H * (s.kv_lora_rank + s.qk_rope_head_dim) * 64 + 64 * H * s.kv_lora_rank
     assert weight_bytes_read(down) - weight_bytes_read(down, "absorbed") == 4 * (replaced - folded) > 0
-    only = tiny([SPECS["q-down-only"]])  # q_a_proj + q_b_proj -> one GEMM from x; kv_b_proj still read (W_UK)
+    only = tiny([SPECS["q-down-only"]]).prepare_for_decode()  # q_a + q_b -> one GEMM from x; kv_b still read (W_UK)
     attn = only.model.layers[0].self_attn
     s = attn.spec
     replaced = sum(m.weight.numel() for m in (attn.q_a_proj, attn.q_b_proj, attn.o_proj))
@@ -246,3 +271,25 @@ def test_training_mode_uses_decompressed_path_and_backprops():
     out.loss.backward()
     assert model.model.layers[0].self_attn.kv_b_proj.weight.grad is not None
     assert out.cache is None
+
+
+def test_rotary_tables_match_each_layers_frequencies_and_survive_a_dtype_cast():
+    """One table for the whole model: GQA layers get the source's d_h/2 frequencies, fresh MLA layers a d_rope-dim
+    RoPE (here YaRN, with its attention scaling), rope-pair layers their subset; `.to(bfloat16)` keeps them float32."""
+    from ecomla.mla.rope import rope_inv_freq
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    model = tiny([SPECS["lowrank-q"], None, SPECS["rope-pairs"]], mla_rope_parameters=yarn)
+    pos = torch.arange(7)[None]
+    ropes = model.model.rotary(pos, torch.float32)
+    src, _ = rope_inv_freq(model.config.rope_parameters, 16, 256)
+    fresh, scaling = rope_inv_freq(yarn, 4, 256)
+    assert scaling != 1.0
+    for (cos, sin), (inv, sc) in zip(ropes, [(fresh, scaling), (src, 1.0), (src[[0, 5]], 1.0)]):
+        emb = pos[..., None].float() * torch.cat([inv, inv])
+        assert torch.equal(cos, emb.cos() * sc) and torch.equal(sin, emb.sin() * sc)
+    before = model.model.rotary.table.clone()
+    model.to(torch.bfloat16)
+    assert torch.equal(model.model.rotary.table, before)  # the float32 bits, not rounded to bfloat16
+    bf16 = model.model.rotary(pos, torch.bfloat16)
+    assert all(torch.equal(c.to(torch.bfloat16), b) for (c, _), (b, _) in zip(ropes, bf16))

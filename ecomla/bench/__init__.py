@@ -1,1 +1,1 @@
-"""`ecomla bench`: decode speed and memory of an MLA model vs its GQA source (run.py)."""
+"""`ecomla bench`: decode speed and memory of an MLA model vs its GQA source (`ecomla.bench.run.bench`)."""

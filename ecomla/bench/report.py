@@ -1,6 +1,7 @@
 """Tables, markdown report, JSON and plot for `ecomla bench` rows (no measuring here).
 
-A decode row has kind "decode"; a max-batch row has kind "max_batch" (see run.py for the fields).
+A decode row has kind "decode" (see run.py and decode.py for the fields). `columns_table` formats any rows
+(benchmarks/capacity.py uses it for its max-batch rows).
 """
 
 from __future__ import annotations
@@ -9,15 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-
-def _f(v, fmt: str = "{:.1f}") -> str:
-    if v is None:
-        return "-"
-    return fmt.format(v) if isinstance(v, float) else str(v)
-
-
-def _mb(v) -> str:
-    return "-" if v is None else f"{v / 2**20:.0f}"
+from ..plots import pyplot, save
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -49,27 +42,25 @@ DECODE_COLS = [("run", "run", None), ("impl", "impl", None), ("B", "batch", None
                ("prefill s", "prefill_s", "{:.2f}"), ("cache B/tok", "cache_bytes_per_token", None),
                ("peak MiB", "peak_memory_bytes", "mb"), ("GB/s", "gb_per_s", "{:.1f}"),
                ("% copy BW", "roofline_fraction", "pct")]
-CAPACITY_COLS = [("run", "run", None), ("impl", "impl", None), ("context", "context", None),
-                 ("budget MiB", "memory_budget_bytes", "mb"), ("max batch", "batch", None),
-                 ("fails at", "batch_fails_at", None), ("tok/s at max", "tokens_per_s", "{:.1f}"),
-                 ("peak MiB", "peak_memory_bytes", "mb"), ("cache B/tok", "cache_bytes_per_token", None)]
 
 
-def _cell(r: dict, key: str, fmt) -> str:
+def _cell(r: dict, key: str, fmt: str | None) -> str:
     v = r.get(key)
     if r.get("status") == "oom" and key == "tokens_per_s":
         return "OOM"
-    if fmt == "mb":
-        return _mb(v)
     if fmt == "range":
         lo, hi = r.get("tokens_per_s_min"), r.get("tokens_per_s_max")
         return "-" if lo is None else f"{lo:.1f}-{hi:.1f}"
+    if v is None:
+        return "-"
+    if fmt == "mb":
+        return f"{v / 2**20:.0f}"
     if fmt == "speedup":  # with repeats: median paired ratio (lowest-highest)
         span = r.get(f"{key}_range")
-        return "-" if v is None else f"{v:.2f}" + (f" ({span[0]:.2f}-{span[1]:.2f})" if span else "")
+        return f"{v:.2f}" + (f" ({span[0]:.2f}-{span[1]:.2f})" if span else "")
     if fmt == "pct":
-        return "-" if v is None else f"{100 * v:.0f}%"
-    return _f(v, fmt) if fmt else _f(v)
+        return f"{100 * v:.0f}%"
+    return (fmt or "{:.1f}").format(v) if isinstance(v, float) else str(v)
 
 
 def _speedup_cols(rows: list[dict]) -> list[tuple[str, str, str]]:
@@ -77,26 +68,23 @@ def _speedup_cols(rows: list[dict]) -> list[tuple[str, str, str]]:
     return [(f"x vs {k[len('speedup_vs_'):]}", k, "speedup") for k in keys]
 
 
+def columns_table(rows: list[dict], cols: list[tuple[str, str, str | None]], markdown: bool = False) -> str:
+    """`rows` as aligned text or markdown; `cols` are (header, row key, format)."""
+    cells = [[h for h, _, _ in cols]] + [[_cell(r, k, f) for _, k, f in cols] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cols)]
+                         + ["| " + " | ".join(c) + " |" for c in cells[1:]]) + "\n"
+    w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c[i].rjust(w[i]) for i in range(len(cols))) for c in cells) + "\n"
+
+
 def table(rows: list[dict], markdown: bool = False) -> str:
-    """Decode rows then max-batch rows, as aligned text or markdown."""
-    out = []
-    for kind, cols in (("decode", DECODE_COLS), ("max_batch", CAPACITY_COLS)):
-        sel = [r for r in rows if r["kind"] == kind]
-        if not sel:
-            continue
-        if not any("tokens_per_s_min" in r for r in sel):
-            cols = [c for c in cols if c[2] != "range"]
-        cols = [("system", "system", None)] + cols + (_speedup_cols(sel) if kind == "decode" else [])
-        cells = [[h for h, _, _ in cols]] + [[_cell(r, k, f) for _, k, f in cols] for r in sel]
-        if markdown:
-            out.append("| " + " | ".join(cells[0]) + " |")
-            out.append("|" + "---|" * len(cols))
-            out += ["| " + " | ".join(c) + " |" for c in cells[1:]]
-        else:
-            w = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-            out += ["  ".join(c[i].rjust(w[i]) for i in range(len(cols))) for c in cells]
-        out.append("")
-    return "\n".join(out)
+    """The decode rows, with a column per GQA run the MLA rows are compared with."""
+    rows = [r for r in rows if r["kind"] == "decode"]
+    if not rows:
+        return ""
+    cols = DECODE_COLS if any("tokens_per_s_min" in r for r in rows) else [c for c in DECODE_COLS if c[2] != "range"]
+    return columns_table(rows, [("system", "system", None), *cols, *_speedup_cols(rows)], markdown)
 
 
 def markdown_report(rows: list[dict], meta: dict) -> str:
@@ -114,19 +102,17 @@ def markdown_report(rows: list[dict], meta: dict) -> str:
 
 def plot(rows: list[dict], path: Path) -> bool:
     """tokens/s vs context, one line per (run, batch); False when there is nothing to plot."""
-    from ..eval.report import pyplot, save
-
     plt = pyplot()
     series: dict[tuple, list] = {}
     for r in rows:
         if r["kind"] == "decode" and r.get("tokens_per_s"):
-            series.setdefault((r["run"], r["batch"]), []).append((r["context"], r["tokens_per_s"]))
+            series.setdefault((r["system"], r["run"], r["batch"]), []).append((r["context"], r["tokens_per_s"]))
     if not series:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (run, b), pts in sorted(series.items()):
+    for (system, run, b), pts in sorted(series.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if run.startswith("gqa") else "--",
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ls="-" if system == "gqa" else "--",
                 label=f"{run} B={b}")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")

@@ -3,37 +3,39 @@
     ecomla bench out/smollm2-8x --contexts 4k --batches 8 --dtype float32         # vs the recorded source
     ecomla bench default --kv-rank 16 --rope-dim 32 --contexts 1k --batches 1,8   # MLA attention made up
     ecomla bench --shape llama-3.2-1b --kv-rank 64 --rope-dim 32 --contexts 8k --batches 128 \
-        --memory-budget-gb 40 --out out/bench                                     # synthetic weights, GPU
+        --out out/bench                                                           # synthetic weights, GPU
 
 For every run x context x batch: decode tokens/s, step latency, prefill time (when the cache is filled by
 a real prefill), peak memory, cache bytes per token read from the live cache, and GB/s achieved vs the
-measured copy bandwidth. Runs (caches.py): MLA `absorbed` (Triton kernel on CUDA, two GEMMs on CPU fp32),
-`absorbed-sdpa`, `decompressed`; GQA `gqa-dynamic` (transformers' default), `gqa-static` (StaticCache),
-`gqa-fair` (the fair one, gqa.py: preallocated, heads packed per KV group; two GEMMs on CPU fp32, SDPA
-elsewhere) and `gqa-fair-sdpa` (the same through SDPA everywhere; not in the default set).
-`--memory-budget-gb` adds the max batch per context found by real allocation (capacity.py). `--json` prints
-the rows; `--out DIR` writes report.md, results.json and tokens_per_s.png.
+measured copy bandwidth. Runs: runs.py. `--json` prints the rows; `--out DIR` writes report.md, results.json
+and tokens_per_s.png. A benchmark times more runs through the same code with `bench(args, extra_runs)`
+(benchmarks/gqa_baselines.py: the fair GQA baselines; benchmarks/capacity.py: the max batch at a memory budget).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
 import platform
 import sys
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
 from ..args import arg
-from ..io import DTYPES, UserError
-from .caches import RUNS
-from .capacity import max_batch
-from .decode import (DecodeOpts, bandwidth_fields, copy_bandwidth, decode_impl, device_name, free_memory, time_decode,
+from ..common import DTYPES, UserError
+from ..mla.config import parse_q_rank
+from .decode import (DecodeOpts, bandwidth_fields, copy_bandwidth, device_name, free_memory, time_decode,
                      weight_bytes_read)
 from .report import add_speedups, table, write
+from .runs import RUNS, Run, prepare
 from .shapes import PRESETS, parse_sizes
 from .subjects import Subject, subjects
 
-DEFAULT_RUNS = "absorbed,decompressed,gqa-dynamic,gqa-static,gqa-fair"
+DEFAULT_RUNS = "absorbed,decompressed,gqa-dynamic,gqa-static"
+Measure = Callable[[torch.nn.Module, Run, dict], list[dict]]  # (model, run, fields of every row) -> rows
 
 
 @dataclass
@@ -63,9 +65,6 @@ class BenchArgs:
                     choices=("auto", "prefill", "synthetic"))
     prefill_max_tokens: int | None = arg("threshold for --fill auto (default 2048 on CPU, 131072 on CUDA)",
                                          default=None)
-    memory_budget_gb: float | None = arg("also find the max batch per context within this many GB (real "
-                                         "allocation search)", default=None)
-    capacity_runs: str = arg("runs for the max-batch search", default="absorbed,gqa-fair")
     threads: int | None = arg("CPU threads for torch (default: torch's choice)", default=None)
     seed: int = arg("seed for synthetic weights and tokens", default=0)
     json: bool = arg("print the rows as JSON (and nothing else on stdout)", default=False)
@@ -74,27 +73,18 @@ class BenchArgs:
     def __post_init__(self):
         self.context_list = parse_sizes(self.contexts, "--contexts")
         self.batch_list = parse_sizes(self.batches, "--batches")
-        self.run_list = self._runs(self.runs, "--runs")
-        self.capacity_list = self._runs(self.capacity_runs, "--capacity-runs") if self.memory_budget_gb else []
         if self.warmup < 0 or self.steps < 1 or self.repeats < 1:
             raise UserError(f"--warmup must be >= 0, --steps and --repeats >= 1, got {self.warmup}, {self.steps} "
                             f"and {self.repeats}")
-        if self.kv_rank < 1:
-            raise UserError(f"--kv-rank must be >= 1, got {self.kv_rank}")
-        if self.rope_dim < 2 or self.rope_dim % 2:
-            raise UserError(f"--rope-dim must be a positive even number, got {self.rope_dim}")
-        if self.q_rank not in ("auto", "none") and not str(self.q_rank).isdigit():
-            raise UserError(f"--q-rank must be an integer, 'auto' or 'none', got {self.q_rank!r}")
-        if self.memory_budget_gb is not None and self.memory_budget_gb <= 0:
-            raise UserError(f"--memory-budget-gb must be > 0, got {self.memory_budget_gb}")
+        parse_q_rank(self.q_rank)  # --kv-rank and --rope-dim are checked where the MLA spec is derived
 
-    @staticmethod
-    def _runs(text: str, flag: str) -> list[str]:
-        names = [r.strip() for r in text.split(",") if r.strip()]
-        bad = [r for r in names if r not in RUNS]
-        if bad or not names:
-            raise UserError(f"{flag}: unknown run(s) {bad or text!r}; choose from {', '.join(RUNS)}")
-        return names
+
+def select_runs(text: str, known: dict[str, Run], flag: str = "--runs") -> list[Run]:
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in names if r not in known]
+    if bad or not names:
+        raise UserError(f"{flag}: unknown run(s) {bad or text!r}; choose from {', '.join(known)}")
+    return [known[r] for r in names]
 
 
 def resolve_device(args: BenchArgs) -> tuple[str, torch.dtype]:
@@ -105,72 +95,60 @@ def resolve_device(args: BenchArgs) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def bench_subject(subject: Subject, args: BenchArgs, opts: DecodeOpts, device, dtype, copy_gbps, log,
-                  capacity: bool = True) -> list[dict]:
-    """All decode and (with `capacity`) max-batch rows of one model (built here, freed on return)."""
-    runs = [RUNS[r] for r in args.run_list if RUNS[r].kind == subject.kind]
-    caps = [RUNS[r] for r in args.capacity_list if RUNS[r].kind == subject.kind] if capacity else []
-    if not runs and not caps:
+def decode_opts(args: BenchArgs, device: str) -> DecodeOpts:
+    return DecodeOpts(warmup=args.warmup, steps=args.steps, fill=args.fill, seed=args.seed,
+                      prefill_max_tokens=args.prefill_max_tokens or (131072 if device == "cuda" else 2048))
+
+
+def measure_subject(subject: Subject, runs: list[Run], device, dtype, log, measure: Measure) -> list[dict]:
+    """Build `subject`'s model (one model in memory at a time), put it in the state of each of its runs and
+    collect `measure(model, run, base)`, base = the fields every row carries; the model is freed on return."""
+    runs = [r for r in runs if r.system == subject.system]
+    if not runs:
         return []
-    log(f"building {subject.kind} model: {subject.label}")
+    log(f"building {subject.system} model: {subject.label}")
     model = subject.build()
-    base = {"model": subject.label, "system": subject.kind, "weights": subject.weights,
-            "dtype": str(dtype).split(".")[-1], "device": device_name(device)}
     rows = []
     for run in runs:
-        for ctx in args.context_list:
-            for b in args.batch_list:
-                weights = weight_bytes_read(model, run.path)
-                row = {**base, "kind": "decode", "run": run.name, "path": run.path, "weight_bytes": weights,
-                       "impl": decode_impl(run, device, dtype), "batch": b, "context": ctx, "status": "ok"}
-                try:
-                    m = time_decode(model, run, b, ctx, opts, device, dtype)
-                    row.update(m, **bandwidth_fields(m, b, ctx, weights, copy_gbps))
-                except torch.OutOfMemoryError:
-                    row.update(status="oom", tokens_per_s=None)
-                    free_memory(device)
-                rows.append(row)
-                log(f"  {run.name:>13} B={b:<4} ctx={ctx:<6} " + (
-                    f"{row['tokens_per_s']:9.1f} tok/s  {row['step_ms']:8.2f} ms/step  {row['fill']}"
-                    if row["status"] == "ok" else "out of memory"))
-    budget = int(args.memory_budget_gb * 1e9) if args.memory_budget_gb else 0
-    for run in caps:
-        weights = weight_bytes_read(model, run.path)
-        for ctx in args.context_list:
-            m = max_batch(model, run, ctx, budget, opts, device, dtype)
-            row = {**base, "kind": "max_batch", "run": run.name, "path": run.path, "weight_bytes": weights,
-                   "impl": decode_impl(run, device, dtype), "context": ctx, "status": "ok", **m}
-            if "step_s" in m:
-                row.update(bandwidth_fields(m, m["batch"], ctx, weights, copy_gbps))
-            rows.append(row)
-            log(f"  max batch {run.name} ctx={ctx}: {m['batch']} (fails at {m['batch_fails_at']}) "
-                f"in {budget / 1e9:g} GB")
+        impl = prepare(model, run, device, dtype)
+        rows += measure(model, run, {
+            "model": subject.label, "system": subject.system, "weights": subject.weights, "run": run.name,
+            "path": run.path, "impl": impl, "weight_bytes": weight_bytes_read(model, run.path),
+            "dtype": str(dtype).split(".")[-1], "device": device_name(device)})
     del model
     free_memory(device)
     return rows
 
 
+def decode_rows(model, run: Run, base: dict, args: BenchArgs, opts: DecodeOpts, device, dtype, copy_gbps,
+                log) -> list[dict]:
+    """One decode row per (context, batch) of `args`."""
+    rows = []
+    for ctx in args.context_list:
+        for b in args.batch_list:
+            row = {**base, "kind": "decode", "batch": b, "context": ctx, "status": "ok"}
+            try:
+                m = time_decode(model, run, b, ctx, opts, device, dtype)
+                row.update(m, **bandwidth_fields(m, b, ctx, base["weight_bytes"], copy_gbps))
+            except torch.OutOfMemoryError:
+                row.update(status="oom", tokens_per_s=None)
+                free_memory(device)
+            rows.append(row)
+            log(f"  {run.name:>13} B={b:<4} ctx={ctx:<6} " + (
+                f"{row['tokens_per_s']:9.1f} tok/s  {row['step_ms']:8.2f} ms/step  {row['fill']}"
+                if row["status"] == "ok" else "out of memory"))
+    return rows
+
+
 def median_of_repeats(rows: list[dict]) -> list[dict]:
-    """One decode row per (system, run, batch, context): the repeat with the median step time, plus the step
-    times of all repeats in the order they ran (`step_ms_repeats`, which pairs each MLA repeat with the GQA
-    repeat that ran right after it) and the min/max tokens/s over them. Other rows pass through."""
+    """One row per (system, run, batch, context): the repeat with the median step time, plus the step times of
+    all repeats in the order they ran (`step_ms_repeats`, which pairs each MLA repeat with the GQA repeat that
+    ran right after it) and the min/max tokens/s over them."""
     groups: dict[tuple, list[dict]] = {}
-    out = []
     for r in rows:
-        if r["kind"] != "decode":
-            out.append(r)
-            continue
-        key = (r["system"], r["run"], r["batch"], r["context"])
-        if key not in groups:
-            groups[key] = []
-            out.append(key)
-        groups[key].append(r)
+        groups.setdefault((r["system"], r["run"], r["batch"], r["context"]), []).append(r)
     merged = []
-    for item in out:
-        if not isinstance(item, tuple):
-            merged.append(item)
-            continue
-        reps = groups[item]
+    for reps in groups.values():
         failed = [r for r in reps if not r.get("tokens_per_s")]
         if len(reps) == 1 or failed:  # a setting that ran out of memory in any repeat is reported as failed
             merged.append(failed[0] if failed else reps[0])
@@ -184,25 +162,25 @@ def median_of_repeats(rows: list[dict]) -> list[dict]:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
     out = {}
     for pkg in ("torch", "transformers", "triton"):
         try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
     return out
 
 
-def main(args: BenchArgs) -> list[dict]:
+def bench(args: BenchArgs, extra_runs: dict[str, Run] | None = None) -> list[dict]:
+    """Time every run of `args.runs` (the core RUNS, or a name of `extra_runs`) on the MLA model and its GQA
+    baseline, `args.repeats` times alternating; print the table (or JSON) and return the rows."""
+    runs = select_runs(args.runs, {**RUNS, **(extra_runs or {})})
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     mla, gqa = subjects(args, dtype, device)
-    opts = DecodeOpts(warmup=args.warmup, steps=args.steps, fill=args.fill, seed=args.seed,
-                      prefill_max_tokens=args.prefill_max_tokens or (131072 if device == "cuda" else 2048))
+    opts = decode_opts(args, device)
     copy_gbps = copy_bandwidth(device)
     log(f"{device_name(device)}: measured copy bandwidth {copy_gbps:.1f} GB/s (read + write)")
     rows = []
@@ -210,16 +188,15 @@ def main(args: BenchArgs) -> list[dict]:
         if args.repeats > 1:
             log(f"repeat {rep + 1}/{args.repeats}")
         for subject in (mla, gqa):
-            rows += bench_subject(subject, args, opts, device, dtype, copy_gbps, log, capacity=rep == 0)
+            rows += measure_subject(subject, runs, device, dtype, log, functools.partial(
+                decode_rows, args=args, opts=opts, device=device, dtype=dtype, copy_gbps=copy_gbps, log=log))
     rows = median_of_repeats(rows)
     add_speedups(rows)
     meta = {"mla_model": mla.label, "gqa_model": gqa.label, "device": device_name(device), "dtype": str(dtype),
             "copy_gb_per_s": round(copy_gbps, 1), **versions(), "python": platform.python_version(),
             "command": "ecomla bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
-            "args": {k: v for k, v in asdict(args).items()}}
+            "args": asdict(args)}
     if args.json:
-        import json
-
         print(json.dumps(rows, indent=2))
     else:
         print(table(rows))

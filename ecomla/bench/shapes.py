@@ -3,7 +3,6 @@
 Presets are the real models' shapes (config.json values), so a GPU run needs no checkpoint:
     ecomla bench --shape llama-3.2-1b --kv-rank 64 --rope-dim 32 --contexts 8k --batches 128
 
-Notation: D hidden, H query heads, G KV heads, d_h head dim, r_q / r_kv ranks, d_rope rotary dims.
 Weights are random: speed and memory do not depend on their values.
 """
 
@@ -14,10 +13,9 @@ import re
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..convert import svd
+from ..common import UserError
 from ..convert.families import source_fields
-from ..io import UserError
-from ..mla.config import EcoMLAConfig, MLASpec
+from ..mla.config import EcoMLAConfig, MLASpec, SourceShape, parse_q_rank
 from ..mla.model import EcoMLAForCausalLM
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -57,32 +55,13 @@ def shape_config(name: str) -> LlamaConfig:
     return LlamaConfig(**PRESETS[name], bos_token_id=1, eos_token_id=2)
 
 
-def mla_spec(src_config, kv_rank: int, rope_dim: int, q_rank: str) -> MLASpec:
-    """The X-EcoMLA layer shape for a source: d_nope = d_h - d_rope, d_v = d_h, r_q by parity unless given."""
-    f = source_fields(src_config)
-    D, H, G, d_h = f["hidden_size"], f["num_attention_heads"], f["num_key_value_heads"], f["head_dim"]
-    if rope_dim > d_h:
-        raise UserError(f"--rope-dim {rope_dim} is larger than the source head dim {d_h}")
-    d_nope = d_h - rope_dim
-    if q_rank == "none":
-        r_q = None
-    elif q_rank == "auto":
-        r_q = svd.parity_q_rank(D, H, G, d_h, kv_rank, d_nope, rope_dim, d_h)
-    else:
-        r_q = int(q_rank)
-    try:
-        return MLASpec(kv_lora_rank=kv_rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=d_nope, v_head_dim=d_h,
-                       q_lora_rank=r_q)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-
-
-def mla_config(src_config, spec: MLASpec) -> EcoMLAConfig:
-    """Every layer of the source becomes MLA with `spec`."""
+def mla_config(src_config, kv_rank: int, rope_dim: int, q_rank: str = "auto") -> EcoMLAConfig:
+    """Every layer of the source becomes MLA of --kv-rank / --rope-dim / --q-rank (`MLASpec.for_source`)."""
     try:
         fields = source_fields(src_config)
     except ValueError as err:
         raise UserError(str(err)) from err
+    spec = MLASpec.for_source(SourceShape.of(src_config), kv_rank, rope_dim, parse_q_rank(q_rank))
     return EcoMLAConfig(**fields, mla_layers=[spec.to_dict()] * fields["num_hidden_layers"],
                         architectures=["EcoMLAForCausalLM"])
 
@@ -93,6 +72,4 @@ def synthetic_model(config, dtype: torch.dtype, device: str, seed: int):
     cls = EcoMLAForCausalLM if isinstance(config, EcoMLAConfig) else LlamaForCausalLM
     with torch.device(device):
         model = cls._from_config(config, dtype=dtype)
-    if isinstance(model, EcoMLAForCausalLM):
-        model.reset_rope_buffers()  # rotary frequencies stay float32 whatever the weight dtype
-    return model.eval()
+    return model.to(device).eval()  # moves what was built off `device` (the rotary table is built on CPU)

@@ -11,30 +11,23 @@ MODEL may be
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..io import UserError, load_config, load_model
-from .shapes import mla_config, mla_spec, shape_config, synthetic_model
+from ..common import UserError
+from ..convert.convert import materialise
+from ..io import load_config, load_model, recorded_source
+from .shapes import mla_config, shape_config, synthetic_model
 
 
 @dataclass
 class Subject:
     label: str  # the `model` field of result rows
-    kind: str  # "mla" or "gqa"
+    system: str  # "mla" or "gqa"
     weights: str  # "checkpoint", "synthetic" or "source+random-mla"
     build: Callable[[], torch.nn.Module]
-
-
-def recorded_source(path: str) -> str | None:
-    meta = Path(path) / "ecomla_convert.json"
-    if not meta.is_file():
-        return None
-    return json.loads(meta.read_text()).get("source")
 
 
 def subjects(args, dtype: torch.dtype, device: str) -> tuple[Subject, Subject]:
@@ -43,10 +36,9 @@ def subjects(args, dtype: torch.dtype, device: str) -> tuple[Subject, Subject]:
         if args.shape is None:
             raise UserError("give MODEL (an MLA checkpoint, a GQA checkpoint or 'default') or --shape NAME")
         src = shape_config(args.shape)
-        spec = mla_spec(src, args.kv_rank, args.rope_dim, args.q_rank)
-        cfg = mla_config(src, spec)
+        cfg = mla_config(src, args.kv_rank, args.rope_dim, args.q_rank)
         return (
-            Subject(f"{args.shape} mla {spec.kv_lora_rank}+{spec.qk_rope_head_dim}", "mla", "synthetic",
+            Subject(f"{args.shape} mla {args.kv_rank}+{args.rope_dim}", "mla", "synthetic",
                     lambda: synthetic_model(cfg, dtype, device, args.seed)),
             Subject(f"{args.shape} gqa", "gqa", "synthetic", lambda: synthetic_model(src, dtype, device, args.seed)),
         )
@@ -63,10 +55,9 @@ def subjects(args, dtype: torch.dtype, device: str) -> tuple[Subject, Subject]:
         )
     if args.baseline is not None:
         raise UserError(f"{args.model} is a GQA checkpoint and is its own baseline; --baseline is for an MLA MODEL")
-    spec = mla_spec(config, args.kv_rank, args.rope_dim, args.q_rank)
-    cfg = mla_config(config, spec)
+    cfg = mla_config(config, args.kv_rank, args.rope_dim, args.q_rank)
     return (
-        Subject(f"{path} -> mla {spec.kv_lora_rank}+{spec.qk_rope_head_dim} (random MLA attention)", "mla",
+        Subject(f"{path} -> mla {args.kv_rank}+{args.rope_dim} (random MLA attention)", "mla",
                 "source+random-mla", lambda: mla_from_source(path, cfg, dtype, device, args.seed)),
         Subject(path, "gqa", "checkpoint", lambda: load_model(path, dtype=dtype, device=device)[0]),
     )
@@ -74,8 +65,6 @@ def subjects(args, dtype: torch.dtype, device: str) -> tuple[Subject, Subject]:
 
 def mla_from_source(path: str, config, dtype: torch.dtype, device: str, seed: int):
     """The source's embeddings/MLP/norms/o_proj with randomly initialised MLA attention (speed only)."""
-    from ..convert.convert import materialise
-
     src, _ = load_model(path, dtype=dtype)
     sd = dict(src.state_dict())
     del src

@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..assets.wheels import cache_dir
+from ..common import cache_dir
+from ..data.chat import load_chat, split_chat
+from ..data.packing import PackedChat
 
 
 def _cache_path(source_id: str, data: str, n_seqs: int, seq_len: int, seed: int) -> Path:
@@ -25,9 +27,6 @@ def _cache_path(source_id: str, data: str, n_seqs: int, seq_len: int, seed: int)
 
 
 def calibration_batches(tok, data: str, n_seqs: int, seq_len: int, seed: int, batch_size: int = 8):
-    from ..data.chat import load_chat, split_chat
-    from ..data.packing import PackedChat
-
     train = split_chat(load_chat(data))["train"]
     packed = PackedChat(train, tok, seq_len, seed=seed + 7919, mask_prompt=False)  # a stream apart from training's
     return [packed.batch(k, min(batch_size, n_seqs - k))["input_ids"] for k in range(0, n_seqs, batch_size)]

@@ -1,4 +1,4 @@
-"""`ecomla convert SRC OUT`: turn a GQA checkpoint into an MLA checkpoint (model plumbing around svd.py).
+"""`ecomla convert SRC OUT`: turn a GQA checkpoint into an MLA checkpoint (model plumbing around factor.py).
 
     ecomla convert default out/smollm2-4x --kv-rank 64 --rope-dim 32
     ecomla convert meta-llama/Llama-3.2-1B-Instruct out/llama1b-kv64 --kv-rank 64 --rope-dim 32 --q-rank 1424
@@ -10,6 +10,7 @@ ecomla_convert.json with the per-layer report) atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -18,18 +19,24 @@ from pathlib import Path
 import torch
 
 from ..args import arg
-from ..io import DTYPES, UserError, atomic_dir, count_params, load_config, load_model, load_tokenizer
-from ..mla.config import EcoMLAConfig, MLASpec
+from ..common import DTYPES, UserError, atomic_dir
+from ..io import count_params, load_config, load_model, load_tokenizer
+from ..mla import EcoMLAForCausalLM
+from ..mla.config import EcoMLAConfig, MLASpec, SourceShape, parse_q_rank
 from ..mla.rope import rope_inv_freq
 from . import ranks as rank_alloc
 from . import svd
-from .factor import INITS, NEEDS_CALIBRATION, LayerPlan, factor_layer, plan_layer
-from .families import ATTN_COPY_IF_KEPT, LAYER_COPY, MODEL_COPY, check_supported, source_fields
-
+from .calibrate import layer_input_stats
+from .factor import LayerPlan, factor_layer, plan_layer
+from .families import ATTN_COPY_IF_KEPT, LAYER_COPY, MODEL_COPY, source_fields
+from .inits import INITS, RopeChoice
 
 
 @dataclass
 class ConvertArgs:
+    """`ecomla convert` flags. Validation derives, once: `method` (the InitMethod of --init with the --rope-*,
+    --kv-balance and --damp choices) and `q_rank_choice` (--q-rank parsed: an int, "auto" or None)."""
+
     src: str = arg("source checkpoint: a folder, a hub id, or 'default' (SmolLM2-135M-Instruct)", positional=True)
     out: str = arg("output folder (written atomically)", positional=True)
     kv_rank: int | None = arg("latent rank r_kv per MLA layer (or use --rank-energy)", default=None)
@@ -41,17 +48,15 @@ class ConvertArgs:
     layers: str = arg("layers that become MLA: 'all', a list '1,3,5', or 'every:K[:OFFSET]'; the rest stay GQA",
                       default="all")
     init: str = arg("initialisation: 'xecomla' (paper Algorithm 1), 'random' (ablation), 'whitened' (activation-"
-                    "aware SVD), 'rope-aware' (whole RoPE pairs, fitted shared key), 'rope-whitened' (both; "
-                    "the best start measured on SmolLM2 at 2x/4x/8x: KL to the teacher 0.7/2.1/4.0 vs 6.7/7.2/9.7 for xecomla, "
-                    "and still ahead after the same distillation; docs/RESULTS.md)",
-                    default="xecomla", choices=INITS)
+                    "aware SVD), 'rope-aware' (whole RoPE pairs, fitted shared key), 'rope-whitened' (both); "
+                    "docs/RESULTS.md compares them", default="xecomla", choices=tuple(INITS))
     kv_budget: str | None = arg("total KV budget, as a ratio ('4x') or elements/token over all layers: r_kv per "
                                 "layer is allocated to minimise summed (whitened) reconstruction error", default=None)
     allow_hybrid: bool = arg("with --kv-budget: let the allocation keep some layers as GQA", default=False)
     budget_norm: str = arg("error each layer contributes to the allocation: absolute or relative (per-layer "
                            "share of energy)", default="absolute", choices=("absolute", "relative"))
     rope_select: str = arg("rope-aware inits: keep the pairs whose scores change most without rotation "
-                           "('contribution': magnitude x rotation over 2k tokens), the largest 'magnitude' "
+                           "('contribution': magnitude x rotation over --rope-distance tokens), the largest 'magnitude' "
                            "(MHA2MLA 2-norm), or the fastest pairs ('high')", default="contribution",
                            choices=("contribution", "magnitude", "high"))
     rope_distance: int = arg("rope-aware 'contribution' rule: token distances over which a pair's lost rotation is "
@@ -59,7 +64,7 @@ class ConvertArgs:
     rope_key_fit: str = arg("rope-aware inits: shared rotary key = rank-1 PCA across KV heads ('pca') or their "
                             "mean ('mean')", default="pca", choices=("pca", "mean"))
     kv_balance: bool = arg("scale K rows so K and V carry equal energy before the joint K/V factorisation "
-                           "(TransMLA's BKV); not for --init xecomla", default=False)
+                           "(TransMLA's BKV); for the whitened and rope-aware inits", default=False)
     calib_data: str = arg("calibration chat data (train split only)", default="default")
     calib_seqs: int = arg("calibration sequences", default=128)
     calib_len: int = arg("calibration sequence length", default=256)
@@ -80,16 +85,22 @@ class ConvertArgs:
     overwrite: bool = arg("replace OUT if it exists", default=False)
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise UserError(f"--init {self.init!r}: choose from {', '.join(INITS)}")
+        base = INITS[self.init]
+        rope = None if base.rope is None else RopeChoice(self.rope_select, self.rope_distance, self.rope_key_fit)
+        self.method = dataclasses.replace(base, rope=rope, kv_balance=self.kv_balance, damp=self.damp)
+        self.q_rank_choice = parse_q_rank(self.q_rank)  # r_q, "auto" or None
         if [self.kv_rank, self.rank_energy, self.kv_budget].count(None) != 2:
             raise UserError("give exactly one of --kv-rank R, --rank-energy DELTA or --kv-budget B")
         if self.allow_hybrid and self.kv_budget is None:
             raise UserError("--allow-hybrid needs --kv-budget")
         if self.allow_hybrid and self.layers != "all":
             raise UserError("--allow-hybrid chooses the GQA layers itself; drop --layers")
-        if self.init.startswith("rope") and self.nope_dim is not None:
+        if self.method.rope is not None and self.nope_dim is not None:
             raise UserError("rope-aware inits use every non-rotary dim as NoPE (d_nope = head_dim - rope_dim); "
                             "drop --nope-dim")
-        if self.kv_balance and self.init in ("xecomla", "random"):
+        if self.kv_balance and not (self.method.whiten or self.method.rope is not None):
             raise UserError("--kv-balance applies to the whitened / rope-aware inits, not to --init " + self.init)
         if self.calib_seqs < 1 or self.calib_len < 8:
             raise UserError("--calib-seqs must be >= 1 and --calib-len >= 8")
@@ -101,8 +112,6 @@ class ConvertArgs:
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
-        if self.q_rank not in ("auto", "none") and not str(self.q_rank).isdigit():
-            raise UserError(f"--q-rank must be an integer, 'auto' or 'none', got {self.q_rank!r}")
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -126,75 +135,72 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
     return idx
 
 
-def check_shapes(args: ConvertArgs, fields: dict) -> tuple[int, int, int]:
-    """Validate rope/nope/v dims and fixed ranks against the source; returns (d_nope, d_v, kv rank limit)."""
-    D, G, d_h = fields["hidden_size"], fields["num_key_value_heads"], fields["head_dim"]
-    if args.rope_dim > d_h:
-        raise UserError(f"--rope-dim {args.rope_dim} is larger than the source head dim {d_h}")
-    d_nope = d_h - args.rope_dim if args.nope_dim is None else args.nope_dim
-    if not 0 <= d_nope <= d_h:
-        raise UserError(f"--nope-dim must be in [0, {d_h}] (the source head dim), got {d_nope}")
-    d_v = d_h if args.v_dim is None else args.v_dim
-    if d_v != d_h:
-        raise UserError(f"--v-dim {d_v} must equal the source head dim {d_h}: o_proj is reused, so value heads stay whole")
-    rows = G * (d_h - args.rope_dim) + G * d_h if args.init.startswith("rope") else 2 * G * d_h
-    what = "[W_K nope; W_V]" if args.init.startswith("rope") else "[W_K; W_V]"
-    kv_limit = min(D, rows)
-    if args.kv_rank is not None and args.kv_rank > kv_limit:
-        raise UserError(
-            f"--kv-rank {args.kv_rank} exceeds the rank of {what} (at most min(D={D}, {rows}) = {kv_limit}); "
-            f"pick a rank <= {kv_limit}"
-        )
-    q_limit = min(D, fields["num_attention_heads"] * d_h)
-    if args.q_rank.isdigit() and not 1 <= int(args.q_rank) <= q_limit:
+def check_shapes(args: ConvertArgs, shape: SourceShape) -> int:
+    """Validate rope/nope/v dims and fixed ranks against the source before any weight is read; returns d_nope."""
+    D, G, d_h = shape.hidden_size, shape.num_kv_heads, shape.head_dim
+    trial = MLASpec.for_source(shape, args.kv_rank or 1, args.rope_dim, q_rank=None, nope_dim=args.nope_dim)
+    if args.v_dim is not None and args.v_dim != d_h:
+        raise UserError(f"--v-dim {args.v_dim} must equal the source head dim {d_h}: o_proj is reused, so value "
+                        "heads stay whole")
+    rope_aware = args.method.rope is not None
+    rows = G * (d_h - args.rope_dim) + G * d_h if rope_aware else shape.kv_elements_per_layer
+    what = "[W_K nope; W_V]" if rope_aware else "[W_K; W_V]"
+    if args.kv_rank is not None and args.kv_rank > min(D, rows):
+        raise UserError(f"--kv-rank {args.kv_rank} exceeds the rank of {what} (at most min(D={D}, {rows}) = "
+                        f"{min(D, rows)}); pick a rank <= {min(D, rows)}")
+    if args.kv_budget is not None:
+        rank_alloc.parse_budget(args.kv_budget, shape.kv_elements)
+    q_limit = min(D, shape.num_heads * d_h)
+    if isinstance(args.q_rank_choice, int) and not 1 <= args.q_rank_choice <= q_limit:
         raise UserError(f"--q-rank {args.q_rank} must be in [1, {q_limit}] (the rank of W_Q)")
-    return d_nope, d_v, kv_limit
+    return trial.qk_nope_head_dim
 
 
-def layer_source(sd: dict, i: int, fields: dict) -> svd.Source:
+def layer_source(sd: dict, i: int, shape: SourceShape) -> svd.Source:
     p = f"model.layers.{i}.self_attn."
     return svd.Source(
         w_q=sd[p + "q_proj.weight"], w_k=sd[p + "k_proj.weight"], w_v=sd[p + "v_proj.weight"],
         b_q=sd.get(p + "q_proj.bias"), b_k=sd.get(p + "k_proj.bias"), b_v=sd.get(p + "v_proj.bias"),
-        H=fields["num_attention_heads"], G=fields["num_key_value_heads"], d_h=fields["head_dim"],
+        H=shape.num_heads, G=shape.num_kv_heads, d_h=shape.head_dim,
     )
 
 
-def q_rank_for(args: ConvertArgs, plan: LayerPlan, fields: dict, r_kv: int) -> int | None:
-    src = plan.src
-    if args.q_rank == "none":
-        return None
-    if args.q_rank_energy is not None:
-        return svd.energy_rank(inits_q_spectrum(plan), args.q_rank_energy)
-    if args.q_rank == "auto":
-        return svd.parity_q_rank(fields["hidden_size"], src.H, src.G, src.d_h, r_kv, plan.d_nope, plan.d_rope, plan.d_v)
-    return int(args.q_rank)
-
-
-def inits_q_spectrum(plan: LayerPlan) -> torch.Tensor:
-    from .inits import whitened_svd
-
-    return whitened_svd(plan.q_matrix(), plan.L)[1]
-
-
-def choose_kv_ranks(args: ConvertArgs, plans: dict[int, LayerPlan], fields: dict) -> dict[int, int | None]:
+def choose_kv_ranks(args: ConvertArgs, plans: dict[int, LayerPlan], shape: SourceShape) -> dict[int, int | None]:
     """r_kv per candidate layer: fixed, by energy threshold, or allocated from a total budget (None = keep GQA)."""
     if args.kv_rank is not None:
         return {i: args.kv_rank for i in plans}
-    spectra = {i: (p.kv_spectrum if p.kv_spectrum is not None else svd.kv_singular_values(p.src)) for i, p in plans.items()}
+    spectra = {i: p.kv_spectrum() for i, p in plans.items()}
     if args.rank_energy is not None:
         return {i: svd.energy_rank(s, args.rank_energy) for i, s in spectra.items()}
-    gqa = 2 * fields["num_key_value_heads"] * fields["head_dim"]
-    kept = fields["num_hidden_layers"] - len(plans)  # layers outside --layers stay GQA and use budget too
-    total = rank_alloc.parse_budget(args.kv_budget, gqa * fields["num_hidden_layers"]) - kept * gqa
+    gqa = shape.kv_elements_per_layer
+    kept = shape.num_layers - len(plans)  # layers outside --layers stay GQA and use budget too
+    total = rank_alloc.parse_budget(args.kv_budget, shape.kv_elements) - kept * gqa
     idx = sorted(plans)
-    limits = [min(fields["hidden_size"], len(spectra[i])) for i in idx]
-    try:
-        ranks, spare = rank_alloc.allocate([spectra[i] for i in idx], total, args.rope_dim, limits,
-                                           gqa_cost=gqa if args.allow_hybrid else None, norm=args.budget_norm)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    limits = [min(shape.hidden_size, len(spectra[i])) for i in idx]
+    ranks, _ = rank_alloc.allocate([spectra[i] for i in idx], total, args.rope_dim, limits,
+                                   gqa_cost=gqa if args.allow_hybrid else None, norm=args.budget_norm)
     return dict(zip(idx, ranks))
+
+
+def layer_specs(args: ConvertArgs, plans: dict[int, LayerPlan], shape: SourceShape, log) -> dict[int, MLASpec]:
+    """The MLA spec of every layer that becomes MLA (the budget may keep some as GQA)."""
+    specs = {}
+    for i, r_kv in choose_kv_ranks(args, plans, shape).items():
+        if r_kv is None:
+            continue  # the budget keeps this layer as GQA
+        rows, q_rank = plans[i].rows, args.q_rank_choice
+        if q_rank is not None and args.q_rank_energy is not None:
+            q_rank = svd.energy_rank(plans[i].q_spectrum(), args.q_rank_energy)
+        rope_aware = rows.pairs is not None  # the source's frequencies, so the source's softmax scale
+        specs[i] = MLASpec.for_source(shape, r_kv, args.rope_dim, q_rank, nope_dim=rows.d_nope,
+                                      latent_norm=args.latent_norm, rope_pairs=rows.pairs,
+                                      softmax_scale=shape.head_dim**-0.5 if rope_aware else None)
+        if specs[i].cache_elements >= shape.kv_elements_per_layer:
+            log(f"warning: layer {i} caches {specs[i].cache_elements} elements per token, not fewer than the "
+                f"source's {shape.kv_elements_per_layer}")
+    if not specs:
+        raise UserError("the KV budget keeps every layer as GQA; lower --kv-budget or drop --allow-hybrid")
+    return specs
 
 
 def mla_rope_parameters(args: ConvertArgs, fields: dict) -> dict | None:
@@ -208,11 +214,12 @@ def mla_rope_parameters(args: ConvertArgs, fields: dict) -> dict | None:
             "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0, "original_max_position_embeddings": 4096}
 
 
-def build_state_dict(args, sd, fields, plans: dict[int, LayerPlan], specs: dict[int, MLASpec]):
+def build_state_dict(args: ConvertArgs, sd: dict, n_layers: int, plans: dict[int, LayerPlan],
+                     specs: dict[int, MLASpec]) -> tuple[dict, list[dict]]:
     """New state dict (float64 for factored weights) and the per-layer report."""
     out = {k: sd[k] for k in MODEL_COPY if k in sd}
     report = []
-    for i in range(fields["num_hidden_layers"]):
+    for i in range(n_layers):
         p = f"model.layers.{i}."
         out.update({p + k: sd[p + k] for k in LAYER_COPY if p + k in sd})
         if i not in specs:
@@ -221,7 +228,7 @@ def build_state_dict(args, sd, fields, plans: dict[int, LayerPlan], specs: dict[
             continue
         spec = specs[i]
         row = {"layer": i, "type": "mla", "q_rank": spec.q_lora_rank, "kv_rank": spec.kv_lora_rank}
-        if args.init != "random":
+        if args.method.factored:
             tensors, rep = factor_layer(plans[i], spec.q_lora_rank, spec.kv_lora_rank, args.sigma)
             out.update({p + "self_attn." + k: v for k, v in tensors.items()})
             row.update(rep)
@@ -232,8 +239,6 @@ def build_state_dict(args, sd, fields, plans: dict[int, LayerPlan], specs: dict[
 def materialise(config: EcoMLAConfig, sd: dict, dtype: torch.dtype, seed: int):
     """An EcoMLAForCausalLM holding `sd`; MLA weights absent from `sd` (random init) are drawn here.
     Loading is strict: a missing or unexpected tensor is an error, never silently skipped."""
-    from ..mla.model import EcoMLAForCausalLM
-
     with torch.device("meta"):
         model = EcoMLAForCausalLM(config)
     expected = model.state_dict()
@@ -256,66 +261,44 @@ def materialise(config: EcoMLAConfig, sd: dict, dtype: torch.dtype, seed: int):
             raise RuntimeError(f"shape mismatch for {name}: built {tuple(t.shape)}, model expects {tuple(meta.shape)}")
         full[name] = t.to(dtype).contiguous()
     model.load_state_dict(full, strict=True, assign=True)
-    model.reset_rope_buffers()
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()
 
 
+def calibration_stats(args: ConvertArgs, src_model, src_path, layers: list[int], log) -> dict:
+    """Per-layer input statistics for the inits that read activations (empty for the others)."""
+    if not args.method.needs_calibration:
+        return {}
+    log(f"calibrating on {args.calib_seqs} x {args.calib_len} tokens of {args.calib_data} (train split)")
+    return layer_input_stats(src_model.float(), load_tokenizer(src_path), str(src_path), args.calib_data,
+                             args.calib_seqs, args.calib_len, args.calib_seed, layers)
+
+
 def convert(args: ConvertArgs, log=print) -> dict:
     t0 = time.time()
     src_config, _ = load_config(args.src)  # validate everything cheap before touching weights
-    try:
-        fields = source_fields(src_config)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    d_nope, d_v, _ = check_shapes(args, fields)
-    mla_idx = parse_layers(args.layers, fields["num_hidden_layers"])
-    if args.mla_rope != "source":
-        mla_rope_parameters(args, fields)
+    fields, shape = source_fields(src_config), SourceShape.of(src_config)
+    d_nope = check_shapes(args, shape)
+    mla_idx = parse_layers(args.layers, shape.num_layers)
+    mla_rope = mla_rope_parameters(args, fields)
     if Path(args.out).exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists; choose another OUT or pass --overwrite")
     src_model, src_path = load_model(args.src, dtype="auto")
     src_dtype = src_model.dtype  # calibration runs in float32 below
     sd = {k: v.detach().cpu() for k, v in src_model.state_dict().items()}
-    stats = {}
-    if args.init in NEEDS_CALIBRATION:
-        from .calibrate import layer_input_stats
-
-        log(f"calibrating on {args.calib_seqs} x {args.calib_len} tokens of {args.calib_data} (train split)")
-        stats = layer_input_stats(src_model.float(), load_tokenizer(src_path), str(src_path), args.calib_data,
-                                  args.calib_seqs, args.calib_len, args.calib_seed, mla_idx)
-    inv_freq = rope_inv_freq(fields["rope_parameters"], fields["head_dim"], fields["max_position_embeddings"])[0]
-    plans = {i: plan_layer(args.init, layer_source(sd, i, fields), args.rope_dim, d_nope, d_v, stats.get(i),
-                           args.damp, args.rope_select, args.rope_key_fit, args.kv_balance, inv_freq,
-                           args.rope_distance)
+    stats = calibration_stats(args, src_model, src_path, mla_idx, log)
+    inv_freq = rope_inv_freq(fields["rope_parameters"], shape.head_dim, fields["max_position_embeddings"])[0]
+    plans = {i: plan_layer(args.method, layer_source(sd, i, shape), args.rope_dim, d_nope, stats.get(i), inv_freq)
              for i in mla_idx}
-    if args.init == "random" and (args.rank_energy is not None or args.kv_budget is not None):
-        for plan in plans.values():
-            plan.kv_spectrum = svd.kv_singular_values(plan.src)
-    kv_ranks = choose_kv_ranks(args, plans, fields)
-    specs = {}
-    for i, r_kv in kv_ranks.items():
-        if r_kv is None:
-            continue  # the budget keeps this layer as GQA
-        plan = plans[i]
-        specs[i] = MLASpec(kv_lora_rank=r_kv, qk_rope_head_dim=args.rope_dim, qk_nope_head_dim=plan.d_nope,
-                           v_head_dim=d_v, q_lora_rank=q_rank_for(args, plan, fields, r_kv),
-                           latent_norm=args.latent_norm, rope_pairs=plan.rope_pairs,
-                           softmax_scale=fields["head_dim"] ** -0.5 if plan.rope is not None else None)
-    if not specs:
-        raise UserError("the KV budget keeps every layer as GQA; lower --kv-budget or drop --allow-hybrid")
-    for i, spec in specs.items():
-        if spec.kv_lora_rank + spec.qk_rope_head_dim >= 2 * fields["num_key_value_heads"] * fields["head_dim"]:
-            log(f"warning: layer {i} caches {spec.cache_elements} elements per token, not fewer than the source's "
-                f"{2 * fields['num_key_value_heads'] * fields['head_dim']}")
+    specs = layer_specs(args, plans, shape, log)
     config = EcoMLAConfig(
         **fields,
-        mla_layers=[specs[i].to_dict() if i in specs else None for i in range(fields["num_hidden_layers"])],
-        mla_rope_parameters=mla_rope_parameters(args, fields),
+        mla_layers=[specs[i].to_dict() if i in specs else None for i in range(shape.num_layers)],
+        mla_rope_parameters=mla_rope,
         architectures=["EcoMLAForCausalLM"],
     )
-    new_sd, report = build_state_dict(args, sd, fields, plans, specs)
+    new_sd, report = build_state_dict(args, sd, shape.num_layers, plans, specs)
     dtype = src_dtype if args.dtype == "auto" else DTYPES[args.dtype]
     model = materialise(config, new_sd, dtype, args.seed)
     summary = kv_summary(config, dtype)

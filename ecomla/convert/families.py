@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..common import UserError
+from ..mla.config import SourceShape
 from ..mla.rope import SUPPORTED_ROPE_TYPES
 
 
@@ -46,19 +48,19 @@ ATTN_COPY_IF_KEPT = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self
 
 
 def check_supported(config) -> Family:
-    """The Family of a source config, or one ValueError naming the architecture and what to do."""
+    """The Family of a source config, or one UserError naming the architecture and what is different."""
     mt = getattr(config, "model_type", None)
     if mt not in FAMILIES:
         why = UNSUPPORTED_WHY.get(mt, "it is not a Llama-family decoder with rotary attention")
-        raise ValueError(
+        raise UserError(
             f"cannot convert architecture {mt!r}: {why}. Supported source families: {', '.join(FAMILIES)}"
         )
     rope = getattr(config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"cannot convert a {mt} model with RoPE type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
+        raise UserError(f"cannot convert a {mt} model with RoPE type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
     if getattr(config, "partial_rotary_factor", 1.0) not in (None, 1.0) or rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"cannot convert a {mt} model with partial rotary embeddings")
+        raise UserError(f"cannot convert a {mt} model with partial rotary embeddings")
     return FAMILIES[mt]
 
 
@@ -69,8 +71,7 @@ def _bias(rule: str, config) -> bool:
 def source_fields(config) -> dict:
     """EcoMLAConfig fields copied or derived from a supported source config."""
     fam = check_supported(config)
-    n = config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    shape, n = SourceShape.of(config), config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:
@@ -79,7 +80,7 @@ def source_fields(config) -> dict:
     return dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=n, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads or config.num_attention_heads, head_dim=head_dim,
+        num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim,
         hidden_act=config.hidden_act, max_position_embeddings=config.max_position_embeddings,
         initializer_range=getattr(config, "initializer_range", 0.02), rms_norm_eps=config.rms_norm_eps,
         pad_token_id=config.pad_token_id, bos_token_id=config.bos_token_id,

@@ -1,10 +1,19 @@
-"""Better starting points than Algorithm 1: RoPE-aware and activation-aware (whitened) MLA initialisation.
+"""The MLA initialisations: their typed description (`InitMethod`) and the rows each one factors (`LayerRows`).
 
 Tensor math only (tensors in, tensors out, float64). Notation as in svd.py: W [out, D] in nn.Linear layout,
 H / G query / KV heads, d_h source head dim, m = d_rope / 2 rotary frequency pairs kept, C = E[x x^T] the
 second moment of a layer's attention input (from calibration data, `calibrate.py`).
 
-RoPE-aware (`rope_pairs`, `shared_rope_key`, `rope_aware_layer`):
+An init is three independent choices (`InitMethod`): factor or draw at random, whiten the factorisations or
+not, and which rotary layout. `INITS` names the five combinations that `--init` offers.
+
+Algorithm 1's rotary layout (X-EcoMLA, arXiv 2503.11132; `algorithm1_rows`):
+  Q:  factor all of W_Q; per head keep the first d_nope dims (NoPE) and the last d_rope dims (RoPE)
+      of the up-projection's rows.
+  KV: one joint factorisation of [W_K; W_V] (K/V repeated to H heads, see svd.py); W_UK = first d_nope dims
+      of each head's K rows; W_UV = each head's V rows.  W_KR = last d_rope rows of the head-averaged W_K,
+      rotated with fresh d_rope-dim frequencies.
+RoPE-aware layout (`rope_pairs`, `shared_rope_key`, `rope_aware_rows`):
 - The source's rotate-half RoPE pairs dim j with dim j + d_h/2 at frequency inv_freq[j]; as a complex number
   z_j = x_j + i x_{j + d_h/2} it is rotated by e^{i t theta_j}. We keep m *whole* pairs with their original
   frequencies, chosen by their contribution to attention scores: sum_h sqrt(E|q_hj|^2) sqrt(E|k_gj|^2).
@@ -13,8 +22,6 @@ RoPE-aware (`rope_pairs`, `shared_rope_key`, `rope_aware_layer`):
   metric). A complex gain commutes with the rotation, so conj(a_gj) is folded into the query of every head
   of group g and scores are preserved up to the rank-1 fit: exact when G = 1, and tested for G > 1.
 - The K dims that become rotary are left out of the joint [K_nope; V] factorisation.
-Whitened (`whitened_factors`): minimise E||(W - W')x||^2 = ||(W - W') L||_F^2 with C + damping = L L^T; the
-SVD of W L gives W' = U_r S_r V_r^T L^{-1} (SVD-LLM / Palu style), for the query and the joint K/V latent.
 """
 
 from __future__ import annotations
@@ -23,35 +30,73 @@ from dataclasses import dataclass
 
 import torch
 
-from .svd import Factors, Source, repeat_heads, small_matrix_threads, truncate
-from .svd import svd as svd_
+from .svd import Source, small_matrix_threads
 
 
-# ---- whitening ---------------------------------------------------------------------------------
-def whitening(cov: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
-    """Lower-triangular L with L L^T = C + damp * mean(diag C) * I (damping keeps rank-deficient C usable)."""
-    c = cov.double()
-    c = c + damp * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-    with small_matrix_threads(c):
-        return torch.linalg.cholesky(c)
+@dataclass(frozen=True)
+class RopeChoice:
+    """Keep whole source frequency pairs as the rotary dims, and fit one rotary key shared by the KV heads."""
+
+    select: str = "contribution"  # which pairs: 'contribution', 'magnitude' or 'high' (see rope_pairs)
+    distance: int = 512  # token distances the 'contribution' rule averages a pair's lost rotation over
+    key_fit: str = "pca"  # shared key: rank-1 complex PCA across KV heads ('pca') or their mean ('mean')
 
 
-def whitened_svd(w: torch.Tensor, L: torch.Tensor | None):
-    """SVD of W L (or of W): singular values are errors in activation space."""
-    wl = w.double() @ L if L is not None else w.double()
-    return svd_(wl)
+@dataclass(frozen=True)
+class InitMethod:
+    """How an MLA layer's weights are initialised from its source layer."""
+
+    factored: bool = True  # False: MLA attention weights drawn at random (an ablation)
+    whiten: bool = False  # factorisations minimise the error on calibration activations, not on weights
+    rope: RopeChoice | None = None  # None: Algorithm 1's rotary layout
+    kv_balance: bool = False  # scale K to V's energy before the joint K/V factorisation (TransMLA's BKV)
+    damp: float = 1e-4  # whitening damping, a fraction of the mean diagonal of C
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whitening and the rope-aware pair choice / key fit read the layer-input second moment C."""
+        return self.whiten or self.rope is not None
 
 
-def whitened_factors(w: torch.Tensor, L: torch.Tensor | None, rank: int, sigma: str = "up") -> Factors:
-    """Rank-`rank` factors minimising the activation-space error (plain SVD when L is None)."""
-    u, s, vh = whitened_svd(w, L)
-    f = truncate(u, s, vh, rank, sigma)
-    if L is not None:  # down @ L^{-1}: solve L^T X = down^T
-        f.down = torch.linalg.solve_triangular(L.T, f.down.T, upper=True).T
-    return f
+INITS = {
+    "xecomla": InitMethod(),
+    "random": InitMethod(factored=False),
+    "whitened": InitMethod(whiten=True),
+    "rope-aware": InitMethod(rope=RopeChoice()),
+    "rope-whitened": InitMethod(whiten=True, rope=RopeChoice()),
+}
 
 
-# ---- RoPE pairs --------------------------------------------------------------------------------
+@dataclass
+class LayerRows:
+    """The matrices an MLA layer is factored from, and where their rows go in the MLA heads."""
+
+    q_rows: torch.Tensor  # [H*d_q, D]: the query rows that are factored
+    q_bias: torch.Tensor | None  # [H*d_q]
+    kv_rows: torch.Tensor  # [G*d_k + G*d_h, D]: K rows of every KV head, then V
+    kv_bias: torch.Tensor | None  # [G*d_k + G*d_h]
+    w_kr: torch.Tensor  # [d_rope, D]: the rotary key shared by all heads
+    b_kr: torch.Tensor | None  # [d_rope]
+    d_q: int  # query dims per head in q_rows; each head keeps its first d_nope and last d_rope
+    d_k: int  # K dims per KV head in kv_rows; each head keeps its first d_nope (svd.kv_up_rows)
+    d_nope: int
+    d_rope: int
+    pairs: list[int] | None  # source frequency pairs of the rotary dims; None = fresh frequencies
+
+
+def algorithm1_rows(src: Source, d_nope: int, d_rope: int) -> LayerRows:
+    """Algorithm 1's layout: all of W_Q and [W_K; W_V] factored, the last d_rope dims rotary."""
+    G, d_h = src.G, src.d_h
+    w_kr = src.w_k.double().reshape(G, d_h, -1).mean(0)[d_h - d_rope :]  # [d_rope, D], head-averaged
+    has_bias = src.b_k is not None
+    return LayerRows(
+        q_rows=src.w_q.double(), q_bias=None if src.b_q is None else src.b_q.double(),
+        kv_rows=src.w_kv.double(), kv_bias=torch.cat([src.b_k, src.b_v]).double() if has_bias else None,
+        w_kr=w_kr, b_kr=src.b_k.double().reshape(G, d_h).mean(0)[d_h - d_rope :] if has_bias else None,
+        d_q=d_h, d_k=d_h, d_nope=d_nope, d_rope=d_rope, pairs=None,
+    )
+
+
 def _pair_energy(rows_re: torch.Tensor, rows_im: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """E|z|^2 for complex functionals z = (re + i im) x, rows [n, D] -> [n]."""
     return ((rows_re @ cov) * rows_re).sum(-1) + ((rows_im @ cov) * rows_im).sum(-1)
@@ -118,21 +163,8 @@ def shared_rope_key(src: Source, pairs: list[int], L: torch.Tensor | None, fit: 
     return rows, torch.stack(gains, dim=1), bias
 
 
-@dataclass
-class RopeAwareLayer:
-    """The matrices an MLA layer is factored from, with rotary dims handled whole-pair."""
-
-    q_rows: torch.Tensor  # [H*(d_nope+d_rope), D]: per head NoPE dims, then the kept pairs (gain-adjusted)
-    q_bias: torch.Tensor | None
-    kv_rows: torch.Tensor  # [G*d_nope + G*d_h, D]: K NoPE rows of every KV head, then V
-    kv_bias: torch.Tensor | None
-    w_kr: torch.Tensor  # [d_rope, D]
-    b_kr: torch.Tensor | None
-    pairs: list[int]
-    d_nope: int
-
-
-def rope_aware_layer(src: Source, pairs: list[int], L: torch.Tensor | None, fit: str = "pca") -> RopeAwareLayer:
+def rope_aware_rows(src: Source, pairs: list[int], L: torch.Tensor | None, fit: str = "pca") -> LayerRows:
+    """The rope-aware layout: per head the NoPE dims then the kept pairs (gain-adjusted); K NoPE rows and V."""
     half, D = src.d_h // 2, src.w_q.shape[1]
     keep = pairs + [j + half for j in pairs]
     nope = [d for d in range(src.d_h) if d not in set(keep)]
@@ -158,18 +190,6 @@ def rope_aware_layer(src: Source, pairs: list[int], L: torch.Tensor | None, fit:
     kv_bias = None
     if src.b_k is not None:
         kv_bias = torch.cat([src.b_k.double().reshape(src.G, src.d_h)[:, nope].reshape(-1), src.b_v.double()])
-    return RopeAwareLayer(q_rows, q_bias, kv_rows, kv_bias, w_kr, b_kr, pairs, len(nope))
-
-
-def kv_up_rows(up: torch.Tensor, G: int, H: int, d_nope: int, d_v: int) -> torch.Tensor:
-    """Up-projection rows [G*d_nope + G*d_v, r] of the un-repeated [K_nope; V] -> kv_b_proj [H*(d_nope+d_v), r]."""
-    r = up.shape[1]
-    k = repeat_heads(up[: G * d_nope], G, H).reshape(H, d_nope, r)
-    v = repeat_heads(up[G * d_nope :], G, H).reshape(H, d_v, r)
-    return torch.cat([k, v], dim=1).reshape(-1, r)
-
-
-def kv_up_bias(bias: torch.Tensor, G: int, H: int, d_nope: int, d_v: int) -> torch.Tensor:
-    k = repeat_heads(bias[: G * d_nope], G, H).reshape(H, d_nope)
-    v = repeat_heads(bias[G * d_nope :], G, H).reshape(H, d_v)
-    return torch.cat([k, v], dim=1).reshape(-1)
+    d_nope, d_rope = len(nope), 2 * len(pairs)
+    return LayerRows(q_rows, q_bias, kv_rows, kv_bias, w_kr, b_kr, d_q=d_nope + d_rope, d_k=d_nope, d_nope=d_nope,
+                     d_rope=d_rope, pairs=pairs)

@@ -14,6 +14,8 @@ import heapq
 
 import torch
 
+from ..common import UserError
+
 
 def _gains(spectra: list[torch.Tensor], norm: str) -> list[torch.Tensor]:
     out = []
@@ -47,8 +49,8 @@ def allocate(spectra: list[torch.Tensor], budget: int, d_rope: int, limits: list
     limits = [min(int(lim), len(g)) for lim, g in zip(limits, gains)]
     floor = n * (min_rank + d_rope)
     if budget < floor:
-        raise ValueError(f"KV budget of {budget} elements/token is below the minimum {floor} "
-                         f"({n} layers x (rank {min_rank} + d_rope {d_rope}))")
+        raise UserError(f"a KV budget of {budget} elements/token is below the minimum {floor} "
+                        f"({n} layers x (rank {min_rank} + d_rope {d_rope})); raise --kv-budget")
     ranks: list[int | None] = [min_rank] * n
     if gqa_cost is None:
         spare = _fill(gains, ranks, limits, budget - floor, range(n))
@@ -95,4 +97,4 @@ def parse_budget(text: str, source_elements: int) -> int:
             return int(source_elements // ratio)
         return int(text)
     except ValueError:
-        raise ValueError(f"--kv-budget {text!r}: use a compression ratio like 4x or a number of elements") from None
+        raise UserError(f"--kv-budget {text!r}: use a compression ratio like 4x or a number of elements") from None

@@ -1,22 +1,20 @@
-"""Tensor math of the conversion: SVD factorisations, rank rules, and the paper's Algorithm 1.
+"""Tensor math of the conversion: (whitened) SVD factorisations, rank rules, and head bookkeeping.
 
 No I/O and no model objects: tensors in, tensors out. Everything is computed in float64.
 Weights use nn.Linear's layout (out, in): y = x W^T. The paper writes W as (in, out); the SVD of
 the transpose swaps U and V, which is why `down` below is built from Vh.
 
 Notation: D hidden, H query heads, G KV heads, g = H/G, d_h source head dim, r_q / r_kv ranks,
-d_nope / d_rope / d_v per-head dims.
+d_nope / d_rope / d_v per-head dims, C = E[x x^T] the second moment of a layer's attention input.
 
-Algorithm 1 (X-EcoMLA, arXiv 2503.11132):
-  Q:  W_Q = U S Vh;  W_DQ = Vh[:r_q];  W_UQR = U[:, :r_q] S  (sigma on the up-projection)
-      per head: NoPE rows = first d_nope dims, RoPE rows = last d_rope dims
-  KV: [W_K; W_V] with K/V repeated to H heads; one joint SVD; W_DKV = Vh[:r_kv]; W_UKV = U S
-      W_UK = first d_nope dims of each head's K rows; W_UV = each head's V rows
-  W_KR = last d_rope rows of the head-averaged W_K
-Repeating the G KV heads to H heads multiplies [K; V] by R with R^T R = g I, so its SVD is
-(R U / sqrt(g)) (sqrt(g) S) Vh: the same right factors, hence the same product at every rank. We
-factor the un-repeated matrix (g times cheaper) and repeat U's rows; a test pins this against the
-literal repeated SVD.
+Whitened factorisation (`whitened_factors`): minimise E||(W - W')x||^2 = ||(W - W') L||_F^2 with
+C + damping = L L^T; the SVD of W L gives W' = U_r S_r V_r^T L^{-1} (SVD-LLM / Palu style). With L = None it
+is the plain weight SVD of the paper.
+
+K/V head repeat (`kv_up_rows`): repeating the G KV heads to H heads multiplies [K; V] by R with R^T R = g I,
+so its SVD is (R U / sqrt(g)) (sqrt(g) S) Vh: the same right factors, hence the same product at every rank.
+We factor the un-repeated matrix (g times cheaper) and repeat the up-projection's rows; a test pins this
+against the paper's literal repeated SVD.
 """
 
 from __future__ import annotations
@@ -36,15 +34,30 @@ class Factors:
     up: torch.Tensor  # [out, r]
     singular_values: torch.Tensor  # all of them, descending
 
+
+@dataclass
+class Source:
+    """One source attention layer, nn.Linear layout."""
+
+    w_q: torch.Tensor  # [H*d_h, D]
+    w_k: torch.Tensor  # [G*d_h, D]
+    w_v: torch.Tensor  # [G*d_h, D]
+    b_q: torch.Tensor | None
+    b_k: torch.Tensor | None
+    b_v: torch.Tensor | None
+    H: int
+    G: int
+    d_h: int
+
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+    def w_kv(self) -> torch.Tensor:
+        return torch.cat([self.w_k, self.w_v], dim=0)  # [2*G*d_h, D]
 
 
 @contextlib.contextmanager
 def small_matrix_threads(w: torch.Tensor):
-    """One CPU thread for small factorisations: LAPACK's threaded SVD gains nothing at these sizes and, on a
-    busy machine, OpenMP threads waiting for each other made a 288x576 SVD take 15 s instead of 0.1 s."""
+    """One CPU thread for small factorisations: LAPACK's threaded SVD gains nothing at these sizes, and on a
+    busy machine OpenMP threads waiting for each other can make it far slower than one thread."""
     if w.device.type != "cpu" or min(w.shape) > 2048:
         yield
         return
@@ -73,6 +86,29 @@ def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, sigm
     return Factors(down=s[:rank, None] * vh[:rank], up=u[:, :rank], singular_values=s)
 
 
+def whitening(cov: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
+    """Lower-triangular L with L L^T = C + damp * mean(diag C) * I (damping keeps rank-deficient C usable)."""
+    c = cov.double()
+    c = c + damp * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+    with small_matrix_threads(c):
+        return torch.linalg.cholesky(c)
+
+
+def whitened_svd(w: torch.Tensor, L: torch.Tensor | None):
+    """SVD of W L (or of W): singular values are errors in activation space (or in weight space)."""
+    wl = w.double() @ L if L is not None else w.double()
+    return svd(wl)
+
+
+def whitened_factors(w: torch.Tensor, L: torch.Tensor | None, rank: int, sigma: str = "up") -> Factors:
+    """Rank-`rank` factors minimising the activation-space error (plain SVD when L is None)."""
+    u, s, vh = whitened_svd(w, L)
+    f = truncate(u, s, vh, rank, sigma)
+    if L is not None:  # down @ L^{-1}: solve L^T X = down^T
+        f.down = torch.linalg.solve_triangular(L.T, f.down.T, upper=True).T
+    return f
+
+
 def energy_rank(s: torch.Tensor, delta: float) -> int:
     """Smallest R with sum_{j<=R} s_j^2 >= delta * sum_j s_j^2 (paper Eqs. 13-14)."""
     if not 0.0 < delta <= 1.0:
@@ -88,20 +124,9 @@ def truncation_error(s: torch.Tensor, rank: int) -> float:
     return math.sqrt(float(s2[rank:].sum() / s2.sum()))
 
 
-def parity_q_rank(D: int, H: int, G: int, d_h: int, r_kv: int, d_nope: int, d_rope: int, d_v: int) -> int:
-    """r_q giving the MLA attention about the source's Q/K/V parameter count (paper section 4.1).
-
-    Source: D*H*d_h + 2*D*G*d_h.  MLA: r_q*(D + H*(d_nope + d_rope)) + D*(r_kv + d_rope) + r_kv*H*(d_nope + d_v).
-    """
-    source = D * H * d_h + 2 * D * G * d_h
-    kv = D * (r_kv + d_rope) + r_kv * H * (d_nope + d_v)
-    r_q = (source - kv) // (D + H * (d_nope + d_rope))
-    return int(max(1, min(r_q, D, H * (d_nope + d_rope))))
-
-
 def select_head_dims(w: torch.Tensor, n_heads: int, d_h: int, d_nope: int, d_rope: int) -> torch.Tensor:
     """Rows of a per-head projection [n_heads*d_h, ...] -> [n_heads*(d_nope+d_rope), ...]:
-    the first d_nope and the last d_rope dims of every head."""
+    the first d_nope and the last d_rope dims of every head (all of them, in order, when d_nope+d_rope = d_h)."""
     w3 = w.reshape(n_heads, d_h, *w.shape[1:])
     return torch.cat([w3[:, :d_nope], w3[:, d_h - d_rope :]], dim=1).reshape(n_heads * (d_nope + d_rope), *w.shape[1:])
 
@@ -111,69 +136,11 @@ def repeat_heads(w: torch.Tensor, G: int, H: int) -> torch.Tensor:
     return w.reshape(G, -1, *w.shape[1:]).repeat_interleave(H // G, dim=0).reshape(-1, *w.shape[1:])
 
 
-@dataclass
-class Source:
-    """One source attention layer, nn.Linear layout."""
-
-    w_q: torch.Tensor  # [H*d_h, D]
-    w_k: torch.Tensor  # [G*d_h, D]
-    w_v: torch.Tensor  # [G*d_h, D]
-    b_q: torch.Tensor | None
-    b_k: torch.Tensor | None
-    b_v: torch.Tensor | None
-    H: int
-    G: int
-    d_h: int
-
-    @property
-    def w_kv(self) -> torch.Tensor:
-        return torch.cat([self.w_k, self.w_v], dim=0)  # [2*G*d_h, D]
-
-
-def xecomla_query(src: Source, r_q: int | None, d_nope: int, d_rope: int, sigma: str) -> tuple[dict, dict]:
-    """MLA query weights by Algorithm 1. Returns (tensors by MLA name, report)."""
-    H, d_h = src.H, src.d_h
-    out: dict[str, torch.Tensor] = {}
-    b_q = None if src.b_q is None else select_head_dims(src.b_q, H, d_h, d_nope, d_rope)
-    if r_q is None:
-        out["q_proj.weight"] = select_head_dims(src.w_q.double(), H, d_h, d_nope, d_rope)
-        if b_q is not None:
-            out["q_proj.bias"] = b_q
-        return out, {"q_rank": None, "q_error": 0.0}
-    u, s, vh = svd(src.w_q)
-    f = truncate(u, s, vh, r_q, sigma)
-    out["q_a_proj.weight"] = f.down
-    out["q_b_proj.weight"] = select_head_dims(f.up, H, d_h, d_nope, d_rope)
-    if b_q is not None:
-        out["q_b_proj.bias"] = b_q
-    return out, {"q_rank": r_q, "q_error": truncation_error(s, r_q)}
-
-
-def xecomla_kv(src: Source, r_kv: int, d_nope: int, d_rope: int, d_v: int, sigma: str) -> tuple[dict, dict]:
-    """MLA key/value weights by Algorithm 1 (joint SVD of the head-repeated [W_K; W_V])."""
-    H, G, d_h = src.H, src.G, src.d_h
-    if d_v != d_h:
-        raise ValueError(f"Algorithm 1 keeps whole value heads: d_v must equal the source head dim {d_h}, got {d_v}")
-    u, s, vh = svd(src.w_kv)
-    f = truncate(u, s, vh, r_kv, sigma)
-    up_k, up_v = repeat_heads(f.up[: G * d_h], G, H), repeat_heads(f.up[G * d_h :], G, H)  # [H*d_h, r]
-    k_nope = up_k.reshape(H, d_h, r_kv)[:, :d_nope]
-    kv_b = torch.cat([k_nope, up_v.reshape(H, d_h, r_kv)], dim=1).reshape(H * (d_nope + d_v), r_kv)
-    w_kr = src.w_k.double().reshape(G, d_h, -1).mean(0)[d_h - d_rope :]  # [d_rope, D], head-averaged
-    out = {"kv_a_proj_with_mqa.weight": torch.cat([f.down, w_kr], dim=0), "kv_b_proj.weight": kv_b}
-    if src.b_k is not None:
-        b_k = repeat_heads(src.b_k.double(), G, H).reshape(H, d_h)
-        b_v = repeat_heads(src.b_v.double(), G, H).reshape(H, d_h)
-        b_kr = src.b_k.double().reshape(G, d_h).mean(0)[d_h - d_rope :]
-        out["kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(r_kv, dtype=torch.float64), b_kr])
-        out["kv_b_proj.bias"] = torch.cat([b_k[:, :d_nope], b_v], dim=1).reshape(-1)
-    report = {"kv_rank": r_kv, "kv_error": truncation_error(s, r_kv), "kv_energy": 1 - truncation_error(s, r_kv) ** 2}
-    return out, report
-
-
-def kv_singular_values(src: Source) -> torch.Tensor:
-    return svd(src.w_kv)[1]
-
-
-def q_singular_values(src: Source) -> torch.Tensor:
-    return svd(src.w_q)[1]
+def kv_up_rows(w: torch.Tensor, G: int, H: int, d_k: int, d_nope: int) -> torch.Tensor:
+    """kv_b_proj rows [H*(d_nope+d_v), ...] from rows [G*d_k + G*d_v, ...] of a factored [K; V] (the up-projection
+    [.., r] or a bias [..]): every KV head repeated to its query heads, the first d_nope of its d_k K dims kept.
+    d_k = d_h for Algorithm 1 (all K dims factored), d_k = d_nope when only the NoPE K dims were factored."""
+    rest = w.shape[1:]
+    k = repeat_heads(w[: G * d_k], G, H).reshape(H, d_k, *rest)[:, :d_nope]  # [H, d_nope, ...]
+    v = repeat_heads(w[G * d_k :], G, H).reshape(H, -1, *rest)  # [H, d_v, ...]
+    return torch.cat([k, v], dim=1).reshape(-1, *rest)

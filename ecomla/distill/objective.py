@@ -1,63 +1,73 @@
-"""The two stage-1 objectives as one nn.Module, so accelerate/DDP/FSDP wrap a single thing.
+"""The two stage-1 objectives as one nn.Module, so accelerate/DDP/FSDP wrap a single thing; its forward
+dispatches on the type of the batch.
 
-Notation: B batch, T block length, N target tokens, D hidden, L MLA layers.
+Notation: B batch, T block length, N target tokens, D hidden, V vocabulary, L MLA layers.
 
-- ILD (layer-wise alignment): every MLA layer gets the *source* model's normed input to that layer and
-  regresses the source attention output (o_proj included):  sum_l ||attn_l(x_l) - y_l||^2 / ||y_l||^2,
+- ILD (layer-wise alignment, `ILDBatch`): every MLA layer gets the *source* model's normed input to that layer
+  and regresses the source attention output (o_proj included):  sum_l ||attn_l(x_l) - y_l||^2 / ||y_l||^2,
   a relative error per layer, averaged over layers. Only attention runs: no MLP, no lm_head.
-- KD (end to end): the student's final hidden states at target positions go through lm_head in chunks
+- KD (end to end, `KDBatch`): the student's final hidden states at target positions go through lm_head in chunks
   against the teacher's logits (ecomla.losses.chunked_loss); forward KL by default.
 
-Both return (loss to backpropagate, local loss sum, local count). The loss is already normalised by the
-*global* count over ranks and micro-batches (passed in), times the world size: after DDP averages
+Both return (loss to backpropagate, local loss sum). The loss is already normalised by the *global* count over
+ranks and micro-batches (folded into `scale` by the trainer), times the world size: after DDP averages
 gradients over ranks, the update equals that of one process seeing the whole global batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import nn
 
 from ..losses import chunked_loss
-from ..mla.attention import MLAAttention, build_mask
+from ..mla.attention import build_mask
+
+
+@dataclass
+class ILDBatch:
+    inputs: dict[int, torch.Tensor]  # MLA layer -> source normed attention input [B, T, D]
+    targets: dict[int, torch.Tensor]  # layer -> source attention output [B, T, D]
+    denoms: dict[int, torch.Tensor]  # layer -> global sum ||y_l||^2 over ranks and micro-batches
+    scale: float
+
+
+@dataclass
+class KDBatch:
+    input_ids: torch.Tensor  # [B, T]
+    loss_mask: torch.Tensor  # [B, T], True at target tokens
+    teacher_logits: Callable[[int, int], torch.Tensor] | None  # (lo, hi) -> [hi-lo, V] for target rows; None: CE only
+    scale: float
 
 
 class Objective(nn.Module):
-    def __init__(self, student: nn.Module, loss_kind: str = "forward", temperature: float = 1.0,
-                 kl_weight: float = 1.0, ce_weight: float = 0.0, chunk: int = 1024,
-                 compile_loss: bool = False):
+    def __init__(self, student: nn.Module, **loss):
+        """loss: options of chunked_loss (kind, temperature, kl_weight, ce_weight, chunk, compiled)."""
         super().__init__()
-        self.student = student
-        self.loss_kind, self.temperature = loss_kind, temperature
-        self.kl_weight, self.ce_weight, self.chunk = kl_weight, ce_weight, chunk
-        self.compile_loss = compile_loss
+        self.student, self.loss = student, loss
 
-    def mla_layers(self) -> list[tuple[int, MLAAttention]]:
-        return [(i, layer.self_attn) for i, layer in enumerate(self.student.model.layers)
-                if isinstance(layer.self_attn, MLAAttention)]
+    def forward(self, batch: ILDBatch | KDBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ild(batch) if isinstance(batch, ILDBatch) else self.kd(batch)
 
-    def forward(self, mode: str, **kw):
-        return self.ild(**kw) if mode == "ild" else self.kd(**kw)
-
-    def ild(self, inputs: dict[int, torch.Tensor], targets: dict[int, torch.Tensor], denoms: dict[int, torch.Tensor],
-            scale: float):
-        """inputs/targets: layer -> [B, T, D] from the source model; denoms: layer -> global sum ||y_l||^2."""
-        B, T = next(iter(inputs.values())).shape[:2]
-        pos = torch.arange(T, device=next(iter(inputs.values())).device)[None].expand(B, T)
-        mask = build_mask(None, T, 0, None, pos.device)
+    def ild(self, b: ILDBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        x = next(iter(b.inputs.values()))
+        B, T = x.shape[:2]
+        pos = torch.arange(T, device=x.device)[None].expand(B, T)
+        ropes = self.student.model.rotary(pos, x.dtype)  # per layer (cos, sin)
+        mask = build_mask(None, T, 0, None, x.device)
         total = pos.new_zeros((), dtype=torch.float32)
-        for i, attn in self.mla_layers():
-            out = attn(inputs[i], position_ids=pos, attention_mask=mask, mla_path="decompressed")
-            total = total + ((out.float() - targets[i].float()) ** 2).sum() / denoms[i]
-        n_layers = len(self.mla_layers())
-        return total * scale / n_layers, total.detach() / n_layers, 1
+        for i, x_i in b.inputs.items():
+            attn = self.student.model.layers[i].self_attn
+            out = attn(x_i, rope=ropes[i], attention_mask=mask, mla_path="decompressed")
+            total = total + ((out.float() - b.targets[i].float()) ** 2).sum() / b.denoms[i]
+        return total * b.scale / len(b.inputs), total.detach() / len(b.inputs)
 
-    def kd(self, input_ids: torch.Tensor, loss_mask: torch.Tensor, teacher_logits_fn, scale: float):
-        """input_ids [B, T]; loss_mask [B, T] (targets); teacher_logits_fn(lo, hi) -> [hi-lo, V] for target rows."""
-        h = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, D]
-        sel = loss_mask[:, 1:]
-        labels = input_ids[:, 1:][sel]  # [N]
-        total, n = chunked_loss(h[:, :-1][sel], self.student.get_output_embeddings(), teacher_logits_fn, labels,
-                                self.loss_kind, self.temperature, self.kl_weight, self.ce_weight, self.chunk,
-                                compiled=self.compile_loss)
-        return total * scale, total.detach(), n
+    def kd(self, b: KDBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.student.model(input_ids=b.input_ids, use_cache=False).last_hidden_state  # [B, T, D]
+        sel = b.loss_mask[:, 1:]
+        labels = b.input_ids[:, 1:][sel]  # [N]
+        total, _ = chunked_loss(h[:, :-1][sel], self.student.get_output_embeddings(), b.teacher_logits, labels,
+                                **self.loss)
+        return total * b.scale, total.detach()

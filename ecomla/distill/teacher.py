@@ -4,7 +4,7 @@
 - `TeacherLogits`: for KD, the teacher's logits at the student's target rows, either from a live teacher
   (final hidden states once per batch, lm_head applied per chunk) or from a top-k cache on disk.
 - `TopKCache`: the teacher's top-k log-probabilities per target token, computed once per (teacher, data,
-  block) and reused by later runs (e.g. the 2x/4x/8x students of the demo share one cache).
+  block) and reused by later runs (e.g. students of several ratios distilled from one teacher share one cache).
 
 Notation: B batch, T block length, N target tokens, V vocabulary, K top-k.
 """
@@ -80,9 +80,6 @@ class TopKCache:
 
     def path(self, block: int) -> Path:
         return self.dir / f"block-{block:07d}.pt"
-
-    def has(self, blocks: range) -> bool:
-        return all(self.path(b).is_file() for b in blocks)
 
     @torch.no_grad()
     def fill(self, teacher, packed, blocks: range, batch_size: int, device) -> None:

@@ -1,4 +1,4 @@
-"""The stage-1 training loop on accelerate: setup / step / train / save_checkpoint / resume.
+"""The stage-1 training loop on accelerate: setup, `ild_step` / `kd_step`, the run, checkpoints, finish.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` blocks on each of `world` processes.
 Step s, micro-batch m, rank r reads blocks [(s*ga + m)*world*B + r*B, ... + B) of the packed train split,
@@ -6,13 +6,15 @@ so the data position is just the step counter: a resumed run (model, optimizer, 
 by accelerate) continues on exactly the blocks the uninterrupted run would have seen.
 
 Steps [0, S_ild) are layer-wise alignment (MLA parameters only, lr `ild_lr`), then [S_ild, S_ild+S_kd)
-are end-to-end KD (the `trainable` set, lr `lr`); each stage has its own warmup + cosine.
+are end-to-end KD (the `trainable` set, lr `lr`); each stage has its own warmup + cosine. The run ends
+with the final HF checkpoint in OUT/ and a held-out KL / perplexity check.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -20,14 +22,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
-from ..io import UserError, load_model, load_tokenizer, resolve
+from ..common import UserError, cache_dir
+from ..data.chat import load_chat, split_chat
+from ..data.packing import PackedChat
+from ..eval.fidelity import fidelity
+from ..io import load_model, load_tokenizer, recorded_source, resolve
 from ..mla.attention import MLAAttention
-from .objective import Objective
-from .run import DistillArgs
+from .args import DistillArgs
+from .objective import ILDBatch, KDBatch, Objective
 from .teacher import TeacherLogits, TopKCache, attention_io
 
 
@@ -55,14 +60,24 @@ def schedule(step: int, steps: int, warmup_ratio: float, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
+def accelerator(precision: str, find_unused_parameters: bool) -> Accelerator:
+    """An Accelerator; accelerate keeps one mixed precision per process, so asking another is a clear error."""
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
+    try:
+        return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", kwargs_handlers=[ddp])
+    except ValueError as err:  # "AcceleratorState has already been initialized and cannot be changed ..."
+        if "already been initialized" not in str(err):
+            raise
+        raise UserError(f"--precision {precision}: this process already trained with another precision, and "
+                        "accelerate allows one per process; run this distillation in a new process") from err
+
+
 class Trainer:
     def __init__(self, args: DistillArgs):
         self.args = a = args
         self.out = Path(a.out)
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=a.stage != "kd" and a.trainable != "mla")
-        # Several runs in one process (the demo, tests) may differ in precision; the process group is kept.
-        AcceleratorState._reset_state(reset_partial_state=False)
-        self.acc = Accelerator(mixed_precision="bf16" if a.precision == "bf16" else "no", kwargs_handlers=[ddp])
+        self.ckpt_root = self.out / "checkpoints"
+        self.acc = accelerator(a.precision, find_unused_parameters=a.stage != "kd" and a.trainable != "mla")
         set_seed(a.seed)
         self.world = self.acc.num_processes
         self._load_models()
@@ -74,47 +89,39 @@ class Trainer:
     def _load_models(self):
         a = self.args
         self.student, self.student_path = load_model(a.student, dtype="float32")
-        if not any(isinstance(l.self_attn, MLAAttention) for l in self.student.model.layers):
+        self.mla_layers = [i for i, l in enumerate(self.student.model.layers) if isinstance(l.self_attn, MLAAttention)]
+        if not self.mla_layers:
             raise UserError(f"{a.student} has no MLA layer; convert it first with `ecomla convert`")
-        meta = Path(self.student_path) / "ecomla_convert.json"
-        self.source_spec = json.loads(meta.read_text())["source"] if meta.is_file() else None
-        teacher_spec = self.source_spec if a.teacher == "source" else a.teacher
-        if teacher_spec is None:
+        self.source_spec = recorded_source(self.student_path)
+        self.teacher_spec = self.source_spec if a.teacher == "source" else a.teacher
+        if self.teacher_spec is None:
             raise UserError(f"{a.student} records no source model; pass --teacher")
-        tdtype = "bfloat16" if a.precision == "bf16" else "float32"
+        dtype = "bfloat16" if a.precision == "bf16" else "float32"
         need_teacher = a.stage != "ild" and a.kl_weight > 0
-        self.teacher = load_model(teacher_spec, dtype=tdtype, device=self.acc.device)[0] if need_teacher else None
+        frozen = lambda s: load_model(s, dtype=dtype, device=self.acc.device)[0].requires_grad_(False)  # noqa: E731
+        self.teacher = frozen(self.teacher_spec) if need_teacher else None
         if self.teacher is not None and self.teacher.config.vocab_size != self.student.config.vocab_size:
-            raise UserError(f"teacher {teacher_spec} has vocabulary {self.teacher.config.vocab_size}, the student "
-                            f"{self.student.config.vocab_size}: KD needs the same tokenizer")
-        self.teacher_spec = teacher_spec
+            raise UserError(f"teacher {self.teacher_spec} has vocabulary {self.teacher.config.vocab_size}, the "
+                            f"student {self.student.config.vocab_size}: KD needs the same tokenizer (--teacher)")
         self.source = None
         if a.stage != "kd" and a.ild_tokens > 0:
             if self.source_spec is None:
-                raise UserError("layer-wise alignment needs the source model recorded by `ecomla convert`")
-            same = self.teacher is not None and resolve(self.source_spec) == resolve(teacher_spec)
-            self.source = self.teacher if same else load_model(self.source_spec, dtype=tdtype, device=self.acc.device)[0]
-        for m in (self.teacher, self.source):
-            if m is not None:
-                m.requires_grad_(False)
+                raise UserError("layer-wise alignment needs the source model recorded by `ecomla convert` "
+                                "(or pass --stage kd)")
+            same = self.teacher is not None and resolve(self.source_spec) == resolve(self.teacher_spec)
+            self.source = self.teacher if same else frozen(self.source_spec)
 
     def _setup_data(self):
-        from ..data.chat import load_chat, split_chat
-        from ..data.packing import PackedChat
-
         a = self.args
         self.tok = load_tokenizer(self.student_path)
         self.split = split_chat(load_chat(a.data))
         self.packed = PackedChat(self.split["train"], self.tok, a.seq_len, seed=a.seed, mask_prompt=a.mask_prompt)
-        per_step = self.world * a.batch_size * a.grad_accum * a.seq_len
-        self.tokens_per_step = per_step
-        self.ild_steps = math.ceil(a.ild_tokens / per_step) if (a.stage != "kd" and a.ild_tokens > 0) else 0
-        self.kd_steps = math.ceil(a.max_tokens / per_step) if a.stage != "ild" else 0
+        self.tokens_per_step = self.world * a.batch_size * a.grad_accum * a.seq_len
+        self.ild_steps = math.ceil(a.ild_tokens / self.tokens_per_step) if (a.stage != "kd" and a.ild_tokens > 0) else 0
+        self.kd_steps = math.ceil(a.max_tokens / self.tokens_per_step) if a.stage != "ild" else 0
         self.total_steps = self.ild_steps + self.kd_steps
         self.topk = None
         if a.teacher_topk > 0 and self.kd_steps:
-            from ..assets.wheels import cache_dir
-
             self.topk = TopKCache(cache_dir() / "teacher_topk", str(resolve(self.teacher_spec)), a.data, a.seq_len,
                                   a.seed, a.teacher_topk, a.mask_prompt)
 
@@ -126,9 +133,10 @@ class Trainer:
         for name, ps in groups.items():
             for p in ps:
                 p.requires_grad_(name in trained)
-        self.objective = Objective(self.student, a.loss, a.temperature, a.kl_weight, a.ce_weight, a.chunk,
-                                   compile_loss=a.compile_loss)
-        opt_groups = [{"params": [p for p in groups[n] if p.requires_grad], "lr": 1.0, "name": n} for n in sorted(trained)]
+        self.objective = Objective(self.student, kind=a.loss, temperature=a.temperature, kl_weight=a.kl_weight,
+                                   ce_weight=a.ce_weight, chunk=a.chunk, compiled=a.compile_loss)
+        opt_groups = [{"params": [p for p in groups[n] if p.requires_grad], "lr": 1.0, "name": n}
+                      for n in sorted(trained)]
         self.optimizer = torch.optim.AdamW(opt_groups, lr=1.0, betas=a.beta_pair, weight_decay=a.weight_decay)
         lambdas = [lambda s, n=g["name"]: self.lr_at(s, n) for g in opt_groups]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
@@ -153,50 +161,50 @@ class Trainer:
         b = self.packed.batch(blocks[0], len(blocks))
         return {k: v.to(self.acc.device) for k, v in b.items()}
 
-    def train_step(self, step: int) -> dict:
-        a = self.args
-        stage = "ild" if step < self.ild_steps else "kd"
-        micro = [self.blocks(step, m) for m in range(a.grad_accum)]
-        batches = [self.batch(b) for b in micro]
-        if stage == "ild":
-            ild = [self._ild_inputs(b) for b in batches]
-            local = {i: sum(float(t[i].float().pow(2).sum()) for _, t in ild) for i in ild[0][1]}
-            denoms = {i: self.acc.reduce(torch.tensor(v, device=self.acc.device), "sum") for i, v in local.items()}
-            count = 1.0
-        else:
-            count = float(self.acc.reduce(torch.tensor(float(sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)),
-                                                       device=self.acc.device), "sum"))
+    def ild_step(self, step: int) -> dict:
+        """Layer-wise alignment: the loss is the global relative error, averaged over MLA layers."""
+        with self.acc.autocast():  # per micro-batch ({layer: source input}, {layer: source output}), each [B, T, D]
+            io = [attention_io(self.source, self.batch(self.blocks(step, m))["input_ids"], self.mla_layers)
+                  for m in range(self.args.grad_accum)]
+        local = {i: sum(float(y[i].float().pow(2).sum()) for _, y in io) for i in io[0][1]}
+        denoms = {i: self.acc.reduce(torch.tensor(v, device=self.acc.device), "sum") for i, v in local.items()}
+        total = sum(self._backward(m, ILDBatch(x, y, denoms, scale=float(self.world))) for m, (x, y) in enumerate(io))
+        return {"stage": "ild", "loss": self._sum_over_ranks(total), **self._update()}
+
+    def kd_step(self, step: int) -> dict:
+        """End-to-end KD: the loss is the mean per target token over ranks and micro-batches."""
+        blocks = [self.blocks(step, m) for m in range(self.args.grad_accum)]
+        batches = [self.batch(b) for b in blocks]
+        count = max(self._sum_over_ranks(sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)), 1.0)
         total = 0.0
-        for m, b in enumerate(batches):
-            sync = nullcontext() if m == a.grad_accum - 1 else self.acc.no_sync(self.model)
-            with sync:
-                if stage == "ild":
-                    inputs, targets = ild[m]
-                    loss, part, _ = self.model("ild", inputs=inputs, targets=targets, denoms=denoms,
-                                               scale=float(self.world))
-                else:
-                    loss, part, _ = self.model("kd", input_ids=b["input_ids"], loss_mask=b["loss_mask"],
-                                               teacher_logits_fn=self._teacher_fn(b, micro[m]),
-                                               scale=self.world / max(count, 1.0))
-                self.acc.backward(loss)
-                total += float(part)
+        for m, (blk, b) in enumerate(zip(blocks, batches)):
+            teacher = self._teacher_logits(b, blk)
+            total += self._backward(m, KDBatch(b["input_ids"], b["loss_mask"], teacher, scale=self.world / count))
+        return {"stage": "kd", "loss": self._sum_over_ranks(total) / count, **self._update()}
+
+    def _backward(self, micro: int, batch: ILDBatch | KDBatch) -> float:
+        """Forward + backward of one micro-batch (gradients synchronised on the last); its local loss sum."""
+        last = micro == self.args.grad_accum - 1
+        with nullcontext() if last else self.acc.no_sync(self.model):
+            loss, part = self.model(batch)
+            self.acc.backward(loss)
+        return float(part)
+
+    def _update(self) -> dict:
+        """Clip, optimizer step, schedule step, zero grads; the gradient norm and the rate this step used."""
+        a = self.args
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = self.acc.clip_grad_norm_(params, a.grad_clip) if a.grad_clip > 0 else None
-        lr = max(g["lr"] for g in self.optimizer.param_groups)  # the rate this step used
+        lr = max(g["lr"] for g in self.optimizer.param_groups)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = float(self.acc.reduce(torch.tensor(total, device=self.acc.device), "sum"))
-        if stage == "kd":  # mean per target token; ILD parts are already global relative errors
-            loss /= max(count, 1.0)
-        return {"stage": stage, "loss": loss, "grad_norm": None if norm is None else float(norm), "lr": lr}
+        return {"grad_norm": None if norm is None else float(norm), "lr": lr}
 
-    def _ild_inputs(self, b: dict):
-        layers = [i for i, l in enumerate(self.student.model.layers) if isinstance(l.self_attn, MLAAttention)]
-        with self.acc.autocast():
-            return attention_io(self.source, b["input_ids"], layers)
+    def _sum_over_ranks(self, x: float) -> float:
+        return float(self.acc.reduce(torch.tensor(float(x), device=self.acc.device), "sum"))
 
-    def _teacher_fn(self, b: dict, blocks: list[int]):
+    def _teacher_logits(self, b: dict, blocks: list[int]):
         if self.args.kl_weight == 0:
             return None
         if self.topk is not None:
@@ -204,10 +212,6 @@ class Trainer:
         return TeacherLogits(self.teacher, b["input_ids"], b["loss_mask"])
 
     # ---- checkpoints -------------------------------------------------------------------------
-    @property
-    def ckpt_root(self) -> Path:
-        return self.out / "checkpoints"
-
     def save_checkpoint(self, elapsed: float) -> Path:
         final = self.ckpt_root / f"step-{self.step:07d}"
         tmp = final.with_name(final.name + ".tmp")
@@ -243,38 +247,39 @@ class Trainer:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if "step" in row and self.tensorboard() is not None:
+        if "step" in row and self.tensorboard is not None:
             for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                 if row.get(key) is not None:
-                    self._tb.add_scalar(f"{row['stage']}/{key}", row[key], row["step"])
+                    self.tensorboard.add_scalar(f"{row['stage']}/{key}", row[key], row["step"])
 
-    def tensorboard(self):
-        """A SummaryWriter on OUT/tensorboard when the tensorboard package is installed, else None."""
-        if not hasattr(self, "_tb"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            except ImportError:
-                self._tb = None
-        return self._tb
-
-    def run(self) -> dict:
-        from .finish import finish
-
+    def _start(self) -> None:
+        """Refuse to overwrite an earlier run, resume one, open TensorBoard, fill the top-k teacher cache."""
         a = self.args
         if self.acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
             if not a.resume and (self.ckpt_root.exists() or (self.out / "metrics.jsonl").exists()):
-                raise UserError(f"{self.out} holds an earlier run; pass --resume to continue it or choose another --out")
+                raise UserError(f"{self.out} holds an earlier run; pass --resume to continue it or choose another "
+                                "--out")
         self.acc.wait_for_everyone()
         if a.resume:
             self.resume()
+        self.tensorboard = None
+        if self.acc.is_main_process:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                pass
         if self.topk is not None and self.acc.is_main_process:
             per_step = self.world * a.batch_size * a.grad_accum
             self.topk.fill(self.teacher, self.packed, range(self.ild_steps * per_step, self.total_steps * per_step),
                            a.batch_size, self.acc.device)
         self.acc.wait_for_everyone()
+
+    def run(self) -> dict:
+        a = self.args
+        self._start()
         t0 = time.time()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (a.progress and self.acc.is_main_process),
                    desc="distill", unit="step")
@@ -288,7 +293,7 @@ class Trainer:
                         stopped = "time budget"
                         break
                 ts = time.time()
-                row = self.train_step(self.step)
+                row = self.ild_step(self.step) if self.step < self.ild_steps else self.kd_step(self.step)
                 self.step += 1
                 step_times.append(time.time() - ts)
                 row.update(step=self.step - 1, tokens=self.step * self.tokens_per_step,
@@ -305,4 +310,56 @@ class Trainer:
         self.save_checkpoint(self.elapsed_before + time.time() - t0)
         if stopped == "interrupted":
             raise KeyboardInterrupt
-        return finish(self, stopped, self.elapsed_before + time.time() - t0)
+        return self.finish(stopped, self.elapsed_before + time.time() - t0)
+
+    # ---- finish -----------------------------------------------------------------------------
+    def save_final(self) -> None:
+        """Write the student as a loadable HF folder into OUT (files staged, then renamed into place)."""
+        student = self.acc.unwrap_model(self.model).student
+        state = self.acc.get_state_dict(self.model)
+        if not self.acc.is_main_process:
+            return
+        stage = self.out / ".final.tmp"
+        shutil.rmtree(stage, ignore_errors=True)
+        student.save_pretrained(stage, state_dict={k.removeprefix("student."): v for k, v in state.items()})
+        self.tok.save_pretrained(stage)
+        convert_record = Path(self.student_path) / "ecomla_convert.json"
+        if convert_record.is_file():
+            shutil.copy(convert_record, stage / "ecomla_convert.json")
+        # the weights land before config.json, so a reader never sees a config without its weights
+        for name in sorted(os.listdir(stage), key=lambda n: n == "config.json"):
+            os.replace(stage / name, self.out / name)
+        stage.rmdir()
+
+    def heldout_check(self) -> dict | None:
+        """KL to the teacher, top-1 agreement and perplexities on --eval-tokens held-out chat tokens."""
+        a = self.args
+        if a.eval_tokens <= 0 or self.teacher is None or not self.acc.is_main_process:
+            return None
+        student = self.acc.unwrap_model(self.model).student.eval()
+        heldout = PackedChat(self.split["heldout"], self.tok, a.seq_len, seed=0)
+        batches = heldout.take_tokens(a.eval_tokens, a.batch_size)
+        with self.acc.autocast():
+            res = fidelity({"student": student}, self.teacher, batches, desc="held-out check")
+        s = res["student"]
+        return {"kl_to_teacher": s["kl"], "top1_agreement": s["top1_agreement"], "ppl_chat": s["ppl"],
+                "teacher_ppl_chat": res["teacher"]["ppl"], "tokens": s["tokens"]}
+
+    def finish(self, stopped: str, elapsed: float) -> dict:
+        """Final checkpoint, held-out check, OUT/ecomla_train.json (arguments + summary); the summary."""
+        self.save_final()
+        self.acc.wait_for_everyone()
+        check = self.heldout_check()
+        summary = {"stopped": stopped, "steps": self.step, "tokens": self.step * self.tokens_per_step,
+                   "ild_steps": self.ild_steps, "kd_steps": self.kd_steps, "minutes": round(elapsed / 60, 2),
+                   "teacher": self.teacher_spec, "heldout": check, "world_size": self.world}
+        if self.acc.is_main_process:
+            self.log({"final": summary})
+            args = {k: getattr(self.args, k) for k in self.args.__dataclass_fields__}
+            (self.out / "ecomla_train.json").write_text(json.dumps({"args": args, **summary}, indent=2))
+            print(f"distill: {stopped} after {self.step} steps ({summary['tokens']:,} tokens, {summary['minutes']} "
+                  f"min); held-out: {check}")
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        return summary
+

@@ -25,7 +25,7 @@ from pathlib import Path
 import datasets
 
 from ..data.chat import ROLES
-from ..io import UserError
+from ..common import UserError
 
 COLUMNS = ("prompt", "chosen", "rejected")
 SPLITS = ("train_prefs", "train")

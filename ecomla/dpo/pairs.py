@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..generate.generate import encode
-from ..io import UserError
+from ..common import UserError
 from .data import prompt_lengths
 
 

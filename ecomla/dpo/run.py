@@ -21,13 +21,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import datasets
+
 from ..args import arg
-from ..io import UserError
+from ..common import UserError
+from ..data.chat import load_chat, split_chat
+from ..data.packing import PackedChat
+from ..eval.fidelity import fidelity
+from ..generate.generate import prepared
+from ..io import load_model, load_tokenizer, recorded_source, resolve
+from ..mla import EcoMLAForCausalLM
+from .data import COLUMNS, drop_long_prompts, load_preferences
+from .pairs import PairSpec, build_pairs, load_cached, save_pairs, show
+from .trainer import make_config, train
 
 # The CPU default (recipes/dpo-cpu-smollm2.yaml holds the same values; a test keeps them equal). beta stays at the
-# authors' 0.01; lr is 2e-5, 40x the authors' 5e-7, because a CPU run gets tens of steps, not thousands: on a
-# 4x SmolLM2 student (docs/DPO.md) 5e-6 moved the reward margin by 0.03 in 7 steps, 2e-5 by 0.09 in 5 steps,
-# without hurting held-out KL or perplexity. Short answers and sequences keep a step and the pair generation
+# authors' 0.01; lr is 40x the authors' 5e-7 because a CPU run gets tens of steps, not thousands (the learning-rate
+# runs behind this choice are in docs/DPO.md). Short answers and sequences keep a step and the pair generation
 # affordable on 2 CPU cores.
 CPU_RECIPE = dict(make_pairs=True, pairs=64, max_new_tokens=64, temperature=1.0, gen_batch_size=16, beta=0.01,
                   lr=2e-5, batch_size=4, grad_accum=1, epochs=2.0, max_length=256, max_prompt_length=128,
@@ -110,11 +120,6 @@ def cpu_args(model: str, out: str, **overrides) -> DPOArgs:
     return DPOArgs(model=model, out=out, **{**CPU_RECIPE, **overrides})
 
 
-def source_of(model_path: str) -> str | None:
-    meta = Path(model_path) / "ecomla_convert.json"
-    return json.loads(meta.read_text()).get("source") if meta.is_file() else None
-
-
 def _check_out(args: DPOArgs, out: Path) -> None:
     if ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()) and not args.resume:
         raise UserError(f"{out} holds an earlier run; pass --resume to continue it or choose another --out")
@@ -124,9 +129,6 @@ def _check_out(args: DPOArgs, out: Path) -> None:
 
 def _make_pairs(args, state, ref, model_path: str, teacher_spec: str | None, chat, out: Path, log) -> tuple:
     """Pairs from OUT's cache or built now (main process first; the others then read the cache)."""
-    from ..io import load_model, load_tokenizer, resolve
-    from .pairs import PairSpec, build_pairs, load_cached, save_pairs, show
-
     if teacher_spec is None:
         raise UserError(f"{args.model} records no source model (no ecomla_convert.json); pass --teacher")
     spec = PairSpec(student=str(Path(model_path).resolve()), teacher=str(resolve(teacher_spec)),
@@ -140,7 +142,10 @@ def _make_pairs(args, state, ref, model_path: str, teacher_spec: str | None, cha
         else:
             teacher, tpath = load_model(teacher_spec, dtype="float32", device=state.device)
             ref.to(state.device)
-            pairs, stats = build_pairs(spec, ref, teacher, load_tokenizer(tpath), chat["train"], log)
+            pairs, stats = build_pairs(spec, prepared(ref), prepared(teacher), load_tokenizer(tpath), chat["train"],
+                                       log)
+            if isinstance(ref, EcoMLAForCausalLM):
+                ref.drop_decode_preparation()  # from here on it is DPO's reference model
             del teacher
             save_pairs(out, pairs, stats, spec)
     if state.is_main_process:
@@ -151,10 +156,6 @@ def _make_pairs(args, state, ref, model_path: str, teacher_spec: str | None, cha
 
 
 def _preferences(args, state, ref, tok, model_path, teacher_spec, chat, out: Path, log):
-    import datasets
-
-    from .data import COLUMNS, drop_long_prompts, load_preferences
-
     if args.make_pairs:
         pairs, stats = _make_pairs(args, state, ref, model_path, teacher_spec, chat, out, log)
         ds = datasets.Dataset.from_list([{c: p[c] for c in COLUMNS} for p in pairs])
@@ -171,10 +172,6 @@ def _preferences(args, state, ref, tok, model_path, teacher_spec, chat, out: Pat
 
 def heldout_check(args, state, model_path: str, out: Path, teacher_spec: str | None, chat, log) -> dict | None:
     """KL(teacher || model) and perplexity on held-out chat tokens, MODEL (before) vs OUT (after), fresh loads."""
-    from ..data.packing import PackedChat
-    from ..eval.fidelity import fidelity
-    from ..io import load_model, load_tokenizer
-
     if args.eval_tokens <= 0 or not state.is_main_process:
         return None
     before = load_model(model_path, dtype="float32", device=state.device)[0]
@@ -192,10 +189,6 @@ def heldout_check(args, state, model_path: str, out: Path, teacher_spec: str | N
 
 def run_dpo(args: DPOArgs, log=print) -> dict:
     """The whole stage; returns the summary also written to OUT/ecomla_dpo.json."""
-    from ..data.chat import load_chat, split_chat
-    from ..io import load_model, load_tokenizer
-    from .trainer import make_config, train
-
     t0, out = time.time(), Path(args.out)
     _check_out(args, out)
     config = make_config(args, out)  # sets up the (distributed) state the way the Trainer will use it
@@ -206,7 +199,7 @@ def run_dpo(args: DPOArgs, log=print) -> dict:
     policy, model_path = load_model(args.model, dtype="float32")
     ref = load_model(model_path, dtype="float32")[0].requires_grad_(False)  # the frozen copy: DPO's reference
     tok = load_tokenizer(model_path)
-    teacher_spec = args.teacher or source_of(model_path)
+    teacher_spec = args.teacher or recorded_source(model_path)
     chat = split_chat(load_chat(args.chat_data)) if args.make_pairs or args.eval_tokens else None
     ds, data_info = _preferences(args, state, ref, tok, model_path, teacher_spec, chat, out, log)
     ref.cpu()
@@ -237,7 +230,3 @@ def _describe(metrics: dict) -> str:
     return (f"loss {first['loss']:.4f} -> {last['loss']:.4f}, reward margin {last['rewards/margins']:.4f}, reward "
             f"accuracy {last['rewards/accuracies']:.2f} (last 10 logs: loss {tail['loss']:.4f}, margin "
             f"{tail['rewards/margins']:.4f}, accuracy {tail['rewards/accuracies']:.2f})")
-
-
-def main(args: DPOArgs) -> dict:
-    return run_dpo(args)

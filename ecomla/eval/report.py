@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plots import pyplot, save
+
 TASK_ORDER = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "openbookqa", "piqa", "winogrande")
 
 
@@ -38,23 +40,6 @@ def table(results: dict) -> list[str]:
         cells.append(_fmt(m.get("average"), True))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display on these machines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save(fig, path: Path) -> bool:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    pyplot().close(fig)
-    return True
 
 
 def plot_tasks(results: dict, path: Path) -> bool:

@@ -14,6 +14,8 @@ plots. Metrics per model:
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import platform
 import time
@@ -21,9 +23,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 from ..args import arg
-from ..io import UserError, count_params, load_model, load_tokenizer
+from ..common import UserError
+from ..data.chat import load_chat, split_chat
+from ..data.packing import PackedChat, text_batches
+from ..data.text import load_texts
+from ..generate.generate import generate
+from ..info import kv_info
+from ..io import count_params, load_model, load_tokenizer, recorded_source
 from . import report
 from .fidelity import fidelity
 from .tasks import average, parse_tasks, run_tasks
@@ -57,18 +66,10 @@ class EvalArgs:
 
 
 def default_teacher(model_specs: list[str]) -> str | None:
-    for spec in model_specs:
-        meta = Path(spec) / "ecomla_convert.json"
-        if meta.is_file():
-            return json.loads(meta.read_text()).get("source")
-    return None
+    return next((s for s in map(recorded_source, model_specs) if s is not None), None)
 
 
 def heldout_batches(tok, args: EvalArgs) -> dict[str, list[dict]]:
-    from ..data.chat import load_chat, split_chat
-    from ..data.packing import PackedChat, text_batches
-    from ..data.text import load_texts
-
     chat = split_chat(load_chat(args.data))["heldout"]
     return {
         "chat": PackedChat(chat, tok, args.seq_len, seed=0).take_tokens(args.max_tokens, args.batch_size),
@@ -77,9 +78,6 @@ def heldout_batches(tok, args: EvalArgs) -> dict[str, list[dict]]:
 
 
 def kv_measurement(model, tok) -> dict:
-    from ..generate.generate import generate
-    from ..info import kv_info
-
     res = generate(model, tok, ["Hello"], max_new_tokens=2)
     info = kv_info(model.config)
     return {"kv_bytes_per_token": res["cache_bytes_per_token"], "compression": info["compression"],
@@ -150,8 +148,6 @@ def evaluate(args: EvalArgs, log=print) -> dict:
 def answer_cache(out: Path, model_path: str) -> str | None:
     """lm-eval answer-cache prefix for one model, keyed by its weight files (so a rerun after an interruption
     resumes, and a retrained model never reuses stale answers). None for hub ids."""
-    import hashlib
-
     folder = Path(model_path)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
@@ -162,13 +158,6 @@ def answer_cache(out: Path, model_path: str) -> str | None:
 
 
 def versions() -> dict:
-    import lm_eval
-    import transformers
-
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "lm_eval": getattr(lm_eval, "__version__", "?"), "machine": platform.machine(),
+            "lm_eval": importlib.metadata.version("lm-eval"), "machine": platform.machine(),
             "threads": torch.get_num_threads()}
-
-
-def main(args: EvalArgs) -> dict:
-    return evaluate(args)

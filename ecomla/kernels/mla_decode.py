@@ -14,8 +14,7 @@ GEMMs, [H, W] x [W, S] and [H, S] x [S, r_kv].
   computes in fp32 (a copy of the cache), which is what a reference should do.
 - `mla_decode_triton` (in `triton_mla.py`): the fused split-KV kernel for CUDA, imported lazily so the
   package works without triton.
-- `decode_fn(latent)`: which of them `MLAAttention._absorbed` should call for this cache, or None to keep
-  its SDPA formulation (CPU half precision, where CPU GEMMs would round the scores to bf16).
+Which one a model uses is chosen once, by `model.prepare_for_decode()` (`ecomla.mla.decode.pick_kernel`).
 
     from ecomla.kernels.mla_decode import mla_decode_torch
     o_lat = mla_decode_torch(q_lat, q_rope, latent, scale)   # [B, H, r_kv]
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Callable
 
 import torch
 
@@ -85,12 +83,3 @@ def mla_decode_triton(q_lat, q_rope, latent, scale, lengths=None, num_splits=Non
     from .triton_mla import mla_decode
 
     return mla_decode(q_lat, q_rope, _rows(latent), scale, lengths=lengths, num_splits=num_splits)
-
-
-def decode_fn(latent: torch.Tensor) -> Callable | None:
-    """The decode fast path for a latent cache on this device and dtype, or None (keep SDPA)."""
-    if latent.is_cuda:  # the kernel has no backward: autograd keeps the SDPA path
-        return mla_decode_triton if triton_available() and not torch.is_grad_enabled() else None
-    if latent.device.type == "cpu" and latent.dtype == torch.float32:
-        return mla_decode_torch  # ~2x faster than SDPA for this shape on CPU (docs/BENCH.md), and exact
-    return None

@@ -68,8 +68,18 @@ def reserve_latent(cache: Cache, batch_size: int, max_len: int, config, dtype, d
             layer.reserve(batch_size, max_len, spec.cache_elements, dtype, device)
 
 
+def allocated_bytes(layer) -> int:
+    """Bytes a cache layer holds now, reserved rows included: a layer that preallocates says so through its own
+    `allocated_bytes()`; for any other layer (DynamicLayer, StaticLayer) it is what its keys and values hold."""
+    if hasattr(layer, "allocated_bytes"):
+        return layer.allocated_bytes()
+    if not getattr(layer, "is_initialized", False) or layer.keys is None:
+        return 0
+    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+
+
 def cache_stats(cache: Cache) -> dict:
-    """Measured from the live cache tensors: tokens held, bytes held, bytes per token per sequence."""
+    """Measured from the live cache tensors: tokens held, bytes held (and allocated), bytes per token per sequence."""
     live, per_token, batch, seq = 0, 0, 0, 0
     layers = []
     for layer in cache.layers:
@@ -82,17 +92,7 @@ def cache_stats(cache: Cache) -> dict:
         row = nbytes // max(b * s, 1)
         per_token += row
         batch, seq = max(batch, b), max(seq, s)
-        layers.append({"type": type(layer).__name__, "bytes_per_token": row, "elements_per_token": row // k.element_size()})
-    return {
-        "batch": batch,
-        "seq_len": seq,
-        "live_bytes": live,
-        "bytes_per_token": per_token,
-        "allocated_bytes": sum(l.allocated_bytes() if isinstance(l, LatentCacheLayer) else 0 for l in cache.layers)
-        + sum(
-            (l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size())
-            for l in cache.layers
-            if not isinstance(l, LatentCacheLayer) and getattr(l, "is_initialized", False) and l.keys is not None
-        ),
-        "layers": layers,
-    }
+        layers.append({"type": type(layer).__name__, "bytes_per_token": row,
+                       "elements_per_token": row // k.element_size()})
+    return {"batch": batch, "seq_len": seq, "live_bytes": live, "bytes_per_token": per_token,
+            "allocated_bytes": sum(allocated_bytes(layer) for layer in cache.layers), "layers": layers}

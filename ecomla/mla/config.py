@@ -3,21 +3,88 @@
 A checkpoint folder written by `ecomla convert` has an ordinary `config.json` with `model_type: "ecomla"`.
 After `import ecomla`, `AutoConfig.from_pretrained(dir)` returns an `EcoMLAConfig`.
 
-Notation (DESIGN.md): D hidden size, H query heads, G source KV heads, d_h source head dim,
+Notation (docs/DESIGN-NOTES.md): D hidden size, H query heads, G source KV heads, d_h source head dim,
 r_q query rank (None = full-rank query), r_kv latent rank, d_nope / d_rope / d_v per-head dims.
 Field names inside a layer spec follow transformers' DeepseekV3 (q_lora_rank, kv_lora_rank, ...).
+
+Every shape is derived here, once: `SourceShape.of(config)` reads a source's attention shape (head-dim and
+KV-head fallbacks, 2*G*d_h cached elements per layer), `MLASpec.for_source` derives an MLA layer from it
+(d_nope = d_h - d_rope, d_v = d_h, r_q by parameter parity), `parse_q_rank` reads `--q-rank`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import ALLOWED_ATTN_LAYER_TYPES, PreTrainedConfig
 
+from ..common import UserError
+
 # Cache-layer type of an MLA layer; `ecomla.mla.cache.LatentCacheLayer` registers itself under this name.
 LATENT_LAYER_TYPE = "latent_attention"
+
+QRank = int | Literal["auto"] | None  # r_q: a rank, parameter parity with the source, or a full-rank q_proj
+
+
+def parse_q_rank(text: str | int | None) -> QRank:
+    """`--q-rank`: an integer, 'auto' (parameter parity with the source, paper 4.1) or 'none' (full-rank q_proj)."""
+    if text is None or text == "none":
+        return None
+    if text == "auto":
+        return "auto"
+    if isinstance(text, int) or str(text).isdigit():
+        return int(text)
+    raise UserError(f"--q-rank must be an integer, 'auto' or 'none', got {text!r}")
+
+
+@dataclass(frozen=True)
+class SourceShape:
+    """The attention shape of a GQA source (any Llama-family HF config, or an EcoMLAConfig's source)."""
+
+    hidden_size: int  # D
+    num_heads: int  # H
+    num_kv_heads: int  # G
+    head_dim: int  # d_h
+    num_layers: int
+
+    @classmethod
+    def of(cls, config) -> "SourceShape":
+        H = config.num_attention_heads
+        return cls(hidden_size=config.hidden_size, num_heads=H,
+                   num_kv_heads=getattr(config, "num_key_value_heads", None) or H,
+                   head_dim=getattr(config, "head_dim", None) or config.hidden_size // H,
+                   num_layers=config.num_hidden_layers)
+
+    @property
+    def kv_elements_per_layer(self) -> int:
+        """Elements a GQA layer caches per token: K and V of every KV head, 2 * G * d_h."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @property
+    def kv_elements(self) -> int:
+        return self.kv_elements_per_layer * self.num_layers
+
+    def kv_rank_for_ratio(self, ratio: float, rope_dim: int) -> int:
+        """r_kv that makes an MLA layer cache `ratio` times fewer elements than the source: 2*G*d_h/ratio - d_rope."""
+        r_kv = int(self.kv_elements_per_layer / ratio) - rope_dim
+        if r_kv < 1:
+            raise UserError(f"a {ratio:g}x smaller cache leaves no room for a latent beside d_rope={rope_dim} "
+                            f"({self.kv_elements_per_layer} elements per token per layer in the source)")
+        return r_kv
+
+    def parity_q_rank(self, r_kv: int, d_nope: int, d_rope: int, d_v: int) -> int:
+        """r_q giving the MLA attention about the source's Q/K/V parameter count (paper section 4.1).
+
+        Source: D*H*d_h + 2*D*G*d_h.  MLA: r_q*(D + H*(d_nope + d_rope)) + D*(r_kv + d_rope) + r_kv*H*(d_nope + d_v).
+        """
+        D, H = self.hidden_size, self.num_heads
+        source = D * H * self.head_dim + D * self.kv_elements_per_layer
+        kv = D * (r_kv + d_rope) + r_kv * H * (d_nope + d_v)
+        r_q = (source - kv) // (D + H * (d_nope + d_rope))
+        return int(max(1, min(r_q, D, H * (d_nope + d_rope))))
 
 
 @dataclass
@@ -65,6 +132,25 @@ class MLASpec:
     def cache_elements(self) -> int:
         """Elements cached per token: [c_kv | roped k_rope]."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @classmethod
+    def for_source(cls, src: SourceShape, kv_rank: int, rope_dim: int, q_rank: QRank = "auto",
+                   nope_dim: int | None = None, **fields) -> "MLASpec":
+        """The MLA layer for a source: d_nope = d_h - d_rope unless given, d_v = d_h (o_proj is reused), r_q from
+        `q_rank` (parameter parity for 'auto'). `fields`: latent_norm, rope_pairs, softmax_scale."""
+        d_h = src.head_dim
+        if rope_dim > d_h:
+            raise UserError(f"--rope-dim {rope_dim} is larger than the source head dim {d_h}")
+        d_nope = d_h - rope_dim if nope_dim is None else nope_dim
+        if not 0 <= d_nope <= d_h:
+            raise UserError(f"--nope-dim must be in [0, {d_h}] (the source head dim), got {d_nope}")
+        if q_rank == "auto":
+            q_rank = src.parity_q_rank(kv_rank, d_nope, rope_dim, d_h)
+        try:
+            return cls(kv_lora_rank=kv_rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=d_nope, v_head_dim=d_h,
+                       q_lora_rank=q_rank, **fields)
+        except ValueError as err:
+            raise UserError(str(err)) from err
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,10 +204,8 @@ class EcoMLAConfig(PreTrainedConfig):
     layer_types: list[str] | None = None  # cache-layer type per layer, derived from mla_layers
 
     def __post_init__(self, **kwargs):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
+        shape = SourceShape.of(self)  # head_dim and num_key_value_heads default as in the source families
+        self.head_dim, self.num_key_value_heads = shape.head_dim, shape.num_kv_heads
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         if self.mla_layers is None:
@@ -172,11 +256,11 @@ class EcoMLAConfig(PreTrainedConfig):
 
     def kv_elements_per_token(self) -> int:
         """Cached elements per token summed over layers (MLA: r_kv + d_rope; kept GQA: 2*G*d_h)."""
-        gqa = 2 * self.num_key_value_heads * self.head_dim
+        gqa = SourceShape.of(self).kv_elements_per_layer
         return sum(gqa if s is None else MLASpec.from_dict(s).cache_elements for s in self.mla_layers)
 
     def source_kv_elements_per_token(self) -> int:
-        return 2 * self.num_key_value_heads * self.head_dim * self.num_hidden_layers
+        return SourceShape.of(self).kv_elements
 
 
-__all__ = ["EcoMLAConfig", "MLASpec", "LATENT_LAYER_TYPE"]
+__all__ = ["EcoMLAConfig", "MLASpec", "SourceShape", "QRank", "parse_q_rank", "LATENT_LAYER_TYPE"]

@@ -5,9 +5,12 @@ Embeddings, RMSNorms and the SwiGLU MLP are transformers' Llama modules; the att
 
     import ecomla  # registers the "ecomla" model type with the Auto classes
     model = AutoModelForCausalLM.from_pretrained("out/smollm2-4x")
+    model.prepare_for_decode()  # optional, for inference: folded weights and the decode kernel (decode.py)
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -20,6 +23,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from . import cache as _cache  # noqa: F401  (registers the latent cache layer type)
 from .attention import GQAAttention, MLAAttention, build_mask
 from .config import EcoMLAConfig
+from .decode import AbsorbedWeights, folded, pick_kernel
+from .rope import RotaryTables
 
 
 class EcoMLADecoderLayer(GradientCheckpointingLayer):
@@ -31,10 +36,10 @@ class EcoMLADecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, mla_path=None, **kwargs):
+    def forward(self, hidden_states, rope, attention_mask=None, cache=None, mla_path=None, **kwargs):
         h = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_ids=position_ids, attention_mask=attention_mask,
-            cache=cache, mla_path=mla_path,
+            self.input_layernorm(hidden_states), rope=rope, attention_mask=attention_mask, cache=cache,
+            mla_path=mla_path,
         )
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -56,14 +61,41 @@ class EcoMLAPreTrainedModel(PreTrainedModel):
         bad = {k: v for k, v in bad.items() if v}
         if bad:
             raise ValueError(f"checkpoint {args[0] if args else ''} does not match its config: {bad}")
-        model.reset_rope_buffers()
         return (model, info) if want_info else model
 
-    def reset_rope_buffers(self) -> None:
-        """Recompute every layer's rotary frequencies (non-persistent buffers are empty after a meta-device build)."""
-        for m in self.modules():
-            if isinstance(m, (MLAAttention, GQAAttention)):
-                m.reset_rope()
+    def mla_attention(self) -> list[MLAAttention]:
+        return [m for m in self.modules() if isinstance(m, MLAAttention)]
+
+    def prepare_for_decode(self, kernel: str = "auto", fold: bool = True):
+        """Fold every MLA layer's weights for the absorbed path and pick the decode kernel for their device and
+        dtype (`ecomla.mla.decode`); returns the model in eval mode. `fold=False` keeps the plain weights (only the
+        kernel is chosen). Prepare once the weights are final: later in-place changes are not seen. `train()`
+        drops the preparation; after `.to(...)` prepare again."""
+        self.eval()
+        for attn in self.mla_attention():
+            weight = attn.kv_b_proj.weight
+            chosen = pick_kernel(weight.device, weight.dtype, kernel)
+            attn.prepared = folded(attn, chosen) if fold else replace(AbsorbedWeights.plain(attn), kernel=chosen)
+        return self
+
+    def decode_kernel(self) -> str | None:
+        """The prepared decode kernel ('sdpa' = none), or None when the model is not prepared."""
+        prepared = [a.prepared for a in self.mla_attention() if a.prepared is not None]
+        if not prepared:
+            return None
+        return prepared[0].kernel.name if prepared[0].kernel is not None else "sdpa"
+
+    def drop_decode_preparation(self):
+        """Back to the plain absorbed path (views of the projections, autograd intact)."""
+        for attn in self.mla_attention():
+            attn.prepared = None
+        return self
+
+    def train(self, mode: bool = True):
+        """Training drops a decode preparation: its folded weights carry no gradient."""
+        if mode:
+            self.drop_decode_preparation()
+        return super().train(mode)
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -75,6 +107,8 @@ class EcoMLAPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, LlamaRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, RotaryTables):  # non-persistent: recomputed after every load
+            module.reset()
 
 
 class EcoMLAModel(EcoMLAPreTrainedModel):
@@ -83,6 +117,7 @@ class EcoMLAModel(EcoMLAPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(EcoMLADecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = RotaryTables(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -112,13 +147,14 @@ class EcoMLAModel(EcoMLAPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=h.device)[None].expand(B, T)
+        ropes = self.rotary(position_ids, h.dtype)  # per layer (cos, sin)
         masks = {}
         hidden = [h] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             window = self.config.layer_window(i)
             if window not in masks:
                 masks[window] = build_mask(attention_mask, T, past, window, h.device)
-            h = layer(h, attention_mask=masks[window], position_ids=position_ids, cache=cache, mla_path=mla_path)
+            h = layer(h, rope=ropes[i], attention_mask=masks[window], cache=cache, mla_path=mla_path)
             if hidden is not None:
                 hidden.append(h)
         h = self.norm(h)

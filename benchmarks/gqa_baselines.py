@@ -1,4 +1,12 @@
-"""The fair GQA decode baseline (`gqa-fair` run): the same care the MLA path gets, applied to the GQA source.
+"""The fair GQA decode baselines (runs `gqa-fair`, `gqa-fair-sdpa`): the care the MLA path gets, given to the source.
+
+    python benchmarks/gqa_baselines.py out/smollm2-8x --contexts 4k --batches 8 --runs absorbed,gqa-fair,gqa-static
+
+    from benchmarks import gqa_baselines
+    fair = gqa_baselines.register()  # the packed attention functions, into transformers' AttentionInterface
+    rows = bench(BenchArgs(..., runs="absorbed,gqa-fair"), extra_runs=fair)
+
+As a script it is `ecomla bench` (same flags) with these runs known; --runs defaults to the core runs + gqa-fair.
 
 Notation: B batch, T new tokens, S cached tokens, H query heads, G KV heads, n_rep = H / G, d_h head dim.
 
@@ -7,23 +15,27 @@ Notation: B batch, T new tokens, S cached tokens, H query heads, G KV heads, n_r
   rows of that head (q [B, H, 1, d_h] -> [B, G, n_rep, d_h]; head h uses KV head h // n_rep, as in
   repeat_kv), so attention reads K/V once with no repeat_kv copy and no mask. That is transformers' own
   `pack_gqa` layout, and the GQA twin of folding MLA heads into query rows. On CPU float32 it runs as two
-  GEMMs with an fp32 softmax, on other devices as one SDPA call: the same rule as the MLA decode path
-  (ecomla.kernels.mla_decode.decode_fn). Measured on CPU (B=8, S=4k, SmolLM2 shape, 1 thread) it beats
-  SDPA with enable_gqa=True, which transformers picks when there is no mask (docs/BENCH.md). Which of
-  packed GEMMs and packed SDPA is faster depends on the CPU, so the `gqa-fair-sdpa` run keeps the packed
-  layout with SDPA on every device, and the CPU target is checked against both.
+  GEMMs with an fp32 softmax, on other devices as one SDPA call: the rule of the MLA decode kernel
+  (`ecomla.mla.decode.pick_kernel`). Which of packed GEMMs and packed SDPA is faster depends on the CPU
+  (docs/BENCH.md), so `gqa-fair-sdpa` keeps the packed layout with SDPA on every device.
   Prefill (T > 1, empty cache) is causal SDPA with enable_gqa. Batches must be unpadded: transformers
   builds no mask for a custom attention function.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ecomla.args import add_dataclass_args, from_namespace
+from ecomla.bench.run import DEFAULT_RUNS, BenchArgs, bench
+from ecomla.bench.runs import Run
+from ecomla.common import UserError
 
 PACKED_GQA = "ecomla_packed_gqa"
 PACKED_GQA_SDPA = "ecomla_packed_gqa_sdpa"
@@ -61,15 +73,18 @@ class PreallocKVLayer(DynamicLayer):
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
 
 
-def packed_uses_gemm(name: str, device, dtype: torch.dtype) -> bool:
-    """The device rule of the packed baselines: `gqa-fair` (PACKED_GQA) runs as two GEMMs on CPU float32 and as
-    SDPA elsewhere; `gqa-fair-sdpa` (PACKED_GQA_SDPA) always as SDPA."""
-    return name == PACKED_GQA and torch.device(device).type == "cpu" and dtype == torch.float32
+def prealloc_cache(model, batch: int, max_len: int, dtype: torch.dtype, device) -> Cache:
+    return Cache(layers=[PreallocKVLayer(max_len) for _ in range(model.config.num_hidden_layers)])
+
+
+def uses_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """The device rule of `gqa-fair`: two GEMMs on CPU float32, SDPA elsewhere."""
+    return device.type == "cpu" and dtype == torch.float32
 
 
 def packed_gqa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function: query [B, H, T, d_h], key/value [B, G, S, d_h] -> ([B, T, H, d_h], None)."""
-    return _packed(query, key, value, scaling, packed_uses_gemm(PACKED_GQA, query.device, query.dtype))
+    return _packed(query, key, value, scaling, uses_gemm(query.device, query.dtype))
 
 
 def packed_gqa_sdpa_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
@@ -91,7 +106,7 @@ def _packed(query, key, value, scaling, gemm: bool):
         scores = torch.matmul(q * scale, key.transpose(-1, -2))  # [B, G, n_rep, S]
         if torch.is_grad_enabled():
             out = torch.matmul(torch.softmax(scores, dim=-1), value)  # [B, G, n_rep, d_h]
-        else:  # the MLA CPU path's inference form (mla_decode_torch): exp in place, normalise the output
+        else:  # the MLA CPU kernel's inference form (mla_decode_torch): exp in place, normalise the output
             p = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
             out = torch.matmul(p, value).div_(p.sum(dim=-1, keepdim=True))
     else:
@@ -99,19 +114,30 @@ def _packed(query, key, value, scaling, gemm: bool):
     return out.reshape(B, H, 1, d).transpose(1, 2), None  # [B, 1, H, d_h]
 
 
-AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
-AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_attention)
+RUNS = {r.name: r for r in (
+    Run("gqa-fair", "gqa", prealloc_cache, attn_implementation=PACKED_GQA,
+        impl=lambda device, dtype: "packed-gqa-gemm" if uses_gemm(device, dtype) else "packed-gqa-sdpa"),
+    Run("gqa-fair-sdpa", "gqa", prealloc_cache, attn_implementation=PACKED_GQA_SDPA, impl="packed-gqa-sdpa"),
+)}
 
 
-@contextlib.contextmanager
-def attention_implementation(model, name: str | None):
-    """Run a transformers model with attention implementation `name` (None: leave it), then restore it."""
-    if name is None:
-        yield
-        return
-    before = model.config._attn_implementation
-    model.set_attn_implementation(name)
+def register() -> dict[str, Run]:
+    """Make the packed attention functions known to transformers (what `set_attn_implementation` looks up);
+    returns the runs that use them, for `bench(args, extra_runs=...)`."""
+    AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
+    AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_attention)
+    return RUNS
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description="ecomla bench with the fair GQA baselines (gqa-fair, gqa-fair-sdpa)")
+    add_dataclass_args(p, BenchArgs)
+    args = from_namespace(BenchArgs, p.parse_args(argv), base={"runs": DEFAULT_RUNS + ",gqa-fair"})
+    return bench(args, extra_runs=register())
+
+
+if __name__ == "__main__":
     try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
+        main()
+    except UserError as err:
+        sys.exit(f"gqa_baselines.py: error: {err}")

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..args import arg
-from ..io import UserError
+from ..common import UserError
 from ..losses import KINDS
 
 STAGES = ("ild", "kd", "both")
 TRAINABLE = ("all", "attention", "mla")
+PRECISIONS = ("bf16", "fp32")
 
 
 @dataclass
@@ -51,7 +52,8 @@ class DistillArgs:
     ce_weight: float = arg("weight of plain cross-entropy on the data (paper default 0)", default=0.0)
     mask_prompt: bool = arg("train on assistant tokens only (padding is always masked)", default=True)
     trainable: str = arg("KD trainable set: all (paper), attention, mla", default="all", choices=TRAINABLE)
-    precision: str = arg("bf16 (autocast, CPU and GPU) or fp32", default="bf16", choices=("bf16", "fp32"))
+    precision: str = arg("bf16 (autocast, CPU and GPU) or fp32; one precision per process", default="bf16",
+                         choices=PRECISIONS)
     teacher_topk: int = arg("use cached teacher top-k log-probs (computed once, reused) instead of a live "
                             "teacher; 0 = live full-vocabulary teacher", default=0)
     save_every: int = arg("checkpoint every N optimizer steps", default=50)
@@ -64,12 +66,14 @@ class DistillArgs:
     progress: bool = arg("show a progress bar", default=True)
 
     def __post_init__(self):
+        for name, choices in (("stage", STAGES), ("loss", KINDS), ("trainable", TRAINABLE), ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:  # a recipe's values do not pass argparse's choices
+                raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         try:
-            b = tuple(float(x) for x in self.betas.split(","))
-            assert len(b) == 2 and all(0 <= x < 1 for x in b)
+            assert len(self.beta_pair) == 2 and all(0 <= x < 1 for x in self.beta_pair)
         except (ValueError, AssertionError):
             raise UserError(f"--betas must be two numbers in [0, 1) like 0.9,0.98, got {self.betas!r}") from None
-        for name in ("max_tokens", "seq_len", "batch_size", "grad_accum", "save_every", "keep_last"):
+        for name in ("max_tokens", "seq_len", "batch_size", "grad_accum", "save_every", "keep_last", "chunk"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
         if self.ild_tokens < 0 or self.lr <= 0 or self.ild_lr <= 0:
@@ -79,15 +83,9 @@ class DistillArgs:
         if self.teacher_topk and self.loss != "forward":
             raise UserError("--teacher-topk only supports --loss forward (the student's mass outside the teacher's "
                             "top k has no teacher log-prob for reverse KL / JSD)")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise UserError("--max-minutes must be > 0")
+        if self.max_minutes is not None and self.max_minutes <= 0 or self.temperature <= 0:
+            raise UserError("--max-minutes and --temperature must be > 0")
 
     @property
     def beta_pair(self) -> tuple[float, float]:
         return tuple(float(x) for x in self.betas.split(","))
-
-
-def main(args: DistillArgs) -> dict:
-    from .trainer import Trainer
-
-    return Trainer(args).run()

@@ -1,6 +1,7 @@
 """One layer's decode attention alone: absorbed MLA (Triton kernel / PyTorch) vs GQA SDPA, in GB/s.
 
-    from ecomla.bench.attention import attention_rows
+Used by benchmarks/gpu_decode.py (section 2 of its table):
+    from benchmarks.layer_attention import attention_rows
     rows = attention_rows(batch=128, context=8192, heads=32, latents=[(64, 32), (128, 32)], kv_heads=8, head_dim=64,
                           dtype=torch.bfloat16, device="cuda", copy_gbps=copy_bandwidth("cuda"))
 
@@ -8,26 +9,26 @@ Notation: B batch, S cached tokens, H query heads, G KV heads, d_h head dim, r_k
 Bytes one call must read: MLA B*S*(r_kv + d_rope)*elem (the latent, once for all heads), GQA 2*B*G*S*d_h*elem.
 GB/s = bytes / time per call; `roofline_fraction` divides by the measured copy bandwidth.
 Implementations:
-- triton: ecomla.kernels.triton_mla (CUDA only).
-- sdpa-absorbed: the SDPA formulation of MLAAttention._absorbed (heads folded into query rows, one shared
-  key/value head, V = the first r_kv columns of the latent): what the model runs without the kernel.
+- triton: ecomla.kernels.mla_decode.mla_decode_triton (CUDA only).
+- sdpa-absorbed: the SDPA formulation of MLAAttention.absorbed (heads folded into query rows, one shared
+  key/value head, V = the first r_kv columns of the latent): what the model runs without a decode kernel.
 - torch-gemm: ecomla.kernels.mla_decode.mla_decode_torch (fp32 only: it upcasts other dtypes).
 - sdpa-gqa: F.scaled_dot_product_attention(q [B, H, 1, d_h], K/V [B, G, S, d_h], enable_gqa=True).
 """
 
 from __future__ import annotations
 
-import time
+import statistics
 
 import torch
 import torch.nn.functional as F
 
-from ..kernels.mla_decode import mla_decode_torch, triton_available
-from .decode import sync
+from ecomla.bench.decode import step_seconds
+from ecomla.kernels.mla_decode import mla_decode_torch, mla_decode_triton, triton_available
 
 
 def sdpa_absorbed(q_lat, q_rope, latent, scale):
-    """[B, H, r_kv] via one SDPA call over the latent [B, S, W] (as in MLAAttention._absorbed)."""
+    """[B, H, r_kv] via one SDPA call over the latent [B, S, W] (as in MLAAttention.absorbed)."""
     B, H, r = q_lat.shape
     q = torch.cat([q_lat, q_rope], dim=-1)[:, None]  # [B, 1, H, W]: heads as query rows
     kv = latent[:, None]  # [B, 1, S, W]
@@ -36,29 +37,14 @@ def sdpa_absorbed(q_lat, q_rope, latent, scale):
 
 def time_call(fn, device, iters: int) -> float:
     """Mean seconds per call after two warm-up calls (CUDA events on GPU)."""
-    for _ in range(2):
-        fn()
-    sync(device)
-    if torch.device(device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3 / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t0) / iters
+    step_seconds(fn, 2, device)
+    return statistics.mean(step_seconds(fn, iters, device))
 
 
 def mla_impls(device, dtype) -> dict:
     impls = {"sdpa-absorbed": sdpa_absorbed}
     if torch.device(device).type == "cuda" and triton_available():
-        from ..kernels.triton_mla import mla_decode
-
-        impls["triton"] = mla_decode
+        impls["triton"] = mla_decode_triton
     if dtype == torch.float32:
         impls["torch-gemm"] = mla_decode_torch
     return impls

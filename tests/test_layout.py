@@ -1,0 +1,113 @@
+"""The package layout: no import cycles, and each room imports only what docs/DESIGN-NOTES.md ("Layout") allows.
+
+The table in the docs is the one source: this test parses it, so the docs and the code cannot drift apart.
+Every `import` counts, module-level or inside a function.
+"""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ecomla"
+
+
+def rooms_table() -> dict[str, set[str]]:
+    """{room: rooms it may import} from the Layout table of docs/DESIGN-NOTES.md."""
+    text = (ROOT / "docs" / "DESIGN-NOTES.md").read_text()
+    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rooms = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        room = cells[0].strip("`").removeprefix("ecomla/").removesuffix(".py").rstrip("/")
+        rooms[room] = set(re.findall(r"`([\w_]+)`", cells[2]))
+    return rooms
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """The ecomla modules a file imports (resolved to the deepest module that exists)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            # `from . import x` names submodules; `from .x import y` imports module x (y may be a submodule)
+            targets = [f"{base}.{a.name}" for a in node.names] + ([base] if node.module else [])
+        else:
+            continue
+        for t in targets:
+            if t.split(".")[0] != "ecomla":
+                continue
+            while t not in MODULES and "." in t:
+                t = t.rsplit(".", 1)[0]
+            if t in MODULES and t != name:
+                found.add(t)
+    return found
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "ecomla"
+
+
+def test_every_room_is_in_the_layout_table_and_imports_only_what_it_may():
+    table = rooms_table()
+    assert table, "docs/DESIGN-NOTES.md has no Layout table"
+    missing = {room(m) for m in MODULES} - set(table) - {"ecomla"}
+    assert not missing, f"rooms missing from the Layout table in docs/DESIGN-NOTES.md: {sorted(missing)}"
+    bad = []
+    for mod, path in MODULES.items():
+        here = room(mod)
+        for dep in imports(path):
+            there = room(dep)
+            if there != here and here != "ecomla" and there not in table[here]:
+                bad.append(f"{mod} imports {dep}")
+    assert not bad, "imports the Layout table does not allow:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycles():
+    graph = {m: imports(p) for m, p in MODULES.items()}
+    graph = {m: {d for d in deps if d != "ecomla"} for m, deps in graph.items()}  # the package root re-exports
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
