@@ -7,13 +7,15 @@
 
 `add_dataclass_args(parser, ConvertArgs)` adds `SRC` and `--kv-rank`; `from_namespace` builds the
 dataclass (running its `__post_init__` validation). `load_yaml_defaults` lets a recipe YAML supply
-values that command-line flags then override.
+values that command-line flags then override. `command_line("convert", args)` is the way back: the exact
+`ecomla convert ...` command that builds `args`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import types
 import typing
 from pathlib import Path
@@ -45,6 +47,16 @@ def _base_type(tp):
     return tp
 
 
+def _default(f: dataclasses.Field):
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -52,9 +64,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         if "help" not in meta:
             continue
         tp = _base_type(hints[f.name])
-        default = f.default if f.default is not MISSING else (
-            f.default_factory() if f.default_factory is not MISSING else None
-        )
+        default = _default(f)
         kw = {"help": meta["help"]}
         if meta.get("choices"):
             kw["choices"] = meta["choices"]
@@ -63,12 +73,28 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         if meta["positional"]:
             parser.add_argument(f.name, metavar=f.name.upper(), type=tp, **kw)
             continue
-        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        flag = _flag(f)
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, **kw)
         else:
             kw["help"] += f" (default: {default})"
             parser.add_argument(flag, dest=f.name, type=tp, default=None, **kw)
+
+
+def command_line(stage: str, args) -> str:
+    """`ecomla STAGE ...` that builds `args`: its positionals, then every flag whose value is not the default."""
+    parts = ["ecomla", stage]
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if "help" not in f.metadata or (not f.metadata["positional"] and value == _default(f)):
+            continue
+        if f.metadata["positional"]:
+            parts += [str(v) for v in (value if isinstance(value, list) else [value]) if v is not None]
+        elif isinstance(value, bool):
+            parts.append(_flag(f) if value else "--no-" + _flag(f)[2:])
+        else:
+            parts += [_flag(f), *map(str, value if isinstance(value, list) else [value])]
+    return shlex.join(parts)
 
 
 def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):

@@ -1,4 +1,5 @@
-"""What every stage shares, and nothing else: the user-error type, the cache folder, atomic output folders.
+"""What every stage shares, and nothing else: the user-error type, the cache folder, atomic output folders, and the
+versions a result was measured with.
 
 A leaf module: it imports nothing from ecomla, so any module may import it.
 
@@ -10,7 +11,9 @@ A leaf module: it imports nothing from ecomla, so any module may import it.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import platform
 import shutil
 from pathlib import Path
 
@@ -53,3 +56,14 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def versions(*packages: str) -> dict:
+    """Python, machine, torch's thread count and each package's installed version (None when it is missing)."""
+    out = {"python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+    for pkg in packages:
+        try:
+            out[pkg.replace("-", "_")] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg.replace("-", "_")] = None
+    return out

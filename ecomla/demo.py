@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .args import arg
+from .args import arg, command_line
 from .bench.run import BenchArgs, bench
 from .common import UserError
 from .convert.convert import ConvertArgs, convert
@@ -28,7 +28,7 @@ from .demo_report import write_report
 from .distill import DistillArgs, distill
 from .dpo.run import cpu_args, run_dpo
 from .eval.run import EvalArgs, evaluate
-from .generate.generate import generate, prepared
+from .generate.generate import GenerateArgs, generate, prepared
 from .io import load_config, load_model, load_tokenizer, resolve
 from .mla import SourceShape
 
@@ -94,6 +94,12 @@ class Demo:
         tmp.write_text(json.dumps(obj, indent=2))
         tmp.replace(self.out / name)
 
+    def announce(self, stage: str, args, done: bool, folder: Path) -> bool:
+        """Record the command that runs `stage` with `args`; True when it must run (its output is not there yet)."""
+        self.commands[stage] = command_line(stage, args)
+        self.log(f"reusing {folder}" if done else self.commands[stage])
+        return not done
+
     def stage(self, name: str, fn):
         t0 = time.time()
         self.log(f"\n== {name} ==")
@@ -115,16 +121,11 @@ class Demo:
     def convert(self) -> Path:
         folder = self.out / "student-0tok"
         r_kv = SourceShape.of(self.config).kv_rank_for_ratio(self.a.compression, self.a.rope_dim)
-        cmd = (f"ecomla convert {self.a.model} {folder} --kv-rank {r_kv} --rope-dim {self.a.rope_dim} "
-               f"--init {self.a.init} --calib-data {self.a.data} --calib-seqs {self.a.calib_seqs}")
-        self.commands["convert"] = cmd
-        if (folder / "ecomla_convert.json").is_file():
-            self.log(f"reusing {folder}")
-        else:
-            self.log(cmd)
-            convert(ConvertArgs(src=self.a.model, out=str(folder), kv_rank=r_kv, rope_dim=self.a.rope_dim,
-                                init=self.a.init, calib_data=self.a.data, calib_seqs=self.a.calib_seqs,
-                                calib_len=min(256, self.a.seq_len), overwrite=True), log=self.log)
+        args = ConvertArgs(src=self.a.model, out=str(folder), kv_rank=r_kv, rope_dim=self.a.rope_dim, init=self.a.init,
+                           calib_data=self.a.data, calib_seqs=self.a.calib_seqs, calib_len=min(256, self.a.seq_len),
+                           overwrite=True)
+        if self.announce("convert", args, done=(folder / "ecomla_convert.json").is_file(), folder=folder):
+            convert(args, log=self.log)
         return folder
 
     def distill(self, student: Path) -> Path:
@@ -135,13 +136,7 @@ class Demo:
                            max_minutes=self.a.budget_minutes, seq_len=self.a.seq_len, batch_size=self.a.batch_size,
                            eval_tokens=0, save_every=20,
                            resume=(folder / "checkpoints").is_dir() and not (folder / "ecomla_train.json").is_file())
-        self.commands["distill"] = (f"ecomla distill {student} --data {self.a.data} --out {folder} --ild-tokens "
-                                    f"{self.a.ild_tokens} --max-tokens {max_tokens} --max-minutes {self.a.budget_minutes}"
-                                    f" --seq-len {self.a.seq_len} --batch-size {self.a.batch_size}")
-        if (folder / "ecomla_train.json").is_file():
-            self.log(f"reusing {folder}")
-        else:
-            self.log(self.commands["distill"] + (" --resume" if args.resume else ""))
+        if self.announce("distill", args, done=(folder / "ecomla_train.json").is_file(), folder=folder):
             distill(args)
         return folder
 
@@ -149,14 +144,10 @@ class Demo:
         if not self.a.dpo:
             return None
         folder = self.out / "student-dpo"
-        self.commands["dpo"] = (f"ecomla dpo {student} --config recipes/dpo-cpu-smollm2.yaml --out {folder} "
-                                f"--max-minutes {self.a.dpo_minutes} --pairs {self.a.dpo_pairs}")
-        if (folder / "ecomla_dpo.json").is_file():
-            self.log(f"reusing {folder}")
-        else:
-            self.log(self.commands["dpo"])
-            run_dpo(cpu_args(str(student), str(folder), max_minutes=self.a.dpo_minutes, chat_data=self.a.data,
-                             pairs=self.a.dpo_pairs), log=self.log)
+        args = cpu_args(str(student), str(folder), max_minutes=self.a.dpo_minutes, chat_data=self.a.data,
+                        pairs=self.a.dpo_pairs)
+        if self.announce("dpo", args, done=(folder / "ecomla_dpo.json").is_file(), folder=folder):
+            run_dpo(args, log=self.log)
         return folder
 
     def evaluate(self, models: dict[str, Path]) -> dict:
@@ -164,16 +155,11 @@ class Demo:
         names = ",".join(models)
         paths = [str(p) for p in models.values()]
         folder = self.out / "eval"
-        self.commands["eval"] = (f"ecomla eval {' '.join(paths)} --names {names} --teacher {self.a.model} --tasks "
-                                 f"{self.a.tasks} --limit {limit} --max-tokens {self.a.eval_tokens} --out {folder}")
+        args = EvalArgs(models=paths, names=names, teacher=self.a.model, tasks=self.a.tasks, limit=limit,
+                        max_tokens=self.a.eval_tokens, data=self.a.data, text=self.a.text, out=str(folder))
         res = self._load("eval/results.json")
-        if res and [m["name"] for m in res["models"]][1:] == list(models):
-            self.log(f"reusing {folder}/results.json")
-            return res
-        self.log(self.commands["eval"])
-        return evaluate(EvalArgs(models=paths, names=names, teacher=self.a.model, tasks=self.a.tasks, limit=limit,
-                                 max_tokens=self.a.eval_tokens, data=self.a.data, text=self.a.text, out=str(folder)),
-                        log=self.log)
+        done = bool(res) and [m["name"] for m in res["models"]][1:] == list(models)
+        return evaluate(args, log=self.log) if self.announce("eval", args, done, folder / "results.json") else res
 
     def chat(self, models: dict[str, str]) -> dict:
         cached = self._load("chat.json")
@@ -185,22 +171,18 @@ class Demo:
             model = prepared(load_model(path, dtype="float32")[0])
             res = generate(model, tok, PROMPTS, chat=True, max_new_tokens=self.a.max_new_tokens)
             answers[name] = [t.strip() for t in res["text"]]
-        self.commands["generate"] = f"ecomla generate {list(models.values())[-1]} --chat --prompt \"{PROMPTS[0]}\""
+        self.commands["generate"] = command_line("generate", GenerateArgs(list(models.values())[-1], [PROMPTS[0]],
+                                                                          chat=True))
         out = {"prompts": PROMPTS, "answers": answers}
         self._save("chat.json", out)
         return out
 
     def bench(self, student: Path) -> list[dict]:
         folder = self.out / "bench"
-        self.commands["bench"] = (f"ecomla bench {student} --contexts {self.a.bench_contexts} --batches "
-                                  f"{self.a.bench_batch} --runs {BENCH_RUNS} --out {folder}")
+        args = BenchArgs(model=str(student), contexts=self.a.bench_contexts, batches=str(self.a.bench_batch),
+                         runs=BENCH_RUNS, steps=6, warmup=2, out=str(folder))
         cached = self._load("bench/results.json")
-        if cached:
-            return cached["rows"]
-        self.log(self.commands["bench"])
-        rows = bench(BenchArgs(model=str(student), contexts=self.a.bench_contexts, batches=str(self.a.bench_batch),
-                               runs=BENCH_RUNS, steps=6, warmup=2, out=str(folder)))
-        return rows
+        return bench(args) if self.announce("bench", args, bool(cached), folder) else cached["rows"]
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> dict:

@@ -165,3 +165,18 @@ def test_info_and_generate_cli(llama_dir, tmp_path, capsys):
                  "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["cache_bytes_per_token"] == 3 * 24 * 4 and 1 <= res["new_tokens"] <= 5 and res["tokens_per_s"] > 0
+
+
+def test_cli_prints_user_errors_in_one_line_and_keeps_tracebacks_for_bugs(llama_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad.yaml").write_text("kv_rank: [8\n")
+    assert main(["convert", str(llama_dir), str(tmp_path / "o"), "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ecomla convert: error:") and "not valid YAML" in err[0]
+    from ecomla import cli
+
+    def bug(args):
+        raise ValueError("a programming error")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", cli.Command(cli.InfoArgs, bug, "help"))
+    with pytest.raises(ValueError, match="a programming error"):  # not swallowed into a one-line message
+        main(["info", str(llama_dir)])

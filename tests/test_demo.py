@@ -45,3 +45,33 @@ def test_demo_with_dpo_adds_a_stage_2_row(tmp_path):
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [m["name"] for m in res["models"]] == ["teacher", "student-0tok", "student-kd", "student-dpo"]
     assert "dpo" in res["demo"]["commands"]
+
+
+def test_recorded_commands_rebuild_the_arguments_the_demo_ran_with():
+    """`command_line` (what the demo's report prints) parsed by the CLI gives back the same arguments."""
+    import shlex
+
+    from ecomla.args import command_line, from_namespace
+    from ecomla.bench.run import BenchArgs
+    from ecomla.cli import COMMANDS, build_parser
+    from ecomla.convert.convert import ConvertArgs
+    from ecomla.distill import DistillArgs
+    from ecomla.dpo.run import cpu_args
+    from ecomla.eval.run import EvalArgs
+    from ecomla.generate.generate import GenerateArgs
+
+    cases = {
+        "convert": ConvertArgs(src="default", out="out dir/s", kv_rank=64, init="rope-whitened", calib_len=128,
+                               overwrite=True),
+        "distill": DistillArgs(student="s", out="o", max_minutes=1.5, eval_tokens=0, compile_loss=False, resume=True),
+        "dpo": cpu_args("s", "o", max_minutes=2.0, pairs=4),
+        "eval": EvalArgs(models=["a", "b"], names="x,y", tasks="none", limit="*=3"),
+        "generate": GenerateArgs("m", ["What is the capital of France?", "Hi"], chat=True),
+        "bench": BenchArgs(model="m", contexts="512,2k", batches="4", runs="absorbed,gqa-static", steps=6),
+    }
+    for stage, args in cases.items():
+        line = command_line(stage, args)
+        argv = shlex.split(line)
+        assert argv[:2] == ["ecomla", stage]
+        ns = build_parser().parse_args(argv[1:])
+        assert from_namespace(COMMANDS[stage].args, ns) == args, line

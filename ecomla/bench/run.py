@@ -15,9 +15,7 @@ and tokens_per_s.png. A benchmark times more runs through the same code with `be
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import json
-import platform
 import sys
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -25,7 +23,7 @@ from typing import Callable
 import torch
 
 from ..args import arg
-from ..common import DTYPES, UserError
+from ..common import DTYPES, UserError, versions
 from ..mla.config import parse_q_rank
 from .decode import (DecodeOpts, bandwidth_fields, copy_bandwidth, device_name, free_memory, time_decode,
                      weight_bytes_read)
@@ -161,16 +159,6 @@ def median_of_repeats(rows: list[dict]) -> list[dict]:
     return merged
 
 
-def versions() -> dict:
-    out = {}
-    for pkg in ("torch", "transformers", "triton"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def bench(args: BenchArgs, extra_runs: dict[str, Run] | None = None) -> list[dict]:
     """Time every run of `args.runs` (the core RUNS, or a name of `extra_runs`) on the MLA model and its GQA
     baseline, `args.repeats` times alternating; print the table (or JSON) and return the rows."""
@@ -193,7 +181,7 @@ def bench(args: BenchArgs, extra_runs: dict[str, Run] | None = None) -> list[dic
     rows = median_of_repeats(rows)
     add_speedups(rows)
     meta = {"mla_model": mla.label, "gqa_model": gqa.label, "device": device_name(device), "dtype": str(dtype),
-            "copy_gb_per_s": round(copy_gbps, 1), **versions(), "python": platform.python_version(),
+            "copy_gb_per_s": round(copy_gbps, 1), **versions("torch", "transformers", "triton"),
             "command": "ecomla bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
             "args": asdict(args)}
     if args.json:

