@@ -51,7 +51,8 @@ def main() -> None:
             print(f"{i:>4} {ms['old']['absorbed']:>8.1f} {ms['new']['absorbed']:>8.1f} {ratios[-1]:>8.2f}   "
                   f"({ms['old']['gqa-static']:.1f} / {ms['new']['gqa-static']:.1f})", flush=True)
     old, new = statistics.median(steps["old"]), statistics.median(steps["new"])
-    print(f"median absorbed step: old {old:.1f} ms, new {new:.1f} ms; paired new/old {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")
+    print(f"median absorbed step: old {old:.1f} ms, new {new:.1f} ms; paired new/old {statistics.median(ratios):.2f} "
+          f"(range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

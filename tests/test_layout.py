@@ -1,7 +1,8 @@
 """The package layout: no import cycles, and each room imports only what docs/DESIGN-NOTES.md ("Layout") allows.
 
 The table in the docs is the one source: this test parses it, so the docs and the code cannot drift apart.
-Every `import` counts, module-level or inside a function.
+Every `import` counts, module-level or inside a function. Imports inside functions are kept for the libraries the
+Layout section names (slow to import and rarely used, or optional), and only for them.
 """
 
 import ast
@@ -59,6 +60,7 @@ def imports(path: Path) -> set[str]:
 
 
 MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+LAZY = ("lm_eval", "trl", "matplotlib", "triton", "torch.utils.tensorboard")  # the Layout section's list
 
 
 def room(module: str) -> str:
@@ -111,3 +113,19 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_imports_inside_functions_are_only_the_slow_or_optional_libraries():
+    local = []
+    for mod, path in MODULES.items():
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    local += [(mod, a.name) for a in node.names]
+                elif isinstance(node, ast.ImportFrom):  # relative: ".name", e.g. the Triton kernel module
+                    local.append((mod, node.module if not node.level else "." + (node.module or node.names[0].name)))
+    triton_module = ("ecomla.kernels.mla_decode", ".triton_mla")  # imports triton
+    bad = [(m, n) for m, n in local if not n.startswith(LAZY) and (m, n) != triton_module]
+    assert not bad, f"move these imports to the top of their module: {bad}"
