@@ -5,7 +5,7 @@ log-probs, and a plain cross-entropy step of the same student (the goal: KD >= 0
     python benchmarks/distill_speed.py --student out/smollm2-4x --steps 6 --threads 2
 
 Each configuration runs `ecomla distill` in-process for warmup + steps optimizer steps (batch 4 x 256 tokens,
-bf16 autocast, all parameters trainable) and reports the median tokens/s of the timed steps, as logged in its
+--precision, all parameters trainable) and reports the median tokens/s of the timed steps, as logged in its
 metrics.jsonl. Run it on an otherwise idle machine: other processes distort CPU timings badly.
 """
 
@@ -21,11 +21,11 @@ import torch
 
 from ecomla.distill import DistillArgs, distill
 
-CONFIGS = {
-    "ILD (layer-wise alignment)": dict(stage="ild"),
-    "KD, live teacher (full vocabulary)": dict(stage="kd"),
-    "KD, cached teacher top-64": dict(stage="kd", teacher_topk=64),
-    "CE (no teacher)": dict(stage="kd", kl_weight=0.0, ce_weight=1.0),
+CONFIGS = {  # --configs name: (label, DistillArgs fields)
+    "ild": ("ILD (layer-wise alignment)", dict(stage="ild")),
+    "kd": ("KD, live teacher (full vocabulary)", dict(stage="kd")),
+    "kd-topk": ("KD, cached teacher top-64", dict(stage="kd", teacher_topk=64)),
+    "ce": ("CE (no teacher)", dict(stage="kd", kl_weight=0.0, ce_weight=1.0)),
 }
 
 
@@ -35,24 +35,26 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default="bf16", help="bf16, fp32 or auto (one per process: accelerate's rule)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"a subset of {', '.join(CONFIGS)}")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     tokens = (a.steps + a.warmup) * 4 * 256
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (name, kw) in enumerate(CONFIGS.items()):
+        for i, key in enumerate(a.configs.split(",")):
+            name, kw = CONFIGS[key]
             budget = {"ild_tokens": tokens, "max_tokens": 1} if kw["stage"] == "ild" else {"max_tokens": tokens}
             args = DistillArgs(student=a.student, out=str(Path(tmp) / f"run{i}"), precision=a.precision,
                                eval_tokens=0, progress=False, save_every=10**6, **budget, **kw)
             distill(args)
-            rows = [json.loads(l) for l in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
+            rows = [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
             speeds = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][a.warmup:]
             results[name] = statistics.median(speeds)
-    ce = results["CE (no teacher)"]
-    print(f"\n{'configuration':<38} {'tokens/s':>9} {'vs CE':>6}   ({a.threads} threads, {a.precision}, 4 x 256)")
+    ce = results.get("CE (no teacher)")
+    print(f"\n{'configuration':<38} {'tokens/s':>9} {'vs CE':>6}   ({a.threads} threads, {args.precision}, 4 x 256)")
     for name, v in results.items():
-        print(f"{name:<38} {v:9.1f} {v / ce:6.2f}")
+        print(f"{name:<38} {v:9.1f} {v / ce if ce else float('nan'):6.2f}")
 
 
 if __name__ == "__main__":

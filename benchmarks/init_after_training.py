@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--zero-token-models", default="runs/zero-token/models")
     p.add_argument("--out", default="runs/init-training")
+    p.add_argument("--precision", default="auto", help="distillation precision (auto: bf16 only where the CPU has "
+                   "bf16 units; section 4's first tables were bf16)")
     a = p.parse_args()
     out = Path(a.out)
     trained = {}
@@ -47,7 +49,8 @@ def main() -> None:
         kd = out / "trained" / init
         if not (kd / "ecomla_train.json").is_file():
             distill(DistillArgs(student=str(start), out=str(kd), ild_tokens=a.ild_tokens, max_tokens=a.kd_tokens,
-                                eval_tokens=0, progress=False, resume=(kd / "checkpoints").is_dir()))
+                                eval_tokens=0, progress=False, resume=(kd / "checkpoints").is_dir(),
+                                precision=a.precision))
         trained[f"{a.ratio}-{init}-trained"] = str(kd)
     res_file = out / "eval" / "results.json"
     if res_file.is_file():

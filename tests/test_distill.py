@@ -263,3 +263,15 @@ def test_recipes_parse_and_start_with_their_command(recipe):
     assert lines[0].startswith("# ecomla convert ") and "ecomla distill" in "\n".join(lines[1:3])
     args = DistillArgs(student="STUDENT", **load_yaml_defaults(str(path)))  # unknown keys or bad values raise
     assert args.loss == "forward" and args.beta_pair == (0.9, 0.98)
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
+    import ecomla.common as common
+    from ecomla.distill import DistillArgs
+
+    for fast, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(common, "fast_bf16", lambda device=None, fast=fast: fast)
+        assert common.resolve_precision("auto") == want
+        assert DistillArgs(student="s", out="o").precision == want  # resolved once, in the arguments
+    assert common.resolve_precision("bf16") == "bf16" and common.resolve_precision("fp32") == "fp32"
+    assert isinstance(common.fast_bf16("cpu"), bool)

@@ -49,7 +49,7 @@ def test_every_init_name_has_a_typed_description():
 
     init_field = next(f for f in dataclasses.fields(ConvertArgs) if f.name == "init")
     assert init_field.metadata["choices"] == tuple(INITS)
-    assert set(INITS) == {"xecomla", "random", "whitened", "rope-aware", "rope-whitened"}
+    assert set(INITS) == {"xecomla", "random", "whitened", "rope-aware", "rope-whitened", "fitted"}
     xe, rnd, wh, ra, rw = (INITS[n] for n in ("xecomla", "random", "whitened", "rope-aware", "rope-whitened"))
     assert xe == InitMethod() and xe.factored and not xe.whiten and xe.rope is None and not xe.needs_calibration
     assert not rnd.factored and not rnd.needs_calibration

@@ -26,10 +26,12 @@ from ..mla.config import EcoMLAConfig, MLASpec, SourceShape, parse_q_rank
 from ..mla.rope import rope_inv_freq
 from . import ranks as rank_alloc
 from . import svd
-from .calibrate import layer_input_stats
+from .calibrate import calibration_batches, layer_input_stats
 from .factor import LayerPlan, factor_layer, plan_layer
 from .families import ATTN_COPY_IF_KEPT, LAYER_COPY, MODEL_COPY, source_fields
-from .inits import INITS, RopeChoice
+from .fit import input_map
+from .inits import INITS, FitChoice, RopeChoice
+from .sequential import fit_sequentially
 
 
 @dataclass
@@ -48,8 +50,9 @@ class ConvertArgs:
     layers: str = arg("layers that become MLA: 'all', a list '1,3,5', or 'every:K[:OFFSET]'; the rest stay GQA",
                       default="all")
     init: str = arg("initialisation: 'xecomla' (paper Algorithm 1), 'random' (ablation), 'whitened' (activation-"
-                    "aware SVD), 'rope-aware' (whole RoPE pairs, fitted shared key), 'rope-whitened' (both); "
-                    "docs/RESULTS.md compares them", default="xecomla", choices=tuple(INITS))
+                    "aware SVD), 'rope-aware' (whole RoPE pairs, fitted shared key), 'rope-whitened' (both), 'fitted' "
+                    "(rope-whitened with K judged by its logits, V through o_proj, the key mean ignored, and o_proj "
+                    "refitted); docs/RESULTS.md compares them", default="xecomla", choices=tuple(INITS))
     kv_budget: str | None = arg("total KV budget, as a ratio ('4x') or elements/token over all layers: r_kv per "
                                 "layer is allocated to minimise summed (whitened) reconstruction error", default=None)
     allow_hybrid: bool = arg("with --kv-budget: let the allocation keep some layers as GQA", default=False)
@@ -65,6 +68,16 @@ class ConvertArgs:
                             "mean ('mean')", default="pca", choices=("pca", "mean"))
     kv_balance: bool = arg("scale K rows so K and V carry equal energy before the joint K/V factorisation "
                            "(TransMLA's BKV); for the whitened and rope-aware inits", default=False)
+    key_weight: str | None = arg("fitted init: alpha, the weight of key (logit) errors against value errors; a "
+                                 "comma list lets each layer take the one with the smallest attention-output "
+                                 "error (default: FitChoice's)", default=None)
+    o_refit: str | None = arg("fitted init: refit o_proj towards the teacher's attention 'output', the stream "
+                              "after attention ('residual'), or 'none' (default: FitChoice's)", default=None,
+                              choices=("output", "residual", "none"))
+    sequential: bool | None = arg("fitted init: fit layer l on the inputs the converted layers below produce "
+                                  "(default: FitChoice's)", default=None)
+    o_ridge: float | None = arg("fitted init: ridge of the o_proj refit towards the source o_proj, a fraction of "
+                                "the mean diagonal of its gram (default: FitChoice's)", default=None)
     calib_data: str = arg("calibration chat data (train split only)", default="default")
     calib_seqs: int = arg("calibration sequences", default=128)
     calib_len: int = arg("calibration sequence length", default=256)
@@ -89,7 +102,8 @@ class ConvertArgs:
             raise UserError(f"--init {self.init!r}: choose from {', '.join(INITS)}")
         base = INITS[self.init]
         rope = None if base.rope is None else RopeChoice(self.rope_select, self.rope_distance, self.rope_key_fit)
-        self.method = dataclasses.replace(base, rope=rope, kv_balance=self.kv_balance, damp=self.damp)
+        self.method = dataclasses.replace(base, rope=rope, kv_balance=self.kv_balance, damp=self.damp,
+                                          fit=self._fit_choice(base.fit))
         self.q_rank_choice = parse_q_rank(self.q_rank)  # r_q, "auto" or None
         if [self.kv_rank, self.rank_energy, self.kv_budget].count(None) != 2:
             raise UserError("give exactly one of --kv-rank R, --rank-energy DELTA or --kv-budget B")
@@ -112,6 +126,35 @@ class ConvertArgs:
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+
+
+    def _fit_choice(self, base: FitChoice | None) -> FitChoice | None:
+        """The init's FitChoice with the --key-weight / --o-refit / --sequential / --o-ridge overrides (fitted only)."""
+        given = {k: v for k, v in (("key_weight", self.key_weight), ("o_refit", self.o_refit),
+                                   ("sequential", self.sequential), ("o_ridge", self.o_ridge)) if v is not None}
+        if base is None:
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                raise UserError(f"{flags}: only the fitted init (--init fitted) reads these settings")
+            return None
+        fit = base
+        if self.key_weight is not None:
+            try:
+                weights = tuple(float(w) for w in self.key_weight.split(","))
+            except ValueError:
+                weights = ()
+            if not weights or any(not w > 0 for w in weights):
+                raise UserError(f"--key-weight {self.key_weight!r}: give a positive number or a comma list of them")
+            fit = dataclasses.replace(fit, key_weights=weights)
+        if self.o_refit is not None:
+            fit = dataclasses.replace(fit, o_target=self.o_refit)
+        if self.sequential is not None:
+            fit = dataclasses.replace(fit, sequential=self.sequential)
+        if self.o_ridge is not None:
+            if not self.o_ridge >= 0:
+                raise UserError(f"--o-ridge must be >= 0, got {self.o_ridge}")
+            fit = dataclasses.replace(fit, ridge=self.o_ridge)
+        return fit
 
 
 def parse_layers(text: str, n_layers: int) -> list[int]:
@@ -161,7 +204,7 @@ def layer_source(sd: dict, i: int, shape: SourceShape) -> svd.Source:
     return svd.Source(
         w_q=sd[p + "q_proj.weight"], w_k=sd[p + "k_proj.weight"], w_v=sd[p + "v_proj.weight"],
         b_q=sd.get(p + "q_proj.bias"), b_k=sd.get(p + "k_proj.bias"), b_v=sd.get(p + "v_proj.bias"),
-        H=shape.num_heads, G=shape.num_kv_heads, d_h=shape.head_dim,
+        H=shape.num_heads, G=shape.num_kv_heads, d_h=shape.head_dim, w_o=sd[p + "o_proj.weight"],
     )
 
 
@@ -266,6 +309,38 @@ def materialise(config: EcoMLAConfig, sd: dict, dtype: torch.dtype, seed: int):
     return model.eval()
 
 
+def fit_layers(args: ConvertArgs, sd: dict, fields: dict, config: EcoMLAConfig, specs: dict[int, MLASpec],
+               new_sd: dict, report: list[dict], src_path, inv_freq: torch.Tensor, log) -> None:
+    """The fitted init: refit every MLA layer on calibration activations, layer by layer (sequential.py);
+    updates `new_sd` and the per-layer `report` in place."""
+    shape = SourceShape.of(config)
+    n = shape.num_layers
+    teacher_sd, _ = build_state_dict(args, sd, n, {}, {})  # the source, as an all-GQA EcoMLA model
+    teacher_cfg = EcoMLAConfig(**fields, mla_layers=[None] * n, architectures=["EcoMLAForCausalLM"])
+    teacher = materialise(teacher_cfg, teacher_sd, torch.float32, args.seed)
+    student = materialise(config, new_sd, torch.float32, args.seed)
+    batches = calibration_batches(load_tokenizer(src_path), args.calib_data, args.calib_seqs, args.calib_len,
+                                  args.calib_seed)
+    fit_reports = {}
+
+    def fit_qkv(i: int, moments: dict, key_weight: float) -> dict:
+        spec = specs[i]
+        src = layer_source(sd, i, shape).reading(input_map(moments["cov_ts"], moments["cov"], args.method.damp))
+        plan = plan_layer(args.method, src, spec.qk_rope_head_dim, spec.qk_nope_head_dim, moments, inv_freq,
+                          pairs=spec.rope_pairs, key_weight=key_weight)
+        tensors, fit_reports[i] = factor_layer(plan, spec.q_lora_rank, spec.kv_lora_rank, args.sigma)
+        return tensors
+
+    log(f"fitting {len(specs)} layers in turn on {args.calib_seqs} x {args.calib_len} calibration tokens")
+    updates, rows = fit_sequentially(teacher, student, batches, fit_qkv, args.method.fit)
+    for i, tensors in updates.items():
+        new_sd.update({f"model.layers.{i}.self_attn.{k}": v for k, v in tensors.items()})
+    by_layer = {r["layer"]: r for r in rows}
+    for r in report:
+        if r["layer"] in fit_reports:
+            r.update(fit_reports[r["layer"]], **by_layer.get(r["layer"], {}))
+
+
 def calibration_stats(args: ConvertArgs, src_model, src_path, layers: list[int], log) -> dict:
     """Per-layer input statistics for the inits that read activations (empty for the others)."""
     if not args.method.needs_calibration:
@@ -299,6 +374,8 @@ def convert(args: ConvertArgs, log=print) -> dict:
         architectures=["EcoMLAForCausalLM"],
     )
     new_sd, report = build_state_dict(args, sd, shape.num_layers, plans, specs)
+    if args.method.fit is not None:
+        fit_layers(args, sd, fields, config, specs, new_sd, report, src_path, inv_freq, log)
     dtype = src_dtype if args.dtype == "auto" else DTYPES[args.dtype]
     model = materialise(config, new_sd, dtype, args.seed)
     summary = kv_summary(config, dtype)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import svd
+from . import fit, svd
 from .inits import InitMethod, LayerRows, algorithm1_rows, rope_aware_rows, rope_pairs
 
 
@@ -24,6 +24,9 @@ class LayerPlan:
     rows: LayerRows
     L: torch.Tensor | None = None  # whitening of the layer input (None = plain weight SVD)
     k_scale: float = 1.0  # K rows are multiplied by this before the joint factorisation (K/V balance)
+    M: torch.Tensor | None = None  # row metric of the K/V factorisation (the fitted init, fit.row_metric)
+    cov: torch.Tensor | None = None  # C of the layer input: the V up-projection is refitted in it when M is set
+    cov_k: torch.Tensor | None = None  # the covariance (mean removed): the K up-projection is refitted in it
 
     @property
     def n_k(self) -> int:
@@ -37,7 +40,10 @@ class LayerPlan:
 
     def kv_spectrum(self) -> torch.Tensor:
         """Singular values of the factored K/V matrix, in the plan's metric (what ranks are chosen from)."""
-        return svd.whitened_svd(self.kv_matrix(), self.L)[1]
+        return svd.whitened_svd(self.weighted_kv(), self.L)[1]
+
+    def weighted_kv(self) -> torch.Tensor:
+        return self.kv_matrix() if self.M is None else self.M @ self.kv_matrix()
 
     def q_spectrum(self) -> torch.Tensor:
         return svd.whitened_svd(self.rows.q_rows, self.L)[1]
@@ -53,20 +59,30 @@ def balanced_k_scale(rows: LayerRows, n_k: int, L: torch.Tensor | None) -> float
 
 
 def plan_layer(method: InitMethod, src: svd.Source, d_rope: int, d_nope: int, stats: dict | None = None,
-               inv_freq: torch.Tensor | None = None) -> LayerPlan:
+               inv_freq: torch.Tensor | None = None, pairs: list[int] | None = None,
+               key_weight: float | None = None) -> LayerPlan:
     """The plan of one layer. `stats`: calibration statistics {"cov": C [D, D]} (method.needs_calibration);
     `inv_freq`: the source's rotary frequencies [d_h/2]; d_nope is ignored by the rope-aware layout (all
-    non-rotary dims are NoPE)."""
+    non-rotary dims are NoPE); `pairs`: the rotary pairs to keep (default: chosen by method.rope.select);
+    `key_weight`: the fitted metric's alpha (default: the first of method.fit.key_weights)."""
     cov = stats["cov"] if stats is not None else None
     L_act = svd.whitening(cov, method.damp) if cov is not None else None
     if method.rope is None:
         rows = algorithm1_rows(src, d_nope, d_rope)
     else:
-        pairs = rope_pairs(src, d_rope // 2, cov, method.rope.select, inv_freq, method.rope.distance)
+        if pairs is None:
+            pairs = rope_pairs(src, d_rope // 2, cov, method.rope.select, inv_freq, method.rope.distance)
         rows = rope_aware_rows(src, pairs, L_act, method.rope.key_fit)
     L = L_act if method.whiten else None
     k_scale = balanced_k_scale(rows, src.G * rows.d_k, L) if method.kv_balance else 1.0
-    return LayerPlan(method, src, rows, L, k_scale)
+    if method.fit is None:
+        return LayerPlan(method, src, rows, L, k_scale)
+    cov_k = fit.split_mean(cov, stats.get("mean"))
+    mean = stats.get("mean")
+    c_fit = cov_k if mean is None else cov_k + method.fit.mean_weight * torch.outer(mean.double(), mean.double())
+    alpha = method.fit.key_weights[0] if key_weight is None else key_weight
+    M = fit.row_metric(rows, src, cov, method.fit, src.d_h**-0.5, alpha, energy_cov=c_fit)
+    return LayerPlan(method, src, rows, svd.whitening(c_fit, method.damp), k_scale, M=M, cov=cov, cov_k=cov_k)
 
 
 def factor_layer(plan: LayerPlan, r_q: int | None, r_kv: int, sigma: str) -> tuple[dict, dict]:
@@ -84,8 +100,13 @@ def factor_layer(plan: LayerPlan, r_q: int | None, r_kv: int, sigma: str) -> tup
     if rows.q_bias is not None:
         out["q_proj.bias" if r_q is None else "q_b_proj.bias"] = q_heads(rows.q_bias)
 
-    fkv = svd.whitened_factors(plan.kv_matrix(), plan.L, r_kv, sigma)
-    up = torch.cat([fkv.up[: plan.n_k] / plan.k_scale, fkv.up[plan.n_k :]])  # [G*d_k + G*d_h, r_kv], balance undone
+    fkv = svd.whitened_factors(plan.weighted_kv(), plan.L, r_kv, sigma)
+    if plan.M is not None:  # the latent is fitted in the weighted metric; the up-projection by least squares
+        n_k = plan.n_k
+        up = torch.cat([fit.least_squares_up(rows.kv_rows[:n_k], fkv.down, plan.cov_k),
+                        fit.least_squares_up(rows.kv_rows[n_k:], fkv.down, plan.cov)])
+    else:
+        up = torch.cat([fkv.up[: plan.n_k] / plan.k_scale, fkv.up[plan.n_k :]])  # [G*d_k + G*d_h, r_kv]
     kv_heads = lambda w: svd.kv_up_rows(w, src.G, src.H, rows.d_k, rows.d_nope)  # noqa: E731
     out["kv_a_proj_with_mqa.weight"] = torch.cat([fkv.down, rows.w_kr])
     out["kv_b_proj.weight"] = kv_heads(up)
@@ -93,5 +114,6 @@ def factor_layer(plan: LayerPlan, r_q: int | None, r_kv: int, sigma: str) -> tup
         out["kv_a_proj_with_mqa.bias"] = torch.cat([torch.zeros(r_kv, dtype=torch.float64), rows.b_kr])
         out["kv_b_proj.bias"] = kv_heads(rows.kv_bias)
     err = svd.truncation_error(fkv.singular_values, r_kv)
-    rep.update(kv_rank=r_kv, kv_error=err, kv_energy=1 - err**2, k_scale=plan.k_scale)
+    rep.update(kv_rank=r_kv, kv_error=err, kv_energy=1 - err**2, k_scale=plan.k_scale,
+               metric="fitted" if plan.M is not None else rep["metric"])
     return out, rep

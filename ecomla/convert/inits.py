@@ -43,6 +43,26 @@ class RopeChoice:
 
 
 @dataclass(frozen=True)
+class FitChoice:
+    """Fit each layer to what it computes, not to its weights (the 'fitted' init; fit.py, sequential.py)."""
+
+    key_weights: tuple[float, ...] = (4.0,)  # alpha, the weight of key errors (logits) against value errors
+    #                                (through o_proj); with several, each layer takes the one whose attention output
+    #                                is closest to the teacher's (sequential.py)
+    query_aware: bool = True  # K rows judged by the logits they give with the layer's queries
+    output_aware: bool = True  # V rows judged through o_proj
+    sequential: bool = False  # layer l is fitted on inputs produced by the converted layers below it (off: it was
+    #                           worse on SmolLM2 in development runs, DESIGN-NOTES.md)
+    o_target: str = "output"  # o_proj refit target: 'residual' (teacher's stream after attention), 'output'
+    #                             (teacher's attention output) or 'none' (no refit)
+    ridge: float = 0.1  # ridge of the o_proj refit (towards the source o_proj), a fraction of the mean diagonal of
+    #                     the gram: weaker ridges fit the calibration tokens with o_proj weights several times the
+    #                     source's, which later training steps break
+    mean_weight: float = 0.0  # beta: weight of the input mean E[x] in the metric that chooses the latent (1 = the
+    #                           second moment, as whitening); NoPE keys are judged without it (fit.py)
+
+
+@dataclass(frozen=True)
 class InitMethod:
     """How an MLA layer's weights are initialised from its source layer."""
 
@@ -51,11 +71,12 @@ class InitMethod:
     rope: RopeChoice | None = None  # None: Algorithm 1's rotary layout
     kv_balance: bool = False  # scale K to V's energy before the joint K/V factorisation (TransMLA's BKV)
     damp: float = 1e-4  # whitening damping, a fraction of the mean diagonal of C
+    fit: FitChoice | None = None  # None: the factorisation's metric is the activations (or weights) alone
 
     @property
     def needs_calibration(self) -> bool:
         """Whitening and the rope-aware pair choice / key fit read the layer-input second moment C."""
-        return self.whiten or self.rope is not None
+        return self.whiten or self.rope is not None or self.fit is not None
 
 
 INITS = {
@@ -64,6 +85,7 @@ INITS = {
     "whitened": InitMethod(whiten=True),
     "rope-aware": InitMethod(rope=RopeChoice()),
     "rope-whitened": InitMethod(whiten=True, rope=RopeChoice()),
+    "fitted": InitMethod(whiten=True, rope=RopeChoice(), fit=FitChoice()),
 }
 
 

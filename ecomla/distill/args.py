@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..args import arg
-from ..common import UserError
+from ..common import UserError, resolve_precision
 from ..losses import KINDS
 
 STAGES = ("ild", "kd", "both")
 TRAINABLE = ("all", "attention", "mla")
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -52,8 +52,9 @@ class DistillArgs:
     ce_weight: float = arg("weight of plain cross-entropy on the data (paper default 0)", default=0.0)
     mask_prompt: bool = arg("train on assistant tokens only (padding is always masked)", default=True)
     trainable: str = arg("KD trainable set: all (paper), attention, mla", default="all", choices=TRAINABLE)
-    precision: str = arg("bf16 (autocast, CPU and GPU) or fp32; one precision per process", default="bf16",
-                         choices=PRECISIONS)
+    precision: str = arg("bf16 (autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU has bf16 units, "
+                         "else fp32 (emulated bf16 is several times slower); one precision per process",
+                         default="auto", choices=PRECISIONS)
     teacher_topk: int = arg("use cached teacher top-k log-probs (computed once, reused) instead of a live "
                             "teacher; 0 = live full-vocabulary teacher", default=0)
     save_every: int = arg("checkpoint every N optimizer steps", default=50)
@@ -69,6 +70,7 @@ class DistillArgs:
         for name, choices in (("stage", STAGES), ("loss", KINDS), ("trainable", TRAINABLE), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:  # a recipe's values do not pass argparse's choices
                 raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        self.precision = resolve_precision(self.precision)  # derived once: what this machine trains fastest in
         try:
             assert len(self.beta_pair) == 2 and all(0 <= x < 1 for x in self.beta_pair)
         except (ValueError, AssertionError):

@@ -24,7 +24,7 @@ from pathlib import Path
 import datasets
 
 from ..args import arg
-from ..common import UserError
+from ..common import UserError, resolve_precision
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat
 from ..eval.fidelity import fidelity
@@ -41,7 +41,7 @@ from .trainer import make_config, train
 # affordable on 2 CPU cores.
 CPU_RECIPE = dict(make_pairs=True, pairs=64, max_new_tokens=64, temperature=1.0, gen_batch_size=16, beta=0.01,
                   lr=2e-5, batch_size=4, grad_accum=1, epochs=2.0, max_length=256, max_prompt_length=128,
-                  precision="bf16", save_every=10, eval_tokens=4096)
+                  precision="auto", save_every=10, eval_tokens=4096)
 
 
 @dataclass
@@ -79,8 +79,8 @@ class DPOArgs:
                                     default=None)
     resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints (cached pairs are reused)",
                        default=False)
-    precision: str = arg("bf16 (mixed precision autocast, CPU and GPU) or fp32", default="bf16",
-                         choices=("bf16", "fp32"))
+    precision: str = arg("bf16 (mixed precision autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU "
+                         "has bf16 units, else fp32", default="auto", choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = arg("recompute activations in the backward pass (saves GPU memory)", default=False)
     save_every: int = arg("checkpoint every N optimizer steps", default=50)
     keep_last: int = arg("checkpoints to keep", default=2)
@@ -111,8 +111,9 @@ class DPOArgs:
             raise UserError("--max-minutes must be > 0")
         if self.eval_tokens < 0:
             raise UserError("--eval-tokens must be >= 0")
-        if self.precision not in ("bf16", "fp32"):
-            raise UserError("--precision must be bf16 or fp32")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UserError("--precision must be auto, bf16 or fp32")
+        self.precision = resolve_precision(self.precision)  # derived once
 
 
 def cpu_args(model: str, out: str, **overrides) -> DPOArgs:

@@ -1,0 +1,109 @@
+"""The 'fitted' init's tensor math: factorise K/V by what the layer computes with them, and closed-form refits.
+
+Tensors in, tensors out, float64; notation as in svd.py and inits.py. At one layer, x_t / x_s are the teacher's
+and the student's attention inputs (normed) on the same calibration tokens; C_ss = E[x_s x_s^T],
+C_ts = E[x_t x_s^T]. In one-shot calibration x_s = x_t.
+
+- **Input map** (`input_map`): A = C_ts C_ss^{-1} is the least-squares map with W A x_s ~ W x_t for every linear W.
+  Factoring W A in the metric of C_ss is reduced-rank regression of the teacher's projections on the student's
+  inputs: each layer absorbs the error that arrives from the converted layers below it (GPTQ-style).
+- **Row metric** (`row_metric`): the joint [K_nope; V] factorisation minimises ||M (W - W') L||_F, M block-diagonal
+  per KV head g:
+    K rows: alpha^(1/2) (s^2 sum_{h in g} W_qh C W_qh^T)^(1/2): the error of the logits q_h . k_g (scale s) that
+            the layer's own queries see (query-aware, as in KQ-SVD);
+    V rows: (sum_{h in g} W_Oh^T W_Oh)^(1/2): the error of the values after o_proj (output-aware).
+  Each of the two parts is scaled so its weighted energy equals its plain activation energy: the metric reshapes
+  the errors within K and within V but keeps the K/V balance of the whitened factorisation, and alpha
+  (one of `FitChoice.key_weights`) moves that balance.
+- **Key mean** (`split_mean`): a NoPE key component that is the same for every token (W_k E[x]) adds the same
+  logit to every key of a query, and softmax ignores it. About 70-80% of SmolLM2's key energy is that mean, so
+  the latent is chosen in the metric C_c + beta mu mu^T (C_c the covariance, mu = E[x]; `FitChoice.mean_weight`)
+  and the K up-projection is fitted in C_c; the V up-projection, whose mean does pass through attention, in C.
+- **Refits** (`least_squares_up`, `ridge_solve`): once the latent (the down-projection) is fixed, the up-projection
+  and o_proj are linear least-squares problems, solved in closed form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inits import FitChoice, LayerRows
+from .svd import Source
+
+
+def _psd_sqrt(a: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a positive semi-definite matrix."""
+    e, v = torch.linalg.eigh((a + a.T) / 2)
+    return (v * e.clamp(min=0).sqrt()) @ v.T
+
+
+def _damped(c: torch.Tensor, damp: float) -> torch.Tensor:
+    return c + damp * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
+
+
+def split_mean(cov: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
+    """The covariance C - mu mu^T (the second moment itself when the mean is unknown)."""
+    if mean is None:
+        return cov.double()
+    mu = mean.double()
+    return cov.double() - mu[:, None] * mu[None, :]
+
+
+def input_map(c_ts: torch.Tensor, c_ss: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
+    """A [D, D] = C_ts (C_ss + damping)^{-1}: W A x_s is the least-squares estimate of W x_t."""
+    return torch.linalg.solve(_damped(c_ss.double(), damp), c_ts.double().T).T
+
+
+def row_metric(rows: LayerRows, src: Source, cov: torch.Tensor, fit: FitChoice, scale: float, alpha: float,
+               energy_cov: torch.Tensor | None = None) -> torch.Tensor:
+    """M [G*d_k + G*d_h, same]: block-diagonal weights of the K/V rows (module docstring). `scale` is the
+    softmax scale of the logits; `alpha` the key weight; `cov` the second moment (queries' energy); `energy_cov`
+    the metric the K and V energies are balanced in (default `cov`)."""
+    if rows.d_k != rows.d_nope:
+        raise ValueError("the fitted metric needs the rope-aware layout (only NoPE key dims in the K/V rows)")
+    G, H, d_h, d_q = src.G, src.H, src.d_h, rows.d_q
+    per_group = H // G
+    c = cov.double()
+    ce = c if energy_cov is None else energy_cov.double()
+    energy = lambda m, w: float(torch.einsum("ij,jd,de,ie->", m, w, ce, m @ w) if m is not None  # noqa: E731
+                                else torch.einsum("id,de,ie->", w, ce, w))
+    blocks = []
+    for g in range(G):
+        if fit.query_aware:
+            q = rows.q_rows.reshape(H, d_q, -1)[g * per_group : (g + 1) * per_group, : rows.d_nope]  # [g, d_nope, D]
+            a = scale**2 * torch.einsum("hid,de,hje->ij", q, c, q)
+            blocks.append(_psd_sqrt(a))
+        else:
+            blocks.append(torch.eye(rows.d_nope, dtype=torch.float64))
+    for g in range(G):
+        if fit.output_aware:
+            if src.w_o is None:
+                raise ValueError("the output-aware metric needs the source's o_proj (Source.w_o)")
+            wo = src.w_o.double().reshape(-1, H, d_h)[:, g * per_group : (g + 1) * per_group]  # [D, g, d_h]
+            blocks.append(_psd_sqrt(torch.einsum("dhi,dhj->ij", wo, wo)))
+        else:
+            blocks.append(torch.eye(d_h, dtype=torch.float64))
+    m = torch.block_diag(*blocks)
+    n_k = G * rows.d_nope
+    w_k, w_v = rows.kv_rows[:n_k].double(), rows.kv_rows[n_k:].double()
+    k_gain = (alpha * energy(None, w_k) / max(energy(m[:n_k, :n_k], w_k), 1e-300)) ** 0.5
+    v_gain = (energy(None, w_v) / max(energy(m[n_k:, n_k:], w_v), 1e-300)) ** 0.5
+    m[:n_k] *= k_gain
+    m[n_k:] *= v_gain
+    return m
+
+
+def least_squares_up(w: torch.Tensor, down: torch.Tensor, cov: torch.Tensor, ridge: float = 1e-9) -> torch.Tensor:
+    """up [out, r] minimising E||W x - up down x||^2 over x with E[x x^T] = cov: W C D^T (D C D^T)^{-1}."""
+    c = cov.double()
+    dc = down.double() @ c  # [r, D]
+    return ridge_solve(dc @ down.double().T, dc @ w.double().T, ridge).T
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Least squares from its normal equations, pulled towards `prior` (default 0):
+    X = (gram + lam I)^{-1} (cross + lam prior), lam = ridge * mean(diag gram)."""
+    lam = ridge * float(gram.diagonal().mean())
+    rhs = cross.double() if prior is None else cross.double() + lam * prior.double()
+    return torch.linalg.solve(_damped(gram.double(), ridge), rhs)

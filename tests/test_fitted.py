@@ -1,0 +1,151 @@
+"""The fitted init (`--init fitted`): its metric, its closed-form refits and its sequential calibration."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import ecomla  # noqa: F401
+from ecomla.common import UserError
+from ecomla.convert import fit, svd
+from ecomla.convert.convert import ConvertArgs, convert
+from ecomla.convert.inits import INITS, FitChoice, RopeChoice
+from ecomla.eval.fidelity import final_hidden
+from ecomla.losses import token_kl
+from tests.helpers import make_source
+from tests.test_data_eval import chat_rows
+
+
+def _data(tmp_path):
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(200)))
+    return data
+
+
+def _convert(src, out, data, fit_choice: FitChoice | None = None, calib_seqs=40, **kw):
+    args = ConvertArgs(src=str(src), out=str(out), init="fitted", calib_data=str(data), calib_seqs=calib_seqs,
+                       calib_len=16, **kw)
+    if fit_choice is not None:
+        args.method = dataclasses.replace(args.method, fit=fit_choice)
+    return convert(args, log=lambda *a: None)
+
+
+def test_fitted_is_a_typed_init():
+    m = INITS["fitted"]
+    assert m.whiten and m.rope == RopeChoice() and m.fit == FitChoice() and m.needs_calibration
+
+
+def test_full_rank_reproduces_an_mqa_model(tmp_path):
+    """G = 1, every frequency pair rotary, full latent rank: the fitted model computes what the source does."""
+    src = make_source("llama", tmp_path / "src", num_key_value_heads=1)
+    _convert(src, tmp_path / "out", _data(tmp_path), kv_rank=16, rope_dim=16, q_rank="none", damp=0.0)
+    a = AutoModelForCausalLM.from_pretrained(src).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(4, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(a(x).logits, b(x).logits, atol=1e-3)
+
+
+def _output_kl(src, student, x) -> float:
+    a = AutoModelForCausalLM.from_pretrained(src).eval()
+    b = AutoModelForCausalLM.from_pretrained(student).eval()
+    with torch.no_grad():
+        return float(token_kl(b(x).logits.flatten(0, 1), a(x).logits.flatten(0, 1), "forward").mean())
+
+
+def test_sequential_fit_is_no_worse_than_one_shot_at_the_output(tmp_path):
+    src = make_source("llama", tmp_path / "src")
+    data = _data(tmp_path)
+    common = dict(kv_rank=4, rope_dim=8, q_rank="none")
+    _convert(src, tmp_path / "seq", data, FitChoice(sequential=True), **common)
+    _convert(src, tmp_path / "one", data, FitChoice(sequential=False), **common)
+    x = torch.randint(4, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    seq, one = _output_kl(src, tmp_path / "seq", x), _output_kl(src, tmp_path / "one", x)
+    assert seq <= one, (seq, one)
+
+
+def test_o_proj_refit_lowers_the_attention_output_error_it_targets(tmp_path):
+    src = make_source("llama", tmp_path / "src")
+    meta = _convert(src, tmp_path / "refit", _data(tmp_path), FitChoice(), kv_rank=4, rope_dim=8, q_rank="none")
+    rows = [r for r in meta["layers"] if r["type"] == "mla"]
+    assert rows and all(r["o_error_after"] < r["o_error_before"] and r["o_target"] == "output" for r in rows), rows
+
+
+def test_o_proj_is_not_refitted_from_too_few_tokens(tmp_path):
+    src = make_source("llama", tmp_path / "src")  # o_proj reads 4 heads x 16 = 64 inputs: a refit needs 512 tokens
+    meta = _convert(src, tmp_path / "few", _data(tmp_path), calib_seqs=8, kv_rank=4, rope_dim=8, q_rank="none")
+    rows = [r for r in meta["layers"] if r["type"] == "mla"]
+    assert all(r["o_target"].startswith("none (128 calibration tokens") and "--calib-seqs" in r["o_target"]
+               and r["o_error_after"] == r["o_error_before"] for r in rows), rows
+
+
+def _samples(n=400, D=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64)
+    return x + 3.0, g  # a non-zero mean, like normed hidden states
+
+
+def test_least_squares_up_beats_the_factorisation_up_at_the_same_latent():
+    x, g = _samples()
+    cov = x.T @ x / len(x)
+    w = torch.randn(10, 12, generator=g, dtype=torch.float64)
+    m = torch.diag(torch.rand(10, generator=g, dtype=torch.float64) * 10)  # a row metric different from C
+    f = svd.whitened_factors(m @ w, svd.whitening(cov), 4)
+    up_svd = torch.linalg.solve(m, f.up)
+    up_ls = fit.least_squares_up(w, f.down, cov)
+    err = lambda up: float(((x @ (w - up @ f.down).T) ** 2).sum())  # noqa: E731
+    assert err(up_ls) < err(up_svd)
+
+
+def test_input_map_corrects_a_perturbed_input():
+    x_t, g = _samples()
+    x_s = x_t @ (torch.eye(12, dtype=torch.float64) + 0.3 * torch.randn(12, 12, generator=g, dtype=torch.float64))
+    w = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    a = fit.input_map(x_t.T @ x_s / len(x_s), x_s.T @ x_s / len(x_s), damp=0.0)
+    assert ((x_s @ (w @ a).T - x_t @ w.T) ** 2).sum() < 1e-6 * ((x_s @ w.T - x_t @ w.T) ** 2).sum()
+
+
+def test_key_mean_is_left_out_of_the_key_fit():
+    """A key component that is the same for every token does not change attention: the K up-projection is fitted
+    in the covariance, so two inputs that differ only by their mean give the same K factors."""
+    x, g = _samples()
+    cov, mean = x.T @ x / len(x), x.mean(0)
+    centred = fit.split_mean(cov, mean)
+    assert torch.allclose(centred, torch.cov(x.T, correction=0), atol=1e-9)
+    shifted = x + torch.randn(12, generator=g, dtype=torch.float64)
+    assert torch.allclose(fit.split_mean(shifted.T @ shifted / len(x), shifted.mean(0)), centred, atol=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fitted_checkpoint_loads_generates_and_its_paths_agree(family, tmp_path):
+    src = make_source(family, tmp_path / "src")
+    _convert(src, tmp_path / "out", _data(tmp_path), kv_rank=6, rope_dim=8)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(4, 100, (2, 10))
+    with torch.no_grad():
+        dec = final_hidden_path(model, x, "decompressed")
+        absd = final_hidden_path(model, x, "absorbed")
+        assert torch.allclose(dec, absd, atol=1e-4)
+        out = model.generate(x[:1, :4], max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+    assert final_hidden(model, x).shape == (2, 10, model.config.hidden_size)
+
+
+def final_hidden_path(model, x, path):
+    return model(x, mla_path=path, use_cache=False).logits
+
+
+def test_fitted_flags_map_to_the_fit_choice_and_are_refused_elsewhere():
+    base = dict(src="s", out="o", kv_rank=8)
+    args = ConvertArgs(**base, init="fitted", key_weight="2,6", o_refit="none", sequential=True, o_ridge=0.5)
+    assert args.method.fit == FitChoice(key_weights=(2.0, 6.0), o_target="none", sequential=True, ridge=0.5)
+    assert ConvertArgs(**base, init="fitted").method.fit == FitChoice()
+    for bad, flag in ((dict(init="rope-whitened", key_weight="4"), "--key-weight"),
+                      (dict(init="whitened", sequential=True), "--sequential"),
+                      (dict(init="fitted", key_weight="0"), "--key-weight"),
+                      (dict(init="fitted", key_weight="a,b"), "--key-weight"),
+                      (dict(init="fitted", o_ridge=-1.0), "--o-ridge")):
+        with pytest.raises(UserError, match=flag):
+            ConvertArgs(**base, **bad)
