@@ -17,10 +17,10 @@ from ecomla.eval.report import pyplot, save
 
 ZERO = ["runs/zero-token/eval-2x", "runs/zero-token/eval-4x", "runs/zero-token/eval-8x",
         "runs/zero-token-8x-more/eval-8x", "runs/zero-token-baselines/eval-2x", "runs/zero-token-baselines/eval-4x",
-        "runs/zero-token-baselines/eval-8x", "runs/zero-token-fitted/eval-2x", "runs/zero-token-fitted/eval-4x",
-        "runs/zero-token-fitted/eval-8x"]
+        "runs/zero-token-baselines/eval-8x", "runs/zero-token-fitted2/eval-2x", "runs/zero-token-fitted2/eval-4x",
+        "runs/zero-token-fitted2/eval-8x"]
 TRAINED = ["runs/init-training-2x/eval", "runs/init-training/eval", "runs/init-training-8x/eval",
-           "runs/init-training-fitted-4x/eval", "runs/init-training-fitted-8x/eval"]
+           "runs/init-training-fitted2-4x/eval"]
 
 
 def init_name(model: str) -> str | None:

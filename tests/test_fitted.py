@@ -149,3 +149,19 @@ def test_fitted_flags_map_to_the_fit_choice_and_are_refused_elsewhere():
                       (dict(init="fitted", o_ridge=-1.0), "--o-ridge")):
         with pytest.raises(UserError, match=flag):
             ConvertArgs(**base, **bad)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_hybrid_fitted_model_keeps_its_gqa_layers_exact(sequential, tmp_path):
+    src = make_source("llama", tmp_path / "src")
+    _convert(src, tmp_path / "out", _data(tmp_path), FitChoice(sequential=sequential), kv_rank=4, rope_dim=8,
+             layers="1")
+    a = AutoModelForCausalLM.from_pretrained(src).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert b.config.mla_layer_indices == [1]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):  # layer 0 stays the source's attention
+        kept = getattr(b.model.layers[0].self_attn, name).weight
+        assert torch.equal(getattr(a.model.layers[0].self_attn, name).weight, kept)
+    x = torch.randint(4, 100, (2, 10))
+    with torch.no_grad():
+        assert torch.isfinite(b(x).logits).all()

@@ -77,8 +77,8 @@ def plan_layer(method: InitMethod, src: svd.Source, d_rope: int, d_nope: int, st
     k_scale = balanced_k_scale(rows, src.G * rows.d_k, L) if method.kv_balance else 1.0
     if method.fit is None:
         return LayerPlan(method, src, rows, L, k_scale)
-    cov_k = fit.split_mean(cov, stats.get("mean"))
     mean = stats.get("mean")
+    cov_k = fit.split_mean(cov, mean)
     c_fit = cov_k if mean is None else cov_k + method.fit.mean_weight * torch.outer(mean.double(), mean.double())
     alpha = method.fit.key_weights[0] if key_weight is None else key_weight
     M = fit.row_metric(rows, src, cov, method.fit, src.d_h**-0.5, alpha, energy_cov=c_fit)
