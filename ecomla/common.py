@@ -29,7 +29,7 @@ class UserError(Exception):
 
 def fast_bf16(device: str | None = None) -> bool:
     """Whether bf16 autocast is fast here: a CUDA GPU with bf16, or a CPU with bf16 units (AVX512-BF16 or AMX).
-    Without them CPU autocast emulates bf16 and trains several times slower than fp32."""
+    Without them CPU autocast emulates bf16, which trains slower than fp32."""
     if (device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:

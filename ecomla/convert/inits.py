@@ -56,8 +56,7 @@ class FitChoice:
     o_target: str = "output"  # o_proj refit target: 'residual' (teacher's stream after attention), 'output'
     #                             (teacher's attention output) or 'none' (no refit)
     ridge: float = 0.1  # ridge of the o_proj refit (towards the source o_proj), a fraction of the mean diagonal of
-    #                     the gram: weaker ridges fit the calibration tokens with o_proj weights several times the
-    #                     source's, which later training steps break
+    #                     the gram; why not weaker: DESIGN-NOTES.md, "fitted"
     mean_weight: float = 0.0  # beta: weight of the input mean E[x] in the metric that chooses the latent (1 = the
     #                           second moment, as whitening); NoPE keys are judged without it (fit.py)
 

@@ -53,7 +53,7 @@ class DistillArgs:
     mask_prompt: bool = arg("train on assistant tokens only (padding is always masked)", default=True)
     trainable: str = arg("KD trainable set: all (paper), attention, mla", default="all", choices=TRAINABLE)
     precision: str = arg("bf16 (autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU has bf16 units, "
-                         "else fp32 (emulated bf16 is several times slower); one precision per process",
+                         "else fp32 (emulated bf16 is slower); one precision per process",
                          default="auto", choices=PRECISIONS)
     teacher_topk: int = arg("use cached teacher top-k log-probs (computed once, reused) instead of a live "
                             "teacher; 0 = live full-vocabulary teacher", default=0)
