@@ -16,7 +16,8 @@ C_ts = E[x_t x_s^T]. In one-shot calibration x_s = x_t.
   the errors within K and within V but keeps the K/V balance of the whitened factorisation, and alpha
   (one of `FitChoice.key_weights`) moves that balance.
 - **Key mean** (`split_mean`): a NoPE key component that is the same for every token (W_k E[x]) adds the same
-  logit to every key of a query, and softmax ignores it. About 70-80% of SmolLM2's key energy is that mean, so
+  logit to every key of a query, and softmax ignores it. Most of SmolLM2's key energy is that mean
+  (`benchmarks/fit_inspect.py`), so
   the latent is chosen in the metric C_c + beta mu mu^T (C_c the covariance, mu = E[x]; `FitChoice.mean_weight`)
   and the K up-projection is fitted in C_c; the V up-projection, whose mean does pass through attention, in C.
 - **Refits** (`least_squares_up`, `ridge_solve`): once the latent (the down-projection) is fixed, the up-projection
