@@ -36,9 +36,13 @@ def main() -> None:
     p.add_argument("--out", default="runs/init-training")
     p.add_argument("--precision", default="auto", help="distillation precision (auto: bf16 only where the CPU has "
                    "bf16 units; section 4's first tables were bf16)")
+    p.add_argument("--lr", type=float, default=None, help="KD peak learning rate (default: ecomla distill's)")
+    p.add_argument("--ild-lr", type=float, default=None, help="ILD peak learning rate (default: ecomla distill's)")
+    p.add_argument("--trainable", default=None, help="KD trainable set (default: ecomla distill's)")
     a = p.parse_args()
     out = Path(a.out)
     trained = {}
+    overrides = {k: v for k, v in (("lr", a.lr), ("ild_lr", a.ild_lr), ("trainable", a.trainable)) if v is not None}
     for init in a.inits.split(","):
         start = Path(a.zero_token_models) / f"{a.ratio}-{init}"
         if not (start / "ecomla_convert.json").is_file():
@@ -50,7 +54,7 @@ def main() -> None:
         if not (kd / "ecomla_train.json").is_file():
             distill(DistillArgs(student=str(start), out=str(kd), ild_tokens=a.ild_tokens, max_tokens=a.kd_tokens,
                                 eval_tokens=0, progress=False, resume=(kd / "checkpoints").is_dir(),
-                                precision=a.precision))
+                                precision=a.precision, **overrides))
         trained[f"{a.ratio}-{init}-trained"] = str(kd)
     res_file = out / "eval" / "results.json"
     if res_file.is_file():

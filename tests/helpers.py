@@ -39,9 +39,9 @@ def tiny_config(family: str, **kw):
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False)
     base.update(kw)
     if family == "llama":
-        return LlamaConfig(head_dim=16, **base)
+        return LlamaConfig(**{"head_dim": 16, **base})
     if family == "mistral":
-        return MistralConfig(head_dim=16, sliding_window=None, **base)
+        return MistralConfig(**{"head_dim": 16, "sliding_window": None, **base})
     if family == "qwen2":
         return Qwen2Config(**base)
     raise ValueError(family)

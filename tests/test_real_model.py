@@ -39,3 +39,26 @@ def test_convert_default_measures_the_promised_cache(ratio, r_kv, tmp_path, caps
         d = model(x, mla_path="decompressed", use_cache=False).logits
     assert (a - d).norm() / d.norm() < 1e-9
     assert model.config.kv_elements_per_token() * 4 == 30 * (r_kv + 32) * 4
+
+
+def test_default_model_exports_to_deepseek_v3_exactly(tmp_path):
+    """The issue's target on the real model: converted with --target deepseek-v3 at 64+32, exported, loaded by stock
+    transformers: KL to ecomla's model < 1e-4 and top-1 agreement >= 99.9% on held-out chat tokens."""
+    from ecomla.data.chat import load_chat, split_chat
+
+    mla, ds = tmp_path / "mla", tmp_path / "ds"
+    assert main(["convert", "default", str(mla), "--kv-rank", "64", "--rope-dim", "32", "--target", "deepseek-v3",
+                 "--calib-seqs", "16"]) == 0
+    assert main(["export", str(mla), str(ds)]) == 0
+    a = AutoModelForCausalLM.from_pretrained(mla).eval()
+    b = AutoModelForCausalLM.from_pretrained(ds).eval()
+    assert type(b).__name__ == "DeepseekV3ForCausalLM"
+    tok = load_tokenizer(str(mla))
+    held = split_chat(load_chat("default"))["heldout"].select(range(8))
+    text = " ".join(m["content"] for row in held for m in row["messages"])
+    ids = tok(text, return_tensors="pt").input_ids[:, :1024]
+    with torch.no_grad():
+        la, lb = a(ids).logits.log_softmax(-1), b(ids).logits.log_softmax(-1)
+    kl = float((la.exp() * (la - lb)).sum(-1).mean())
+    top1 = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
+    assert kl < 1e-4 and top1 >= 0.999, (kl, top1)

@@ -22,6 +22,7 @@ from ..args import arg
 from ..common import DTYPES, UserError, atomic_dir
 from ..io import count_params, load_config, load_model, load_tokenizer
 from ..mla import EcoMLAForCausalLM
+from ..mla import deepseek
 from ..mla.config import EcoMLAConfig, MLASpec, SourceShape, parse_q_rank
 from ..mla.rope import rope_inv_freq
 from . import ranks as rank_alloc
@@ -30,7 +31,7 @@ from .calibrate import calibration_batches, layer_input_stats
 from .factor import LayerPlan, factor_layer, plan_layer
 from .families import ATTN_COPY_IF_KEPT, LAYER_COPY, MODEL_COPY, source_fields
 from .fit import input_map
-from .inits import INITS, FitChoice, RopeChoice
+from .inits import INITS, FitChoice, RopeChoice, best_pairs, pair_scores
 from .sequential import fit_sequentially
 
 
@@ -88,7 +89,12 @@ class ConvertArgs:
     q_rank_energy: float | None = arg("per-layer r_q from an energy threshold on W_Q (paper delta_q)", default=None)
     sigma: str = arg("where the singular values go: 'up' (paper: W_D=U) or 'down' (authors' code)",
                      default="up", choices=svd.SIGMA_PLACEMENTS)
-    latent_norm: bool = arg("RMSNorm on the q/kv latents (DeepSeek); off in the paper (Table 13)", default=False)
+    latent_norm: bool = arg("RMSNorm on the q/kv latents (DeepSeek), its gain set from calibration data so the "
+                            "model stays close to the norm-free one; off in the paper (Table 13)", default=False)
+    target: str = arg("checkpoint format the conversion must be expressible in: 'ecomla' (any layout) or "
+                      "'deepseek-v3' (what `ecomla export --format deepseek-v3` and stock engines take: latent "
+                      "norms, a plain RoPE subset, one shape for every layer, no biases)", default="ecomla",
+                      choices=("ecomla", deepseek.FORMAT))
     mla_rope: str = arg("RoPE of the decoupled rotary dims: 'source' (the source's theta and scaling) or "
                         "'yarn' (what the authors' code silently does for Llama-3)", default="source",
                         choices=("source", "yarn"))
@@ -116,6 +122,8 @@ class ConvertArgs:
                             "drop --nope-dim")
         if self.kv_balance and not (self.method.whiten or self.method.rope is not None):
             raise UserError("--kv-balance applies to the whitened / rope-aware inits, not to --init " + self.init)
+        if self.target == deepseek.FORMAT:
+            self._check_target()
         if self.calib_seqs < 1 or self.calib_len < 8:
             raise UserError("--calib-seqs must be >= 1 and --calib-len >= 8")
         if self.kv_rank is not None and self.kv_rank < 1:
@@ -127,6 +135,20 @@ class ConvertArgs:
             if v is not None and not 0 < v <= 1:
                 raise UserError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
 
+
+    def _check_target(self) -> None:
+        """--target deepseek-v3: refuse what the format cannot express; it implies --latent-norm."""
+        what = "--target deepseek-v3 needs one shape for every layer (the format has one kv_lora_rank)"
+        if self.kv_rank is None:
+            raise UserError(f"{what}: give --kv-rank R instead of --kv-budget or --rank-energy")
+        if self.q_rank_energy is not None:
+            raise UserError(f"{what}: drop --q-rank-energy")
+        if self.layers != "all" or self.allow_hybrid:
+            raise UserError("--target deepseek-v3 makes every layer MLA (the format has no GQA layers): drop "
+                            "--layers and --allow-hybrid")
+        if self.mla_rope != "source":
+            raise UserError("--target deepseek-v3 needs a plain RoPE on the rotary dims; drop --mla-rope yarn")
+        self.latent_norm = True
 
     def _fit_choice(self, base: FitChoice | None) -> FitChoice | None:
         """The init's FitChoice with the --key-weight / --o-refit / --sequential / --o-ridge overrides (fitted only)."""
@@ -318,7 +340,7 @@ def fit_layers(args: ConvertArgs, sd: dict, fields: dict, config: EcoMLAConfig, 
     teacher_sd, _ = build_state_dict(args, sd, n, {}, {})  # the source, as an all-GQA EcoMLA model
     teacher_cfg = EcoMLAConfig(**fields, mla_layers=[None] * n, architectures=["EcoMLAForCausalLM"])
     teacher = materialise(teacher_cfg, teacher_sd, torch.float32, args.seed)
-    student = materialise(config, new_sd, torch.float32, args.seed)
+    student = materialise(norm_free(config), new_sd, torch.float32, args.seed)
     batches = calibration_batches(load_tokenizer(src_path), args.calib_data, args.calib_seqs, args.calib_len,
                                   args.calib_seed)
     fit_reports = {}
@@ -341,6 +363,79 @@ def fit_layers(args: ConvertArgs, sd: dict, fields: dict, config: EcoMLAConfig, 
             r.update(fit_reports[r["layer"]], **by_layer.get(r["layer"], {}))
 
 
+def check_target_source(args: ConvertArgs, source: EcoMLAConfig) -> None:
+    """--target deepseek-v3, before any weight is read: the source's own obstacles and the rotary layout."""
+    broken = deepseek.source_problems(source)
+    if broken:
+        raise UserError("--target deepseek-v3: " + "; ".join(broken))
+    if args.method.rope is None and not deepseek.fresh_rope_is_plain(source, args.rope_dim):
+        kind = source.rope_parameters.get("rope_type", "default")
+        raise UserError(f"--target deepseek-v3: this init gives the rotary dims fresh frequencies with the "
+                        f"source's {kind!r} RoPE scaling, which engines rewrite to DeepSeek's YaRN; use a rope-aware "
+                        "init (--init rope-whitened or fitted), which keeps a plain subset of the source's pairs")
+
+
+def target_rope_pairs(args: ConvertArgs, sd: dict, shape: SourceShape, stats: dict, inv_freq: torch.Tensor,
+                      layers: list[int]) -> list[int] | None:
+    """--target deepseek-v3 with a rope-aware init: one plain rotary layout for every layer, pairs 0, k, 2k, ...
+    (a plain RoPE of dim d_rope), the k whose pairs score highest summed over the layers (inits.pair_scores)."""
+    if args.method.rope is None:
+        return None  # fresh frequencies, plain for an unscaled source (check_target_source)
+    m = args.rope_dim // 2
+    candidates = deepseek.evenly_spaced_pairs(inv_freq, m)
+    if not candidates:
+        raise UserError(f"--target deepseek-v3: no evenly spaced set of {m} of the source's {len(inv_freq)} frequency "
+                        "pairs is a plain RoPE (the source's RoPE scaling changes them); lower --rope-dim")
+    rope = args.method.rope
+    score = sum(pair_scores(layer_source(sd, i, shape), (stats.get(i) or {}).get("cov"), rope.select, inv_freq,
+                            rope.distance) for i in layers)
+    return best_pairs(candidates, score)
+
+
+def norm_free(config: EcoMLAConfig) -> EcoMLAConfig:
+    """The same model without latent norms: what the inits fit (the norms' gains are set afterwards)."""
+    return EcoMLAConfig.from_dict({**config.to_dict(), "mla_layers": [
+        None if s is None else {**s, "latent_norm": False} for s in config.mla_layers]})
+
+
+@torch.no_grad()
+def set_latent_norm_gains(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_path, log,
+                          max_seqs: int = 32) -> None:
+    """Latent norms that keep the model close to the norm-free one: RMSNorm(c) = g * c / rms(c) equals c when
+    rms(c) = g, so g is set to the mean rms of each latent on calibration tokens (the scalar minimising
+    E||c - g c / rms(c)||^2). Measured on the norm-free model; updates `new_sd` in place."""
+    model = materialise(norm_free(config), new_sd, torch.float32, args.seed)
+    n_seqs = min(args.calib_seqs, max_seqs)
+    sums: dict[str, list] = {}  # gain name -> [sum of rms, tokens, latent width]
+
+    def hook(name: str, width: int):
+        sums[name] = [0.0, 0, width]
+
+        def record(_m, _args, out):
+            rms = out[..., :width].float().pow(2).mean(-1).sqrt()  # [B, T]
+            sums[name][0] += float(rms.sum())
+            sums[name][1] += rms.numel()
+        return record
+
+    handles = []
+    for i in config.mla_layer_indices:
+        attn, spec, p = model.model.layers[i].self_attn, config.mla_spec(i), f"model.layers.{i}.self_attn."
+        handles.append(attn.kv_a_proj_with_mqa.register_forward_hook(hook(p + "kv_a_layernorm.weight",
+                                                                          spec.kv_lora_rank)))
+        if spec.q_lora_rank is not None:
+            handles.append(attn.q_a_proj.register_forward_hook(hook(p + "q_a_layernorm.weight", spec.q_lora_rank)))
+    try:
+        for ids in calibration_batches(load_tokenizer(src_path), args.calib_data, n_seqs, args.calib_len,
+                                       args.calib_seed):
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, (total, count, width) in sums.items():
+        new_sd[name] = torch.full((width,), total / count, dtype=torch.float64)
+    log(f"latent norms: gains set to each latent's mean rms on {n_seqs} x {args.calib_len} calibration tokens")
+
+
 def calibration_stats(args: ConvertArgs, src_model, src_path, layers: list[int], log) -> dict:
     """Per-layer input statistics for the inits that read activations (empty for the others)."""
     if not args.method.needs_calibration:
@@ -355,6 +450,8 @@ def convert(args: ConvertArgs, log=print) -> dict:
     src_config, _ = load_config(args.src)  # validate everything cheap before touching weights
     fields, shape = source_fields(src_config), SourceShape.of(src_config)
     d_nope = check_shapes(args, shape)
+    if args.target == deepseek.FORMAT:
+        check_target_source(args, EcoMLAConfig(**fields))
     mla_idx = parse_layers(args.layers, shape.num_layers)
     mla_rope = mla_rope_parameters(args, fields)
     if Path(args.out).exists() and not args.overwrite:
@@ -364,7 +461,9 @@ def convert(args: ConvertArgs, log=print) -> dict:
     sd = {k: v.detach().cpu() for k, v in src_model.state_dict().items()}
     stats = calibration_stats(args, src_model, src_path, mla_idx, log)
     inv_freq = rope_inv_freq(fields["rope_parameters"], shape.head_dim, fields["max_position_embeddings"])[0]
-    plans = {i: plan_layer(args.method, layer_source(sd, i, shape), args.rope_dim, d_nope, stats.get(i), inv_freq)
+    pairs = target_rope_pairs(args, sd, shape, stats, inv_freq, mla_idx) if args.target == deepseek.FORMAT else None
+    plans = {i: plan_layer(args.method, layer_source(sd, i, shape), args.rope_dim, d_nope, stats.get(i), inv_freq,
+                           pairs=pairs)
              for i in mla_idx}
     specs = layer_specs(args, plans, shape, log)
     config = EcoMLAConfig(
@@ -376,6 +475,10 @@ def convert(args: ConvertArgs, log=print) -> dict:
     new_sd, report = build_state_dict(args, sd, shape.num_layers, plans, specs)
     if args.method.fit is not None:
         fit_layers(args, sd, fields, config, specs, new_sd, report, src_path, inv_freq, log)
+    if args.latent_norm:
+        set_latent_norm_gains(args, config, new_sd, src_path, log)
+    if args.target == deepseek.FORMAT and (broken := deepseek.problems(config)):
+        raise RuntimeError("bug: the --target deepseek-v3 conversion is not expressible: " + "; ".join(broken))
     dtype = src_dtype if args.dtype == "auto" else DTYPES[args.dtype]
     model = materialise(config, new_sd, dtype, args.seed)
     summary = kv_summary(config, dtype)

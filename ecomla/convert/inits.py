@@ -123,17 +123,12 @@ def _pair_energy(rows_re: torch.Tensor, rows_im: torch.Tensor, cov: torch.Tensor
     return ((rows_re @ cov) * rows_re).sum(-1) + ((rows_im @ cov) * rows_im).sum(-1)
 
 
-def rope_pairs(src: Source, m: int, cov: torch.Tensor | None = None, rule: str = "contribution",
-               inv_freq: torch.Tensor | None = None, max_distance: int = 512) -> list[int]:
-    """The m frequency pairs kept rotary.
-
-    'contribution': the pairs whose scores change most if their rotation is removed: the magnitude
-        sum_h sqrt(E|q_hj|^2 E|k_gj|^2) (calibration data, or weights alone) times the mean over token
-        distances 1..max_distance of |1 - e^{i theta_j distance}| (slow pairs barely rotate, so they lose little).
-    'magnitude': the magnitude alone (MHA2MLA's 2-norm rule); 'high': the m fastest pairs."""
+def pair_scores(src: Source, cov: torch.Tensor | None = None, rule: str = "contribution",
+                inv_freq: torch.Tensor | None = None, max_distance: int = 512) -> torch.Tensor:
+    """How much each of the d_h/2 source frequency pairs matters as a rotary pair [d_h/2] (see `rope_pairs`)."""
     half = src.d_h // 2
     if rule == "high":
-        return list(range(m))
+        return torch.linspace(1.0, 0.5, half, dtype=torch.float64)  # the fastest pairs first
     if rule not in ("contribution", "magnitude"):
         raise ValueError(f"unknown rope pair rule {rule!r}; use 'contribution', 'magnitude' or 'high'")
     c = cov.double() if cov is not None else torch.eye(src.w_q.shape[1], dtype=torch.float64)
@@ -150,7 +145,25 @@ def rope_pairs(src: Source, m: int, cov: torch.Tensor | None = None, rule: str =
             raise ValueError("the 'contribution' rule needs the source's rotary frequencies")
         dist = torch.arange(1, max_distance + 1, dtype=torch.float64)
         score = score * (2 * torch.sin(inv_freq.double()[:, None] * dist / 2).abs()).mean(1)
+    return score
+
+
+def rope_pairs(src: Source, m: int, cov: torch.Tensor | None = None, rule: str = "contribution",
+               inv_freq: torch.Tensor | None = None, max_distance: int = 512) -> list[int]:
+    """The m frequency pairs kept rotary.
+
+    'contribution': the pairs whose scores change most if their rotation is removed: the magnitude
+        sum_h sqrt(E|q_hj|^2) sqrt(E|k_gj|^2) (calibration data, or weights alone) times the mean over token
+        distances 1..max_distance of |1 - e^{i theta_j distance}| (slow pairs barely rotate, so they lose little).
+    'magnitude': the magnitude alone (MHA2MLA's 2-norm rule); 'high': the m fastest pairs."""
+    score = pair_scores(src, cov, rule, inv_freq, max_distance)
     return sorted(torch.topk(score, m).indices.tolist())
+
+
+def best_pairs(candidates: list[list[int]], score: torch.Tensor) -> list[int]:
+    """The candidate set of pairs with the largest summed score (ties: the first candidate)."""
+    totals = [float(score[c].sum()) for c in candidates]
+    return candidates[max(range(len(candidates)), key=totals.__getitem__)]
 
 
 def shared_rope_key(src: Source, pairs: list[int], L: torch.Tensor | None, fit: str = "pca"):

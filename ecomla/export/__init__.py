@@ -1,0 +1,1 @@
+"""`ecomla export`: an ecomla checkpoint in a format stock engines load (export.py)."""

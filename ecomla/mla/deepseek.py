@@ -1,0 +1,200 @@
+"""What the DeepSeek-V3 checkpoint format can express exactly, and which serving engines take which latent width.
+
+One place for the format's rules (docs/SERVING.md; the engines' sources are summarised in the project's method
+notes): `ecomla convert --target deepseek-v3` constrains a conversion with them up front, and
+`ecomla export --format deepseek-v3` refuses a model that breaks one. Nothing here reads or writes weights.
+
+The rules, for an EcoMLAConfig:
+- every layer MLA, all with the same shape (one kv_lora_rank, q_lora_rank, d_nope, d_rope, d_v in the format);
+- latent norms (`kv_a_layernorm` always exists in the format; `q_a_layernorm` with a query rank);
+- the rotary dims of every layer are a plain RoPE of dimension d_rope with one theta:
+  inv_freq[j] = theta^(-2j/d_rope), no scaling (engines rewrite any other rope type to DeepSeek's YaRN);
+- no attention, MLP or output biases (vLLM and SGLang build every projection without one), no sliding
+  windows, a SiLU MLP.
+The softmax scale and the norm epsilon need no rule: the export folds both into the weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import EcoMLAConfig, SourceShape
+from .rope import layer_frequencies, rope_inv_freq
+
+FORMAT = "deepseek-v3"
+RTOL = 1e-5  # frequencies are float32: a plain RoPE matches its formula to ~1e-7
+
+
+def plain_rope_theta(inv_freq: torch.Tensor) -> float | None:
+    """theta such that inv_freq[j] = theta^(-2j/d) for d = 2 * len(inv_freq) (a plain RoPE of dim d), else None."""
+    f = inv_freq.double()
+    m = f.numel()
+    if m == 0 or abs(float(f[0]) - 1.0) > RTOL:
+        return None
+    if m == 1:
+        return 10000.0  # one pair at frequency 1: every theta gives it
+    rho = float(f[1])
+    if not 0.0 < rho < 1.0:
+        return None
+    expected = rho ** torch.arange(m, dtype=torch.float64)
+    if not torch.allclose(f, expected, rtol=RTOL, atol=0.0):
+        return None
+    return rho ** (-m)  # theta^(-2/d) = rho  ->  theta = rho^(-d/2)
+
+
+def source_problems(config: EcoMLAConfig) -> list[str]:
+    """Why a source (an EcoMLAConfig of any layers) cannot become a DeepSeek-V3 model, with what to change."""
+    out = []
+    if config.qkv_bias or config.o_bias:
+        out.append("the attention has biases (q/k/v as in Qwen2, or o_proj): the format has no bias after the query "
+                   "latent norm, and vLLM and SGLang build every attention projection without one; convert without "
+                   "--target to keep ecomla's own format")
+    if config.mlp_bias:
+        out.append("the MLP has biases (mlp_bias): DeepSeek-V3's dense MLP has none")
+    if config.hidden_act != "silu":
+        out.append(f"the MLP activation is {config.hidden_act!r}: vLLM's DeepSeek MLP supports only 'silu'")
+    if any(t == "sliding_attention" for t in config.source_layer_types):
+        out.append("some layers use a sliding attention window: the format has none")
+    return out
+
+
+def layer_problems(config: EcoMLAConfig) -> list[str]:
+    """Why the MLA layers of a config are not expressible in the format, each with the flag that fixes it."""
+    out = []
+    kept = [i for i, s in enumerate(config.mla_layers) if s is None]
+    if kept:
+        out.append(f"layers {kept} are kept GQA (a hybrid model): every DeepSeek-V3 layer is MLA; convert with "
+                   "--layers all and without --allow-hybrid")
+        return out
+    specs = [config.mla_spec(i) for i in range(config.num_hidden_layers)]
+    shapes = {(s.kv_lora_rank, s.q_lora_rank, s.qk_nope_head_dim, s.qk_rope_head_dim, s.v_head_dim) for s in specs}
+    if len(shapes) > 1:
+        out.append(f"layers have different shapes {sorted(shapes, key=str)}: the format has one kv_lora_rank and "
+                   "q_lora_rank for all layers; convert with --kv-rank R (not --kv-budget or --rank-energy) and "
+                   "without --q-rank-energy")
+    if not all(s.latent_norm for s in specs):
+        out.append("the latents have no norm: the format always normalises the KV latent (kv_a_layernorm); "
+                   "convert with --target deepseek-v3 (or --latent-norm)")
+    thetas = set()
+    for i in range(config.num_hidden_layers):
+        inv_freq, scaling = layer_frequencies(config, i)
+        theta = plain_rope_theta(inv_freq)
+        if theta is None or scaling != 1.0:
+            out.append(f"layer {i}'s rotary dims are not a plain RoPE of dim {specs[i].qk_rope_head_dim} with one "
+                       "theta (a scaled RoPE, or a subset of the source's frequency pairs that is not evenly spaced "
+                       "from the fastest one); convert with --target deepseek-v3")
+            break
+        thetas.add(round(theta, 6))
+    if len(thetas) > 1:
+        out.append(f"the layers use different rotary thetas {sorted(thetas)}: the format has one rope_theta; "
+                   "convert with --target deepseek-v3, which keeps one layout for every layer")
+    return out
+
+
+def problems(config: EcoMLAConfig) -> list[str]:
+    return source_problems(config) + layer_problems(config)
+
+
+def fresh_rope_is_plain(config: EcoMLAConfig, rope_dim: int) -> bool:
+    """Would fresh d_rope-dim rotary dims built from the source's rope parameters (the inits without a rope-aware
+    layout) be a plain RoPE?"""
+    inv_freq, scaling = rope_inv_freq(config.rope_parameters, rope_dim, config.max_position_embeddings)
+    return scaling == 1.0 and plain_rope_theta(inv_freq) is not None
+
+
+def evenly_spaced_pairs(inv_freq: torch.Tensor, m: int) -> list[list[int]]:
+    """Every choice of m source frequency pairs that is a plain RoPE: pairs 0, k, 2k, ... (k = 1, 2, ...) whose
+    frequencies (after the source's scaling) are still geometric. With an unscaled source all of them are."""
+    half = inv_freq.numel()
+    out = []
+    for k in range(1, half):
+        pairs = [j * k for j in range(m)]
+        if pairs[-1] >= half:
+            break
+        if plain_rope_theta(inv_freq[pairs]) is not None:
+            out.append(pairs)
+    if m == 1:
+        out = [[0]]
+    return out
+
+
+# ---- serving engines: which latent widths r_kv + d_rope each backend takes -------------------------------------
+@dataclass(frozen=True)
+class Backend:
+    engine: str
+    name: str
+    widths: frozenset[int] | None  # accepted r_kv + d_rope; None = any (padded, see pad_pow2)
+    nope_dims: frozenset[int] | None = None  # accepted d_nope; None = any
+    pad_pow2: bool = False  # other widths are padded to the next power of two (memory the cache then spends)
+    gpu: str = ""
+
+
+BACKENDS = (
+    Backend("vLLM", "Triton MLA", frozenset({320, 576}), gpu="any CUDA GPU"),
+    Backend("vLLM", "FlashMLA", frozenset({576}), gpu="SM90/SM100"),
+    Backend("vLLM", "FlashInfer MLA", frozenset({320, 576}), nope_dims=frozenset({64, 128, 192}), gpu="SM100"),
+    Backend("vLLM", "CPU MLA", frozenset({576}), gpu="CPU"),
+    Backend("SGLang", "FlashMLA", frozenset({576}), gpu="SM90/SM100"),
+    Backend("SGLang", "Triton decode", None, pad_pow2=True, gpu="any CUDA GPU"),
+)
+VLLM_WIDTHS = (320, 576)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def servable_by(width: int, d_nope: int) -> list[Backend]:
+    """The backends that take a latent of this width (r_kv + d_rope) and this d_nope."""
+    return [b for b in BACKENDS if (b.widths is None or width in b.widths)
+            and (b.nope_dims is None or d_nope in b.nope_dims)]
+
+
+def serving_report(config: EcoMLAConfig) -> str:
+    """Lines for the user: per engine, whether this latent width is servable and by which backends, and which
+    --kv-rank / --rope-dim would make it servable in vLLM (with the cache saving that leaves)."""
+    spec = config.mla_spec(0)
+    width, d_nope, d_rope = spec.cache_elements, spec.qk_nope_head_dim, spec.qk_rope_head_dim
+    per_layer = SourceShape.of(config).kv_elements_per_layer
+    lines = [f"latent width r_kv + d_rope = {spec.kv_lora_rank} + {d_rope} = {width} "
+             f"({per_layer / width:.2f}x smaller than the source's {per_layer} per layer)"]
+    for engine in ("vLLM", "SGLang"):
+        ok = [b for b in servable_by(width, d_nope) if b.engine == engine]
+        if ok:
+            names = ", ".join(f"{b.name} ({b.gpu})" + (f", padded to {next_pow2(width)}" if b.pad_pow2 and
+                                                         next_pow2(width) != width else "") for b in ok)
+            lines.append(f"  {engine}: servable by {names}")
+        else:
+            lines.append(f"  {engine}: not servable (its MLA backends take widths {list(VLLM_WIDTHS)})")
+    if width not in VLLM_WIDTHS:
+        tips = []
+        shape = SourceShape.of(config)
+        for w in VLLM_WIDTHS:
+            for rope in sorted({d_rope, min(64, max_plain_rope_dim(config))}):
+                r_kv = w - rope
+                # the latent cannot be wider than the rows it factors (ecomla convert checks the same bound)
+                if 0 < r_kv <= min(shape.hidden_size, shape.num_kv_heads * (2 * shape.head_dim - rope)):
+                    saving = per_layer / w
+                    note = f"{saving:.2f}x smaller" if saving > 1 else "no smaller than the source"
+                    tips.append(f"--kv-rank {r_kv} --rope-dim {rope} (width {w}, {note})")
+        lines.append("  for vLLM, convert with " + " or ".join(tips) if tips else
+                     f"  no width vLLM takes ({list(VLLM_WIDTHS)}) fits this model's latent (hidden size "
+                     f"{shape.hidden_size})")
+    return "\n".join(lines)
+
+
+def max_plain_rope_dim(config: EcoMLAConfig) -> int:
+    """The widest d_rope for which some evenly spaced set of the source's frequency pairs is a plain RoPE
+    (a source with Llama-3 RoPE scaling keeps only its fast, unscaled pairs plain)."""
+    inv_freq, _ = rope_inv_freq(config.rope_parameters, config.head_dim, config.max_position_embeddings)
+    for m in range(config.head_dim // 2, 0, -1):
+        if evenly_spaced_pairs(inv_freq, m):
+            return 2 * m
+    return 0
+
+
+__all__ = ["FORMAT", "plain_rope_theta", "problems", "source_problems", "layer_problems", "fresh_rope_is_plain",
+           "evenly_spaced_pairs", "max_plain_rope_dim", "Backend", "BACKENDS", "servable_by", "serving_report",
+           "next_pow2"]

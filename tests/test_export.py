@@ -1,0 +1,278 @@
+"""`ecomla convert --target deepseek-v3` and `ecomla export --format deepseek-v3` on tiny models."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+import ecomla  # noqa: F401
+from ecomla.common import UserError
+from ecomla.convert.convert import ConvertArgs, convert
+from ecomla.distill import DistillArgs, distill
+from ecomla.export.export import ExportArgs, export, interleave
+from ecomla.mla import deepseek
+from ecomla.mla.rope import rope_inv_freq
+from tests.helpers import make_source
+from tests.test_data_eval import chat_rows
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A tiny Llama with eps 1e-5 and tied embeddings (both need a fold in the export), and chat data."""
+    r = tmp_path_factory.mktemp("export")
+    make_source("llama", r / "src", rms_norm_eps=1e-5, tie_word_embeddings=True)
+    (r / "chat.jsonl").write_text("\n".join(json.dumps(x) for x in chat_rows(200)))
+    return r
+
+
+def to_mla(root, out, src="src", **kw):
+    args = dict(src=str(root / src), out=str(out), kv_rank=8, rope_dim=8, calib_data=str(root / "chat.jsonl"),
+                calib_seqs=8, calib_len=16, target="deepseek-v3")
+    args.update(kw)
+    convert(ConvertArgs(**args), **QUIET)
+    return out
+
+
+def logits(path, x):
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(path).eval()(x).logits
+
+
+X = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("init, q_rank", [("rope-whitened", "auto"), ("rope-whitened", "none"), ("xecomla", "auto"),
+                                          ("fitted", "auto")])
+def test_export_reproduces_ecomla_logits_and_greedy_generation(root, tmp_path, init, q_rank):
+    mla = to_mla(root, tmp_path / "mla", init=init, q_rank=q_rank)
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    a = AutoModelForCausalLM.from_pretrained(mla).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").eval()
+    assert isinstance(b, DeepseekV3ForCausalLM)
+    with torch.no_grad():
+        la, lb = a(X).logits, b(X).logits
+    assert torch.allclose(la, lb, atol=1e-5), (la - lb).abs().max()
+    prompt = X[:, :6]
+    ga = a.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=3)
+    gb = b.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=3)
+    assert torch.equal(ga, gb)
+
+
+def test_export_loads_in_stock_transformers_without_ecomla(root, tmp_path):
+    mla = to_mla(root, tmp_path / "mla", init="rope-whitened")
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    torch.save(X, tmp_path / "x.pt")
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM as A; "
+            f"m = A.from_pretrained({str(tmp_path / 'ds')!r}).eval(); "
+            "assert not any(k.startswith('ecomla') for k in sys.modules), 'ecomla was imported'; "
+            f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).logits.detach(), {str(tmp_path / 'y.pt')!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    assert torch.allclose(torch.load(tmp_path / "y.pt"), logits(mla, X), atol=1e-5)
+
+
+def test_config_round_trips_and_follows_the_format(root, tmp_path):
+    mla = to_mla(root, tmp_path / "mla", init="rope-whitened")
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    ours = AutoModelForCausalLM.from_pretrained(mla).config
+    cfg = DeepseekV3Config.from_pretrained(tmp_path / "ds")
+    again = DeepseekV3Config.from_dict(cfg.to_dict())
+    spec = ours.mla_spec(0)
+    for c in (cfg, again):
+        assert (c.kv_lora_rank, c.q_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim) == (
+            spec.kv_lora_rank, spec.q_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim)
+        assert c.first_k_dense_replace == c.num_hidden_layers == ours.num_hidden_layers
+        assert c.num_attention_heads == c.num_key_value_heads == ours.num_attention_heads
+        assert c.tie_word_embeddings and c.rms_norm_eps == 1e-6 and c.rope_interleave
+        assert c.rope_parameters["rope_type"] == "default"
+    # pairs 0..3 of a theta-10000 head of 16 dims are a plain 8-dim RoPE with theta 10000^(8/16)
+    assert spec.rope_pairs == [0, 1, 2, 3] and cfg.rope_parameters["rope_theta"] == pytest.approx(100.0, rel=1e-5)
+    meta = json.loads((tmp_path / "ds" / "ecomla_export.json").read_text())
+    assert meta["folds"]["norm_eps"]["input_scale"] == pytest.approx((1e-6 / 1e-5) ** 0.5)
+    assert (tmp_path / "ds" / "README.md").is_file() and (tmp_path / "ds" / "tokenizer.json").is_file()
+
+
+def test_a_custom_softmax_scale_is_folded_into_the_query(root, tmp_path):
+    mla = to_mla(root, tmp_path / "mla", init="rope-whitened")
+    cfg = json.loads((mla / "config.json").read_text())
+    for spec in cfg["mla_layers"]:
+        spec["softmax_scale"] = 0.4  # the format's would be 16^-0.5 = 0.25
+    (mla / "config.json").write_text(json.dumps(cfg))
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    assert torch.allclose(logits(tmp_path / "ds", X), logits(mla, X), atol=1e-5)
+
+
+def test_interleave_order():
+    assert interleave(3).tolist() == [0, 3, 1, 4, 2, 5]
+
+
+def test_a_distilled_target_model_still_exports_exactly(root, tmp_path):
+    mla = to_mla(root, tmp_path / "mla", init="rope-whitened")
+    distill(DistillArgs(student=str(mla), data=str(root / "chat.jsonl"), out=str(tmp_path / "kd"), seq_len=16,
+                        batch_size=4, max_tokens=64 * 3, ild_tokens=64 * 2, precision="fp32", eval_tokens=0,
+                        lr=3e-3, ild_lr=3e-3, progress=False, compile_loss=False))
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "kd")
+    assert deepseek.problems(trained.config) == []  # training keeps the constraint
+    export(ExportArgs(model=str(tmp_path / "kd"), out=str(tmp_path / "ds")), **QUIET)
+    assert torch.allclose(logits(tmp_path / "ds", X), logits(tmp_path / "kd", X), atol=1e-5)
+
+
+# ---- refusals: export names what to change, and writes nothing ---------------------------------------------------
+def _norm_free(root, out):
+    convert(ConvertArgs(src=str(root / "src"), out=str(out), kv_rank=8, rope_dim=8, init="rope-whitened",
+                        calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
+
+
+def _uneven_pairs(root, out):
+    to_mla(root, out, init="rope-whitened")
+    cfg = json.loads((out / "config.json").read_text())
+    for spec in cfg["mla_layers"]:
+        spec["rope_pairs"] = [0, 1, 2, 5]
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def _hybrid(root, out):
+    convert(ConvertArgs(src=str(root / "src"), out=str(out), kv_rank=8, rope_dim=8, layers="0,1", latent_norm=True,
+                        calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
+
+
+def _scaled_fresh_rope(root, out):
+    make_source("llama", root / "scaled", rope_parameters=LLAMA3, head_dim=32, max_position_embeddings=256)
+    convert(ConvertArgs(src=str(root / "scaled"), out=str(out), kv_rank=8, rope_dim=8, latent_norm=True,
+                        calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
+
+
+def _biased(root, out):
+    make_source("qwen2", root / "qwen2")
+    convert(ConvertArgs(src=str(root / "qwen2"), out=str(out), kv_rank=8, rope_dim=8, latent_norm=True,
+                        calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
+
+
+@pytest.mark.parametrize("make, says", [
+    (_norm_free, "no norm"), (_uneven_pairs, "not a plain RoPE"), (_hybrid, "kept GQA"),
+    (_scaled_fresh_rope, "not a plain RoPE"), (_biased, "biases"),
+])
+def test_export_refuses_what_the_format_cannot_express(root, tmp_path, make, says):
+    make(root, tmp_path / "mla")
+    with pytest.raises(UserError, match=says) as err:
+        export(ExportArgs(model=str(tmp_path / "mla"), out=str(tmp_path / "ds")), **QUIET)
+    assert "--" in str(err.value)  # names the flag to change
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob("ds.tmp-*"))
+
+
+def test_export_refuses_a_plain_transformers_model(root, tmp_path):
+    with pytest.raises(UserError, match="not an ecomla checkpoint"):
+        export(ExportArgs(model=str(root / "src"), out=str(tmp_path / "ds")), **QUIET)
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(kv_rank=None, kv_budget="4x"), "--kv-rank"), (dict(layers="0,2"), "--layers"),
+    (dict(mla_rope="yarn"), "--mla-rope"), (dict(src="qwen2"), "biases"),
+    (dict(src="scaled", init="xecomla"), "rope-aware init"),
+])
+def test_convert_target_refuses_with_the_flag_to_change(root, tmp_path, kw, says):
+    if kw.get("src") == "qwen2" and not (root / "qwen2").exists():
+        make_source("qwen2", root / "qwen2")
+    if kw.get("src") == "scaled" and not (root / "scaled").exists():
+        make_source("llama", root / "scaled", rope_parameters=LLAMA3, head_dim=32, max_position_embeddings=256)
+    with pytest.raises(UserError, match=says):
+        to_mla(root, tmp_path / "mla", init=kw.pop("init", "rope-whitened"), **kw)
+    assert not (tmp_path / "mla").exists()
+
+
+def test_llama3_scaled_source_keeps_only_unscaled_pairs(root, tmp_path):
+    """Llama-3 scaling leaves the fast pairs alone: the target picks an evenly spaced plain subset of them, and
+    refuses a rotary width that would need scaled pairs."""
+    if not (root / "scaled").exists():
+        make_source("llama", root / "scaled", rope_parameters=LLAMA3, head_dim=32, max_position_embeddings=256)
+    inv_freq = rope_inv_freq(LLAMA3, 32, 256)[0]
+    widest = 2 * max(m for m in range(1, 17) if deepseek.evenly_spaced_pairs(inv_freq, m))
+    assert 2 < widest < 32  # some pairs are scaled, some are not
+    mla = to_mla(root, tmp_path / "mla", src="scaled", rope_dim=widest, init="rope-whitened")
+    pairs = AutoModelForCausalLM.from_pretrained(mla).config.mla_spec(0).rope_pairs
+    assert deepseek.plain_rope_theta(inv_freq[pairs]) is not None
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    assert torch.allclose(logits(tmp_path / "ds", X), logits(mla, X), atol=1e-5)
+    with pytest.raises(UserError, match="lower --rope-dim"):
+        to_mla(root, tmp_path / "too-wide", src="scaled", rope_dim=widest + 2, init="rope-whitened")
+
+
+def test_latent_norm_gains_keep_the_model_close_to_the_norm_free_fit(root, tmp_path):
+    """Every layer's attention output on the model's own inputs: the mean-rms gain is closer to the norm-free layer
+    than the same gain scaled by 0.6 or 1.6, and far closer than a unit gain. The singular values sit in the
+    down-projections (--sigma down), so the latents' rms is far from 1 and a unit gain would rescale them."""
+    common = dict(src=str(root / "src"), kv_rank=8, rope_dim=8, init="rope-whitened", sigma="down",
+                  calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16)
+    convert(ConvertArgs(out=str(tmp_path / "free"), **common), **QUIET)
+    convert(ConvertArgs(out=str(tmp_path / "normed"), latent_norm=True, **common), **QUIET)
+    free = AutoModelForCausalLM.from_pretrained(tmp_path / "free").eval()
+    normed = AutoModelForCausalLM.from_pretrained(tmp_path / "normed").eval()
+    ids = torch.tensor([[1] + [4 + (7 * i) % 90 for i in range(31)]])
+    with torch.no_grad():
+        hidden = free(ids, output_hidden_states=True).hidden_states
+        rope = free.model.rotary(torch.arange(ids.shape[1])[None], torch.float32)
+        for i, layer in enumerate(free.model.layers):
+            x = layer.input_layernorm(hidden[i])
+            want = layer.self_attn(x, rope[i], mla_path="decompressed")
+            attn = normed.model.layers[i].self_attn
+            err = lambda y: float((y - want).norm() / want.norm())  # noqa: E731
+            norms = (attn.kv_a_layernorm.weight, attn.q_a_layernorm.weight)
+            gains = [g.clone() for g in norms]
+            errs = []
+            for variant in ([g for g in gains], [0.6 * g for g in gains], [g / 0.6 for g in gains],
+                            [torch.ones_like(g) for g in gains]):
+                for norm, g in zip(norms, variant):
+                    norm.copy_(g)
+                errs.append(err(attn(x, rope[i], mla_path="decompressed")))
+            assert errs[0] < min(errs[1:3]) and errs[0] < 0.5 * errs[3], (i, errs)
+
+
+# ---- the serving rules on a Llama-3.2-1B-shaped layer -------------------------------------------------------------
+def test_llama_3_2_1b_shape_at_256_plus_64_passes_the_serving_rules(root, tmp_path):
+    """D 2048, 32 query heads, 8 KV heads of 64 dims (Llama-3.2-1B), one layer; 256 + 64 = 320 wide."""
+    make_source("llama", tmp_path / "src", hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
+                head_dim=64, num_hidden_layers=1, intermediate_size=64, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    to_mla(root, tmp_path / "mla", src=tmp_path / "src", kv_rank=256, rope_dim=64, init="xecomla")
+    export(ExportArgs(model=str(tmp_path / "mla"), out=str(tmp_path / "ds")), **QUIET)
+    c = json.loads((tmp_path / "ds" / "config.json").read_text())
+    # the rules of the engines' loaders, written out independently of ecomla.mla.deepseek
+    assert c["kv_lora_rank"] + c["qk_rope_head_dim"] in (320, 576)  # vLLM's MLA backends
+    assert c["attention_bias"] is False and c.get("mlp_bias", False) is False  # vLLM and SGLang build no biases
+    names = set(json.loads((tmp_path / "ds" / "model.safetensors.index.json").read_text())["weight_map"]) \
+        if (tmp_path / "ds" / "model.safetensors.index.json").exists() else _tensor_names(tmp_path / "ds")
+    assert not any(n.endswith(".bias") for n in names)
+    assert all(f"model.layers.{i}.self_attn.kv_a_layernorm.weight" in names for i in range(c["num_hidden_layers"]))
+    assert c["rope_parameters"]["rope_type"] == "default" and c["rope_interleave"] is True  # plain RoPE, interleaved
+    assert c["first_k_dense_replace"] == c["num_hidden_layers"] and isinstance(c["n_routed_experts"], int)
+    assert c["model_type"] == "deepseek_v3" and c["architectures"] == ["DeepseekV3ForCausalLM"]
+    report = deepseek.serving_report(AutoModelForCausalLM.from_pretrained(tmp_path / "mla").config)
+    assert "vLLM: servable by Triton MLA" in report and "3.20x smaller" in report
+
+
+def _tensor_names(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_serving_report_suggests_servable_flags(root, tmp_path):
+    mla = to_mla(root, tmp_path / "mla", init="xecomla")
+    report = deepseek.serving_report(AutoModelForCausalLM.from_pretrained(mla).config)
+    assert "vLLM: not servable" in report and "SGLang: servable by Triton decode" in report
+
+
+def test_plain_rope_theta_recognises_plain_and_rejects_others():
+    f = rope_inv_freq({"rope_type": "default", "rope_theta": 10000.0}, 64, 2048)[0]
+    assert deepseek.plain_rope_theta(f) == pytest.approx(10000.0, rel=1e-5)
+    assert deepseek.plain_rope_theta(f[::2]) == pytest.approx(10000.0, rel=1e-5)  # every 2nd pair: theta kept
+    assert deepseek.plain_rope_theta(f[1:]) is None  # does not start at the fastest pair
+    assert deepseek.plain_rope_theta(f[[0, 1, 2, 5]]) is None
+    assert deepseek.plain_rope_theta(rope_inv_freq(LLAMA3, 64, 256)[0]) is None
