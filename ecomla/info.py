@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from transformers import DeepseekV3Config
+
 from .args import arg
 from .io import load_config
 from .mla import EcoMLAConfig, SourceShape
@@ -20,7 +22,7 @@ class InfoArgs:
 
 
 def kv_info(config) -> dict:
-    """Cached elements per token (summed over layers) for an EcoMLA config or a plain GQA config."""
+    """Cached elements per token (summed over layers) for an EcoMLA config, a DeepSeek-V3 export, or a GQA config."""
     if isinstance(config, EcoMLAConfig):
         elems, src = config.kv_elements_per_token(), config.source_kv_elements_per_token()
         mla = config.mla_layer_indices
@@ -28,6 +30,9 @@ def kv_info(config) -> dict:
         for i in mla:
             specs.setdefault(json.dumps(config.mla_layers[i], sort_keys=True), []).append(i)
         specs = [{"layers": v, **json.loads(k)} for k, v in specs.items()]
+    elif isinstance(config, DeepseekV3Config):  # an export: the latent row vLLM / SGLang cache (the source is unknown)
+        elems = src = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
+        mla, specs = list(range(config.num_hidden_layers)), []
     else:
         elems = src = SourceShape.of(config).kv_elements
         mla, specs = [], []

@@ -231,6 +231,19 @@ def test_latent_norm_gains_keep_the_model_close_to_the_norm_free_fit(root, tmp_p
                     norm.copy_(g)
                 errs.append(err(attn(x, rope[i], mla_path="decompressed")))
             assert errs[0] < min(errs[1:3]) and errs[0] < 0.5 * errs[3], (i, errs)
+            attn.kv_a_layernorm = attn.q_a_layernorm = None  # without its norms the layer is the norm-free one:
+            assert err(attn(x, rope[i], mla_path="decompressed")) < 1e-5  # the change of latent basis is exact
+
+
+def test_steady_basis_makes_the_latent_rms_steadier():
+    from ecomla.convert import norms
+
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(2000, 8, generator=g, dtype=torch.float64)
+    c[:, 0] *= 4.0 * torch.rand(2000, generator=g, dtype=torch.float64)  # a direction whose size varies by token
+    B = norms.steady_basis(c)
+    assert norms.steadiness(c @ B.T) < 0.75 * norms.steadiness(c)
+    assert torch.equal(norms.steady_basis(c[:, 1:] * 0 + 1.0), torch.eye(7, dtype=torch.float64))  # already steady
 
 
 # ---- the serving rules on a Llama-3.2-1B-shaped layer -------------------------------------------------------------
@@ -276,3 +289,13 @@ def test_plain_rope_theta_recognises_plain_and_rejects_others():
     assert deepseek.plain_rope_theta(f[1:]) is None  # does not start at the fastest pair
     assert deepseek.plain_rope_theta(f[[0, 1, 2, 5]]) is None
     assert deepseek.plain_rope_theta(rope_inv_freq(LLAMA3, 64, 256)[0]) is None
+
+
+def test_info_counts_the_latent_row_of_an_export(root, tmp_path):
+    from ecomla.info import kv_info
+
+    mla = to_mla(root, tmp_path / "mla", init="xecomla")
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    got = kv_info(DeepseekV3Config.from_pretrained(tmp_path / "ds"))
+    assert got["kv_elements_per_token"] == 3 * (8 + 8) == kv_info(AutoModelForCausalLM.from_pretrained(mla).config)[
+        "kv_elements_per_token"]

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..args import arg
 from ..common import DTYPES, UserError, atomic_dir
@@ -25,6 +26,7 @@ from ..mla import EcoMLAForCausalLM
 from ..mla import deepseek
 from ..mla.config import EcoMLAConfig, MLASpec, SourceShape, parse_q_rank
 from ..mla.rope import rope_inv_freq
+from . import norms
 from . import ranks as rank_alloc
 from . import svd
 from .calibrate import calibration_batches, layer_input_stats
@@ -89,8 +91,9 @@ class ConvertArgs:
     q_rank_energy: float | None = arg("per-layer r_q from an energy threshold on W_Q (paper delta_q)", default=None)
     sigma: str = arg("where the singular values go: 'up' (paper: W_D=U) or 'down' (authors' code)",
                      default="up", choices=svd.SIGMA_PLACEMENTS)
-    latent_norm: bool = arg("RMSNorm on the q/kv latents (DeepSeek), its gain set from calibration data so the "
-                            "model stays close to the norm-free one; off in the paper (Table 13)", default=False)
+    latent_norm: bool = arg("RMSNorm on the q/kv latents (DeepSeek), fitted on calibration data (a latent basis "
+                            "with a steadier rms, gain = mean rms) so the model stays close to the norm-free one; "
+                            "off in the paper (Table 13)", default=False)
     target: str = arg("checkpoint format the conversion must be expressible in: 'ecomla' (any layout) or "
                       "'deepseek-v3' (what `ecomla export --format deepseek-v3` and stock engines take: latent "
                       "norms, a plain RoPE subset, one shape for every layer, no biases)", default="ecomla",
@@ -399,31 +402,27 @@ def norm_free(config: EcoMLAConfig) -> EcoMLAConfig:
 
 
 @torch.no_grad()
-def set_latent_norm_gains(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_path, log,
-                          max_seqs: int = 32) -> None:
-    """Latent norms that keep the model close to the norm-free one: RMSNorm(c) = g * c / rms(c) equals c when
-    rms(c) = g, so g is set to the mean rms of each latent on calibration tokens (the scalar minimising
-    E||c - g c / rms(c)||^2). Measured on the norm-free model; updates `new_sd` in place."""
+def fit_latent_norms(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_path, log,
+                     max_seqs: int = 16) -> None:
+    """Latent norms that keep the model close to the norm-free one (norms.py): per MLA layer and latent, a change
+    of latent basis B that steadies the latent's rms over calibration tokens (folded into the down-projection's
+    rows and the up-projection's columns: the norm-free layer is unchanged), then the gain g = mean rms(B c).
+    Measured on the norm-free model; updates `new_sd` in place."""
     model = materialise(norm_free(config), new_sd, torch.float32, args.seed)
     n_seqs = min(args.calib_seqs, max_seqs)
-    sums: dict[str, list] = {}  # gain name -> [sum of rms, tokens, latent width]
+    latents: dict[tuple[int, str], list] = {}  # (layer, "kv" | "q") -> [c [B*T, r], ...]
 
-    def hook(name: str, width: int):
-        sums[name] = [0.0, 0, width]
-
-        def record(_m, _args, out):
-            rms = out[..., :width].float().pow(2).mean(-1).sqrt()  # [B, T]
-            sums[name][0] += float(rms.sum())
-            sums[name][1] += rms.numel()
-        return record
+    def record(key, width: int):
+        def hook(_m, _args, out):
+            latents.setdefault(key, []).append(out[..., :width].reshape(-1, width).float())
+        return hook
 
     handles = []
     for i in config.mla_layer_indices:
-        attn, spec, p = model.model.layers[i].self_attn, config.mla_spec(i), f"model.layers.{i}.self_attn."
-        handles.append(attn.kv_a_proj_with_mqa.register_forward_hook(hook(p + "kv_a_layernorm.weight",
-                                                                          spec.kv_lora_rank)))
+        attn, spec = model.model.layers[i].self_attn, config.mla_spec(i)
+        handles.append(attn.kv_a_proj_with_mqa.register_forward_hook(record((i, "kv"), spec.kv_lora_rank)))
         if spec.q_lora_rank is not None:
-            handles.append(attn.q_a_proj.register_forward_hook(hook(p + "q_a_layernorm.weight", spec.q_lora_rank)))
+            handles.append(attn.q_a_proj.register_forward_hook(record((i, "q"), spec.q_lora_rank)))
     try:
         for ids in calibration_batches(load_tokenizer(src_path), args.calib_data, n_seqs, args.calib_len,
                                        args.calib_seed):
@@ -431,9 +430,27 @@ def set_latent_norm_gains(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict,
     finally:
         for h in handles:
             h.remove()
-    for name, (total, count, width) in sums.items():
-        new_sd[name] = torch.full((width,), total / count, dtype=torch.float64)
-    log(f"latent norms: gains set to each latent's mean rms on {n_seqs} x {args.calib_len} calibration tokens")
+    names = {"kv": ("kv_a_proj_with_mqa", "kv_b_proj", "kv_a_layernorm"), "q": ("q_a_proj", "q_b_proj", "q_a_layernorm")}
+    before, after = [], []
+    for (i, kind), chunks in tqdm(latents.items(), desc="latent norms", leave=False):
+        c = torch.cat(chunks)
+        B = norms.steady_basis(c)
+        down, up, norm = (f"model.layers.{i}.self_attn.{n}" for n in names[kind])
+        r = c.shape[1]
+        w = new_sd[down + ".weight"].double()
+        new_sd[down + ".weight"] = torch.cat([B @ w[:r], w[r:]])  # kv_a also holds the rotary key rows
+        if down + ".bias" in new_sd:
+            b = new_sd[down + ".bias"].double()
+            new_sd[down + ".bias"] = torch.cat([B @ b[:r], b[r:]])
+        new_sd[up + ".weight"] = torch.linalg.solve(B.T, new_sd[up + ".weight"].double().T).T  # W_up B^-1
+        c_new = c.double() @ B.T
+        new_sd[norm + ".weight"] = torch.full((r,), norms.mean_rms(c_new), dtype=torch.float64)
+        if kind == "kv":
+            before.append(norms.steadiness(c))
+            after.append(norms.steadiness(c_new))
+    log(f"latent norms: on {n_seqs} x {args.calib_len} calibration tokens, the KV latent's rms varies by "
+        f"{sum(before) / len(before):.3f} (mean coefficient of variation over layers), {sum(after) / len(after):.3f} "
+        "after the change of basis; gains = mean rms")
 
 
 def calibration_stats(args: ConvertArgs, src_model, src_path, layers: list[int], log) -> dict:
@@ -476,7 +493,7 @@ def convert(args: ConvertArgs, log=print) -> dict:
     if args.method.fit is not None:
         fit_layers(args, sd, fields, config, specs, new_sd, report, src_path, inv_freq, log)
     if args.latent_norm:
-        set_latent_norm_gains(args, config, new_sd, src_path, log)
+        fit_latent_norms(args, config, new_sd, src_path, log)
     if args.target == deepseek.FORMAT and (broken := deepseek.problems(config)):
         raise RuntimeError("bug: the --target deepseek-v3 conversion is not expressible: " + "; ".join(broken))
     dtype = src_dtype if args.dtype == "auto" else DTYPES[args.dtype]
