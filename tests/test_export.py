@@ -243,6 +243,7 @@ def test_steady_basis_makes_the_latent_rms_steadier():
     c[:, 0] *= 4.0 * torch.rand(2000, generator=g, dtype=torch.float64)  # a direction whose size varies by token
     B = norms.steady_basis(c)
     assert norms.steadiness(c @ B.T) < 0.75 * norms.steadiness(c)
+    assert float(torch.linalg.cond(B)) <= 30.0 + 1e-6  # clipped: no direction shrunk out of training's reach
     assert torch.equal(norms.steady_basis(c[:, 1:] * 0 + 1.0), torch.eye(7, dtype=torch.float64))  # already steady
 
 
