@@ -6,8 +6,8 @@
                                                  # training take as long again as the rest (docs/DPO.md)
 
 Stages, each skipped when its output already exists (so an interrupted run continues where it stopped):
-  assets -> convert (--init, default rope-whitened) -> distill (layer-wise alignment, then end-to-end KD within
-  --budget-minutes; resumes from its last checkpoint) -> [dpo] -> eval (teacher, 0-token and trained student:
+  assets -> convert (--init, default fitted) -> distill (end-to-end KD within --budget-minutes, after layer-wise
+  alignment when --ild-tokens > 0; resumes from its last checkpoint) -> [dpo] -> eval (teacher, 0-token and trained student:
   held-out KL, perplexities, a fixed task subset sized to the budget) -> chat answers side by side -> decode
   speed and measured cache bytes at a long context -> OUT/report.md + OUT/results.json + plots.
 """
@@ -42,12 +42,14 @@ class DemoArgs:
     ratio: str = arg("KV-cache compression: 2x, 4x or 8x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
     budget_minutes: float = arg("minutes for the training stages (layer-wise alignment + end-to-end KD)",
                                 default=12.0)
-    init: str = arg("conversion init (see `ecomla convert --help`)", default="rope-whitened")
+    init: str = arg("conversion init (see `ecomla convert --help`; why fitted: docs/RESULTS.md section 4)",
+                    default="fitted")
     model: str = arg("source model", default="default")
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
     text: str = arg("plain text for the text perplexity ('boolq' or a file)", default="boolq")
     rope_dim: int = arg("d_rope", default=32)
-    ild_tokens: int = arg("tokens for layer-wise alignment", default=32768)
+    ild_tokens: int = arg("tokens for layer-wise alignment before KD (0: KD only, which keeps the fitted start; "
+                          "docs/RESULTS.md section 4)", default=0)
     seq_len: int = arg("training block length", default=256)
     batch_size: int = arg("training blocks per step", default=4)
     tasks: str = arg("lm-eval tasks ('all' = the paper's 7 available offline, 'none')", default="all")
