@@ -48,7 +48,7 @@ def test_default_model_exports_to_deepseek_v3_exactly(tmp_path):
 
     mla, ds = tmp_path / "mla", tmp_path / "ds"
     assert main(["convert", "default", str(mla), "--kv-rank", "64", "--rope-dim", "32", "--target", "deepseek-v3",
-                 "--calib-seqs", "16"]) == 0
+                 "--calib-seqs", "16", "--q-rank", "none"]) == 0  # no 384-wide query latent basis to fit: minutes faster
     assert main(["export", str(mla), str(ds)]) == 0
     a = AutoModelForCausalLM.from_pretrained(mla).eval()
     b = AutoModelForCausalLM.from_pretrained(ds).eval()
