@@ -300,3 +300,15 @@ def test_info_counts_the_latent_row_of_an_export(root, tmp_path):
     got = kv_info(DeepseekV3Config.from_pretrained(tmp_path / "ds"))
     assert got["kv_elements_per_token"] == 3 * (8 + 8) == kv_info(AutoModelForCausalLM.from_pretrained(mla).config)[
         "kv_elements_per_token"]
+
+
+@pytest.mark.parametrize("head_dim, factor, widest", [(128, 8.0, 58), (64, 32.0, 30)])
+def test_widest_plain_rope_of_llama_3_matches_docs_serving(head_dim, factor, widest):
+    """docs/SERVING.md's table: Llama-3.1-8B (d_h 128, factor 8) and Llama-3.2-1B (d_h 64, factor 32) keep at most
+    58 / 30 rotary dims as a plain RoPE; the suggested --rope-dim 56 / 28 fit, 64 / 32 do not."""
+    from ecomla.mla.config import EcoMLAConfig
+
+    rope = {**LLAMA3, "factor": factor}
+    cfg = EcoMLAConfig(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=head_dim,
+                       num_hidden_layers=1, rope_parameters=rope, max_position_embeddings=131072)
+    assert deepseek.max_plain_rope_dim(cfg) == widest

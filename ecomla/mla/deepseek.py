@@ -172,7 +172,7 @@ def serving_report(config: EcoMLAConfig) -> str:
         tips = []
         shape = SourceShape.of(config)
         for w in VLLM_WIDTHS:
-            for rope in sorted({d_rope, min(64, max_plain_rope_dim(config))}):
+            for rope in sorted({d_rope, min(64, max_plain_rope_dim(config))} - {0}):  # 0: no plain subset
                 r_kv = w - rope
                 # the latent cannot be wider than the rows it factors (ecomla convert checks the same bound)
                 if 0 < r_kv <= min(shape.hidden_size, shape.num_kv_heads * (2 * shape.head_dim - rope)):
