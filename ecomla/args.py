@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shlex
 import types
 import typing
@@ -78,7 +79,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, **kw)
         else:
             kw["help"] += f" (default: {default})"
+            if _is_list(hints[f.name]):  # a repeated list flag adds to the list (`--prompt A --prompt B`: both)
+                kw["action"] = "extend"
             parser.add_argument(flag, dest=f.name, type=tp, default=None, **kw)
+
+
+def _is_list(tp) -> bool:
+    """list[...] or list[...] | None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(tp))
+    return typing.get_origin(tp) in (list, tuple)
 
 
 def command_line(stage: str, args) -> str:
@@ -103,7 +113,11 @@ def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise UserError(f"unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
+        raise UserError(f"--config: unknown keys {sorted(unknown)} for {cls.__name__}; known: {sorted(names)}")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values and "help" in f.metadata:
+            values[f.name] = _recipe_value(f, hints[f.name], values[f.name])
     for name in names:
         v = getattr(ns, name, None)
         if v is not None:
@@ -111,16 +125,63 @@ def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
     return cls(**values)
 
 
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _recipe_value(f: dataclasses.Field, tp, value):
+    """A value read from a --config recipe, checked against its field's type (argparse checks the flags): numbers
+    become strings for string options (`limit: 200`), a single string becomes a one-item list."""
+    base = _base_type(tp)
+    if value is None:
+        if type(None) in typing.get_args(tp):
+            return None
+        raise UserError(f"--config: {f.name} needs a value ({_TYPE_NAMES.get(base, 'a value')}), got nothing")
+    if _is_list(tp):
+        items = value if isinstance(value, list) else [value]
+        return [_scalar(f, base, v) for v in items]
+    return _scalar(f, base, value)
+
+
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # YAML 1.1 reads `lr: 1e-4` as a string
+
+
+def _scalar(f: dataclasses.Field, base, value):
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    text = isinstance(value, str) and value.strip()
+    if base is bool and isinstance(value, bool) or base is int and numeric and isinstance(value, int):
+        out = value
+    elif base is int and text and _INT.fullmatch(text):
+        out = int(text)
+    elif base is float and (numeric or text and _FLOAT.fullmatch(text)):
+        out = float(value)
+    elif base is str and (isinstance(value, str) or numeric):
+        out = str(value)
+    else:
+        raise UserError(f"--config: {f.name} must be {_TYPE_NAMES.get(base, base)}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and out not in choices:
+        raise UserError(f"--config: {f.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return out
+
+
 def load_yaml_defaults(path: str | None) -> dict:
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"no such recipe file: {path}")
+        raise UserError(f"--config {path}: no such recipe file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text()
+    except UnicodeDecodeError as err:
+        raise UserError(f"--config {path} is not a text file (a YAML recipe of option: value lines)") from err
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+        raise UserError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a mapping of option: value")
+        raise UserError(f"--config {path} must hold a mapping of option: value, not a {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise UserError(f"--config {path}: keys must be option names, got {bad[0]!r}")
     return {k.replace("-", "_"): v for k, v in data.items()}

@@ -1,20 +1,17 @@
-"""What every stage shares, and nothing else: the user-error type, the cache folder, atomic output folders, and the
-versions a result was measured with.
+"""What every stage shares, and nothing else: the user-error type, the cache folder, and the versions a result was
+measured with. (Output folders have their own leaf, `outputs.py`.)
 
 A leaf module: it imports nothing from ecomla, so any module may import it.
 
     raise UserError("--kv-rank must be >= 1")          # the CLI prints this one line and exits 2
     cache_dir() / "calibration"                         # $ECOMLA_CACHE, default ~/.cache/ecomla
-    with atomic_dir("out/student") as tmp: ...          # written to a temporary folder, renamed into place
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import os
 import platform
-import shutil
 from pathlib import Path
 
 import torch
@@ -51,30 +48,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("ECOMLA_CACHE", Path.home() / ".cache" / "ecomla")).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder next to `out`; on success it replaces `out`, on error it is removed."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def versions(*packages: str) -> dict:

@@ -15,22 +15,27 @@ Stages, each skipped when its output already exists (so an interrupted run conti
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .args import arg, command_line
 from .bench.run import BenchArgs, bench
+from .bench.shapes import parse_sizes
 from .common import UserError
 from .convert.convert import ConvertArgs, convert
+from .convert.inits import INITS
 from .data.chat import load_chat
 from .demo_report import write_report
 from .distill import DistillArgs, distill
 from .dpo.run import cpu_args, run_dpo
 from .eval.run import EvalArgs, evaluate
+from .eval.tasks import parse_limit, parse_tasks
 from .generate.generate import GenerateArgs, generate, prepared
 from .io import load_config, load_model, load_tokenizer, resolve
 from .mla import SourceShape
+from .outputs import claim_run, started
 
 PROMPTS = ["What is the capital of France?", "Give me two tips for staying focused while studying."]
 BENCH_RUNS = "absorbed,gqa-dynamic,gqa-static"  # the MLA decode path vs transformers' two GQA caches
@@ -64,14 +69,41 @@ class DemoArgs:
     calib_seqs: int = arg("calibration sequences for activation-aware inits", default=128)
 
     def __post_init__(self):
-        try:
-            self.compression = float(self.ratio.removesuffix("x")) if self.ratio.endswith("x") else 0.0
-        except ValueError:
-            self.compression = 0.0
+        m = re.fullmatch(r"(\d+(?:\.\d*)?)x", str(self.ratio).strip().lower())
+        self.compression = float(m.group(1)) if m else 0.0
         if self.compression <= 1:
             raise UserError(f"--ratio must be a compression above 1 written like 4x, got {self.ratio!r}")
-        if self.budget_minutes <= 0:
-            raise UserError("--budget-minutes must be > 0")
+        if self.budget_minutes <= 0 or self.dpo_minutes <= 0:
+            raise UserError(f"--budget-minutes and --dpo-minutes must be > 0, got {self.budget_minutes} and "
+                            f"{self.dpo_minutes}")
+        if self.rope_dim < 2 or self.rope_dim % 2:
+            raise UserError(f"--rope-dim must be a positive even number (rotary dims come in pairs), "
+                            f"got {self.rope_dim}")
+        for name in ("seq_len", "batch_size", "eval_tokens", "dpo_pairs", "bench_batch", "max_new_tokens",
+                     "calib_seqs"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.ild_tokens < 0:
+            raise UserError(f"--ild-tokens must be >= 0, got {self.ild_tokens}")
+        self.check_inputs()
+
+    def check_inputs(self) -> None:
+        """What the later stages would refuse, refused before the first stage writes anything."""
+        if self.init not in INITS:
+            raise UserError(f"--init {self.init!r}: choose from {', '.join(INITS)}")
+        parse_sizes(self.bench_contexts, "--bench-contexts")
+        parse_limit(self.limit, parse_tasks(self.tasks))
+        if self.model != "default":
+            try:
+                resolve(self.model)
+            except UserError as err:
+                raise UserError(f"--model: {err}") from None
+        if self.text != "boolq" and not Path(self.text).is_file():
+            raise UserError(f"--text {self.text}: no such text file (or use 'boolq')")
+        data = Path(self.data)
+        if (self.data.startswith((".", "/", "~")) or data.suffix in (".json", ".jsonl", ".parquet", ".arrow")) \
+                and not data.exists():
+            raise UserError(f"--data {self.data}: no such data file or folder (or use 'default')")
 
     def default_limit(self) -> str:
         n = max(20, min(200, int(self.budget_minutes * 3)))  # ~36 documents per task for the 12-minute default
@@ -82,7 +114,7 @@ class Demo:
     def __init__(self, args: DemoArgs, log=print):
         self.a, self.log = args, log
         self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = claim_run(self.out, "demo", [args.model, args.data, args.text], continues=True)
         self.timings: dict[str, float] = {}
         self.commands: dict[str, str] = {}
         self.state = self._load("state.json") or {}
@@ -137,7 +169,7 @@ class Demo:
                            stage="both", ild_tokens=self.a.ild_tokens, max_tokens=max_tokens,
                            max_minutes=self.a.budget_minutes, seq_len=self.a.seq_len, batch_size=self.a.batch_size,
                            eval_tokens=0, save_every=20,
-                           resume=(folder / "checkpoints").is_dir() and not (folder / "ecomla_train.json").is_file())
+                           resume=started(folder) and not (folder / "ecomla_train.json").is_file())
         if self.announce("distill", args, done=(folder / "ecomla_train.json").is_file(), folder=folder):
             distill(args)
         return folder
@@ -147,7 +179,7 @@ class Demo:
             return None
         folder = self.out / "student-dpo"
         args = cpu_args(str(student), str(folder), max_minutes=self.a.dpo_minutes, chat_data=self.a.data,
-                        pairs=self.a.dpo_pairs)
+                        pairs=self.a.dpo_pairs, resume=started(folder) and not (folder / "ecomla_dpo.json").is_file())
         if self.announce("dpo", args, done=(folder / "ecomla_dpo.json").is_file(), folder=folder):
             run_dpo(args, log=self.log)
         return folder
@@ -188,6 +220,13 @@ class Demo:
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Every stage in order (finished ones reused); OUT's lock is released however it ends."""
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
         t0 = time.time()
         self.stage("assets", self.assets)
         student0 = self.stage("convert", self.convert)

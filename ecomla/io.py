@@ -12,12 +12,17 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .assets.smollm2 import default_model_dir
 from .common import DTYPES, UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Config fields every weight shape depends on: transformers would silently fill in its own default for a missing one
+# (Llama's 32 heads) and the load would fail deep inside, or build a wrong model.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def resolve(spec: str) -> str:
@@ -36,29 +41,95 @@ def resolve(spec: str) -> str:
     return spec
 
 
-def _hub_hint(spec: str, err: Exception) -> UserError:
-    return UserError(
-        f"could not load {spec!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-        "If this is a hub id, the hub may be unreachable here: pass a local folder or 'default'."
-    )
+def _load_error(spec: str, path: str, err: Exception) -> UserError:
+    """One line for a model or config that transformers could not load: for a local folder, what is wrong with it;
+    for a hub id, also that the hub may be unreachable."""
+    first = " ".join(line.strip() for line in str(err).splitlines()[:2])  # a validation error's cause is line 2
+    if Path(path).is_dir():
+        return UserError(f"could not load {spec!r}: {type(err).__name__}: {first}")
+    return UserError(f"could not load {spec!r}: {type(err).__name__}: {first}. "
+                     "If this is a hub id, the hub may be unreachable here: pass a local folder or 'default'.")
+
+
+def _config_json(folder: Path) -> dict:
+    """A local checkpoint's config.json, read by us first so that a broken file is named as such."""
+    file = folder / "config.json"
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}); write or download the checkpoint's config again") from err
+    if not isinstance(raw, dict):
+        raise UserError(f"{file} must hold a JSON object of config fields, not a {type(raw).__name__}")
+    return raw
+
+
+def _check_shape_fields(config, raw: dict, file: Path) -> None:
+    """Refuse a config.json that leaves out a field the weight shapes depend on (`SHAPE_FIELDS`)."""
+    aliases = getattr(config, "attribute_map", {}) or {}
+    missing = [f for f in SHAPE_FIELDS if hasattr(config, f) and f not in raw and aliases.get(f) not in raw]
+    if missing:
+        raise UserError(f"{file} lacks {', '.join(missing)}: the weights' shapes depend on them; "
+                        "restore the checkpoint's full config.json")
+
+
+def _check_weights(folder: Path) -> None:
+    """Every safetensors file of a local checkpoint opens (its header covers the file): an interrupted download
+    or a garbage file is refused here, naming the file, instead of failing inside transformers."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise UserError(f"{folder} has no weights (no *.safetensors); pass a complete checkpoint folder")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{file} is not a complete safetensors file ({err}); it may be an interrupted download: "
+                            "fetch or write the checkpoint again") from err
+
+
+def _check_shapes(loaded: dict, path: str) -> None:
+    """Refuse weights whose shapes differ from what config.json builds (`loaded`: transformers' loading info)."""
+    bad = sorted(loaded.get("mismatched_keys") or [], key=str)
+    if bad:
+        name, got, want = bad[0][:3]
+        raise UserError(f"{path}: {len(bad)} weights do not match config.json (e.g. {name} is {tuple(got)} in the "
+                        f"safetensors file, {tuple(want)} by the config); restore the checkpoint's own config.json")
 
 
 def load_config(spec: str):
+    """(config, resolved path). A local config.json must be JSON and name every field in `SHAPE_FIELDS`."""
     path = resolve(spec)
+    folder = Path(path)
+    raw = _config_json(folder) if folder.is_dir() else None
     try:
-        return AutoConfig.from_pretrained(path), path
-    except (OSError, ValueError) as err:
-        raise _hub_hint(spec, err) from err
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, StrictDataclassError) as err:  # StrictDataclassError: a field fails validation
+        raise _load_error(spec, path, err) from err
+    if raw is not None:
+        _check_shape_fields(config, raw, folder / "config.json")
+    return config, path
+
+
+def check_model(spec: str):
+    """(config, resolved path) of a model whose config and weight files are sound, without reading the weights:
+    what `load_model` checks first, for a stage that loads the model only after other work."""
+    config, path = load_config(spec)
+    if Path(path).is_dir():
+        _check_weights(Path(path))
+    return config, path
 
 
 def load_model(spec: str, dtype: str | torch.dtype = "auto", device: str | None = None):
-    """(model in eval mode, resolved path). Missing/unexpected weights raise (transformers is strict for us)."""
-    path = resolve(spec)
+    """(model in eval mode, resolved path). Missing/unexpected weights raise (transformers is strict for us); a
+    broken local config.json or safetensors file is a UserError naming the file."""
+    config, path = check_model(spec)
     dt = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+    try:  # mis-shaped tensors are reported (not raised from inside transformers) and refused below
+        model, loaded = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dt, output_loading_info=True,
+                                                             ignore_mismatched_sizes=True)
     except (OSError, ValueError) as err:
-        raise _hub_hint(spec, err) from err
+        raise _load_error(spec, path, err) from err
+    _check_shapes(loaded, path)
     if device:
         model.to(device)
     return model.eval(), path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -61,3 +62,46 @@ def make_source(family: str, out: Path, seed: int = 0, **kw) -> Path:
     model.save_pretrained(out)
     make_tokenizer().save_pretrained(out)
     return Path(out)
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """{path: sha256 of its bytes (or '<dir>')} of everything under `roots`: pre-existing files must come out of
+    a refused command byte-identical, and nothing may appear or vanish."""
+    import hashlib
+
+    out = {}
+    for root in roots:
+        root = Path(root)
+        for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
+            out[str(p)] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_refused(argv: list[str], capsys, monkeypatch, says: str, roots: tuple = ()) -> str:
+    """`ecomla ARGV` is a user error: exit 2, one line `ecomla STAGE: error: ...` matching the regex `says` on
+    stderr, no traceback, no model forward pass before the refusal (heavy compute), every file under `roots`
+    unchanged. Returns the message."""
+    import re
+
+    from ecomla.cli import main
+
+    def no_forward(self, *a, **k):
+        raise AssertionError(f"{type(self).__name__} ran a forward pass before the input was refused")
+
+    before = snapshot(*roots)
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.Module, "__call__", no_forward)
+        rc = main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith(f"ecomla {argv[0]}: error:")]
+    assert rc == 2, f"exit {rc}, stderr:\n{err}"
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert re.search(says, errors[0]), errors[0]
+    assert snapshot(*roots) == before, "a refused command changed files"
+    if os.environ.get("ECOMLA_REFUSALS"):  # benchmarks/refusal_table.py collects the messages for the docs
+        import json
+
+        with open(os.environ["ECOMLA_REFUSALS"], "a") as f:
+            f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", ""), "message": errors[0]}) + "\n")
+    return errors[0]

@@ -120,17 +120,14 @@ def test_max_steps_time_budget_and_resume_match_an_uninterrupted_run(setup, tmp_
     full = run_dpo(args(setup, tmp_path / "full", max_steps=4), log=lambda *_: None)
     assert full["train"]["steps"] == 4 and full["train"]["stopped"] == "done"
     assert [r["step"] for r in rows(tmp_path / "full" / "metrics.jsonl")] == [1, 2, 3, 4]
-    (tmp_path / "cut").mkdir()  # the pairs cache is keyed by its settings: the same pairs, not built again
-    for name in ("pairs.jsonl", "pairs.json"):
-        (tmp_path / "cut" / name).write_text((tmp_path / "full" / name).read_text())
     cut = run_dpo(args(setup, tmp_path / "cut", max_steps=4, max_minutes=1e-5), log=lambda *_: None)
     assert cut["train"]["steps"] == 1 and cut["train"]["stopped"] == "time budget"
     assert (tmp_path / "cut" / "checkpoints" / "checkpoint-1").is_dir()
-    with pytest.raises(UserError, match="earlier run; pass --resume"):
+    with pytest.raises(UserError, match="earlier `ecomla dpo` output; pass --resume"):
         run_dpo(args(setup, tmp_path / "cut", max_steps=4), log=lambda *_: None)
     logs = []
     res = run_dpo(args(setup, tmp_path / "cut", max_steps=4, resume=True), log=logs.append)
-    assert any("reusing" in str(m) for m in logs)  # the pairs were not generated again
+    assert any("reusing" in str(m) for m in logs)  # the pairs were not generated again (their cache is keyed)
     assert res["train"]["steps"] == 4 and res["train"]["resumed_from"].endswith("checkpoint-1")
     assert [r["step"] for r in rows(tmp_path / "cut" / "metrics.jsonl")] == [1, 2, 3, 4]
     a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "cut"))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -25,8 +26,10 @@ import torch
 from ..args import arg
 from ..common import DTYPES, UserError, versions
 from ..mla.config import parse_q_rank
+from ..outputs import run_dir
 from .decode import (DecodeOpts, bandwidth_fields, copy_bandwidth, device_name, free_memory, time_decode,
                      weight_bytes_read)
+from .fits import check_memory, check_positions
 from .report import add_speedups, table, write
 from .runs import RUNS, Run, prepare
 from .shapes import PRESETS, parse_sizes
@@ -74,6 +77,10 @@ class BenchArgs:
         if self.warmup < 0 or self.steps < 1 or self.repeats < 1:
             raise UserError(f"--warmup must be >= 0, --steps and --repeats >= 1, got {self.warmup}, {self.steps} "
                             f"and {self.repeats}")
+        if self.threads is not None and self.threads < 1 or self.prefill_max_tokens is not None \
+                and self.prefill_max_tokens < 0:
+            raise UserError(f"--threads must be >= 1 and --prefill-max-tokens >= 0, got {self.threads} and "
+                            f"{self.prefill_max_tokens}")
         parse_q_rank(self.q_rank)  # --kv-rank and --rope-dim are checked where the MLA spec is derived
 
 
@@ -91,6 +98,16 @@ def resolve_device(args: BenchArgs) -> tuple[str, torch.dtype]:
         raise UserError("--device cuda: no CUDA device is visible to torch")
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
     return device, dtype
+
+
+def check_settings(args: BenchArgs, subjects: list[Subject], runs: list[Run], device: str, dtype) -> None:
+    """Refuse a context past a model's positions, or a batch whose cache cannot fit, before any model is built."""
+    extra = args.warmup + args.steps
+    timed = [s for s in subjects if any(r.system == s.system for r in runs)]
+    for s in timed:
+        check_positions(s.label, s.config, args.context_list)
+    for s in timed:
+        check_memory(s.label, s.config, args.context_list, args.batch_list, extra, dtype, device)
 
 
 def decode_opts(args: BenchArgs, device: str) -> DecodeOpts:
@@ -161,13 +178,20 @@ def median_of_repeats(rows: list[dict]) -> list[dict]:
 
 def bench(args: BenchArgs, extra_runs: dict[str, Run] | None = None) -> list[dict]:
     """Time every run of `args.runs` (the core RUNS, or a name of `extra_runs`) on the MLA model and its GQA
-    baseline, `args.repeats` times alternating; print the table (or JSON) and return the rows."""
+    baseline, `args.repeats` times alternating; print the table (or JSON) and return the rows. --out is taken
+    (reruns reuse their own) before anything is measured."""
+    with run_dir(args.out, "bench", [args.model, args.baseline], continues=True) if args.out else nullcontext():
+        return _bench(args, extra_runs)
+
+
+def _bench(args: BenchArgs, extra_runs: dict[str, Run] | None) -> list[dict]:
     runs = select_runs(args.runs, {**RUNS, **(extra_runs or {})})
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args)
     log = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
     mla, gqa = subjects(args, dtype, device)
+    check_settings(args, [mla, gqa], runs, device, dtype)
     opts = decode_opts(args, device)
     copy_gbps = copy_bandwidth(device)
     log(f"{device_name(device)}: measured copy bandwidth {copy_gbps:.1f} GB/s (read + write)")

@@ -57,10 +57,7 @@ def shape_config(name: str) -> LlamaConfig:
 
 def mla_config(src_config, kv_rank: int, rope_dim: int, q_rank: str = "auto") -> EcoMLAConfig:
     """Every layer of the source becomes MLA of --kv-rank / --rope-dim / --q-rank (`MLASpec.for_source`)."""
-    try:
-        fields = source_fields(src_config)
-    except ValueError as err:
-        raise UserError(str(err)) from err
+    fields = source_fields(src_config)  # an unsupported family is a UserError there
     spec = MLASpec.for_source(SourceShape.of(src_config), kv_rank, rope_dim, parse_q_rank(q_rank))
     return EcoMLAConfig(**fields, mla_layers=[spec.to_dict()] * fields["num_hidden_layers"],
                         architectures=["EcoMLAForCausalLM"])

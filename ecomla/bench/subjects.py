@@ -18,7 +18,7 @@ import torch
 
 from ..common import UserError
 from ..convert.convert import materialise
-from ..io import load_config, load_model, recorded_source
+from ..io import check_model, load_model, recorded_source
 from .shapes import mla_config, shape_config, synthetic_model
 
 
@@ -28,6 +28,7 @@ class Subject:
     system: str  # "mla" or "gqa"
     weights: str  # "checkpoint", "synthetic" or "source+random-mla"
     build: Callable[[], torch.nn.Module]
+    config: object  # the config `build` makes a model of (positions and memory are checked against it first)
 
 
 def subjects(args, dtype: torch.dtype, device: str) -> tuple[Subject, Subject]:
@@ -39,27 +40,30 @@ def subjects(args, dtype: torch.dtype, device: str) -> tuple[Subject, Subject]:
         cfg = mla_config(src, args.kv_rank, args.rope_dim, args.q_rank)
         return (
             Subject(f"{args.shape} mla {args.kv_rank}+{args.rope_dim}", "mla", "synthetic",
-                    lambda: synthetic_model(cfg, dtype, device, args.seed)),
-            Subject(f"{args.shape} gqa", "gqa", "synthetic", lambda: synthetic_model(src, dtype, device, args.seed)),
+                    lambda: synthetic_model(cfg, dtype, device, args.seed), cfg),
+            Subject(f"{args.shape} gqa", "gqa", "synthetic", lambda: synthetic_model(src, dtype, device, args.seed),
+                    src),
         )
     if args.shape is not None:
         raise UserError("give MODEL or --shape, not both")
-    config, path = load_config(args.model)
+    config, path = check_model(args.model)
     if config.model_type == "ecomla":
         baseline = args.baseline or recorded_source(path)
         if baseline is None:
             raise UserError(f"{path} has no ecomla_convert.json naming its source; pass --baseline SRC")
+        base_config, _ = check_model(baseline)
         return (
-            Subject(path, "mla", "checkpoint", lambda: load_model(path, dtype=dtype, device=device)[0]),
-            Subject(baseline, "gqa", "checkpoint", lambda: load_model(baseline, dtype=dtype, device=device)[0]),
+            Subject(path, "mla", "checkpoint", lambda: load_model(path, dtype=dtype, device=device)[0], config),
+            Subject(baseline, "gqa", "checkpoint", lambda: load_model(baseline, dtype=dtype, device=device)[0],
+                    base_config),
         )
     if args.baseline is not None:
         raise UserError(f"{args.model} is a GQA checkpoint and is its own baseline; --baseline is for an MLA MODEL")
     cfg = mla_config(config, args.kv_rank, args.rope_dim, args.q_rank)
     return (
         Subject(f"{path} -> mla {args.kv_rank}+{args.rope_dim} (random MLA attention)", "mla",
-                "source+random-mla", lambda: mla_from_source(path, cfg, dtype, device, args.seed)),
-        Subject(path, "gqa", "checkpoint", lambda: load_model(path, dtype=dtype, device=device)[0]),
+                "source+random-mla", lambda: mla_from_source(path, cfg, dtype, device, args.seed), cfg),
+        Subject(path, "gqa", "checkpoint", lambda: load_model(path, dtype=dtype, device=device)[0], config),
     )
 
 

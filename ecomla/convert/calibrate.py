@@ -38,7 +38,7 @@ def layer_input_stats(source, tok, source_id: str, data: str = "default", n_seqs
     """{layer: {"cov": E[x x^T] [D, D], "mean": E[x] [D], "tokens": n}} for the selected layers."""
     path = _cache_path(source_id, data, n_seqs, seq_len, seed)
     if path.is_file():
-        stats = torch.load(path)
+        stats = torch.load(path, weights_only=True)
         if layers is None or all(i in stats for i in layers):
             return stats
     blocks = getattr(source, source.base_model_prefix).layers

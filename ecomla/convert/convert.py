@@ -14,13 +14,13 @@ import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from ..args import arg
-from ..common import DTYPES, UserError, atomic_dir
+from ..common import DTYPES, UserError
+from ..outputs import atomic_dir, check_out
 from ..io import count_params, load_config, load_model, load_tokenizer
 from ..mla import EcoMLAForCausalLM
 from ..mla import deepseek
@@ -104,7 +104,8 @@ class ConvertArgs:
     dtype: str = arg("dtype of the written weights ('auto' = the source's)", default="auto",
                      choices=("auto", *DTYPES))
     seed: int = arg("seed for --init random", default=0)
-    overwrite: bool = arg("replace OUT if it exists", default=False)
+    overwrite: bool = arg("replace OUT if it holds an earlier output of this command (never other files)",
+                          default=False)
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -464,15 +465,15 @@ def calibration_stats(args: ConvertArgs, src_model, src_path, layers: list[int],
 
 def convert(args: ConvertArgs, log=print) -> dict:
     t0 = time.time()
-    src_config, _ = load_config(args.src)  # validate everything cheap before touching weights
+    src_config, src_dir = load_config(args.src)  # validate everything cheap before touching weights
+    inputs = (src_dir, args.calib_data)
     fields, shape = source_fields(src_config), SourceShape.of(src_config)
     d_nope = check_shapes(args, shape)
     if args.target == deepseek.FORMAT:
         check_target_source(args, EcoMLAConfig(**fields))
     mla_idx = parse_layers(args.layers, shape.num_layers)
     mla_rope = mla_rope_parameters(args, fields)
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"{args.out} already exists; choose another OUT or pass --overwrite")
+    check_out(args.out, "convert", inputs, overwrite=args.overwrite)
     src_model, src_path = load_model(args.src, dtype="auto")
     src_dtype = src_model.dtype  # calibration runs in float32 below
     sd = {k: v.detach().cpu() for k, v in src_model.state_dict().items()}
@@ -500,7 +501,7 @@ def convert(args: ConvertArgs, log=print) -> dict:
     model = materialise(config, new_sd, dtype, args.seed)
     summary = kv_summary(config, dtype)
     summary.update(params=count_params(model), source_params=count_params(src_model), seconds=round(time.time() - t0, 2))
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, "convert", inputs, overwrite=args.overwrite) as tmp:
         model.save_pretrained(tmp)
         try:
             load_tokenizer(src_path).save_pretrained(tmp)

@@ -11,6 +11,7 @@ budget is handed out greedily. `norm="relative"` divides each layer's spectrum b
 from __future__ import annotations
 
 import heapq
+import re
 
 import torch
 
@@ -89,12 +90,8 @@ def total_error(spectra: list[torch.Tensor], ranks: list[int | None], norm: str 
 def parse_budget(text: str, source_elements: int) -> int:
     """'4x' -> source/4 elements per token; an integer -> that many elements (summed over layers)."""
     text = str(text).strip().lower()
-    try:
-        if text.endswith("x"):
-            ratio = float(text[:-1])
-            if ratio < 1:
-                raise ValueError
-            return int(source_elements // ratio)
-        return int(text)
-    except ValueError:
-        raise UserError(f"--kv-budget {text!r}: use a compression ratio like 4x or a number of elements") from None
+    m = re.fullmatch(r"(\d+(?:\.\d*)?)x|\d+", text)
+    ratio = float(m.group(1)) if m and m.group(1) else None
+    if m is None or (ratio if ratio is not None else int(text)) < 1:
+        raise UserError(f"--kv-budget {text!r}: use a compression ratio like 4x (>= 1) or a number of elements (>= 1)")
+    return int(source_elements // ratio) if ratio is not None else int(text)

@@ -19,6 +19,8 @@ from ..losses import KINDS
 STAGES = ("ild", "kd", "both")
 TRAINABLE = ("all", "attention", "mla")
 PRECISIONS = ("auto", "bf16", "fp32")
+# what a --resume may change: none of them shapes the data stream, the schedule or the model
+RESUMABLE = ("max_minutes", "save_every", "keep_last", "eval_tokens", "compile_loss", "chunk", "progress")
 
 
 @dataclass
@@ -34,7 +36,9 @@ class DistillArgs:
     ild_tokens: int = arg("ILD token budget", default=65_536)
     max_minutes: float | None = arg("stop cleanly (with a checkpoint) after this many minutes of training, "
                                     "counted over resumed runs too", default=None)
-    resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints", default=False)
+    resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints; every other setting must match the "
+                       "first run except " + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE),
+                       default=False)
     seq_len: int = arg("tokens per packed block", default=256)
     batch_size: int = arg("blocks per micro-batch per process", default=4)
     grad_accum: int = arg("micro-batches per optimizer step", default=1)

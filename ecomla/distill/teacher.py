@@ -97,6 +97,6 @@ class TopKCache:
                 tmp.replace(self.path(b))
 
     def load(self, blocks: list[int], vocab: int, device) -> SparseTeacher:
-        parts = [torch.load(self.path(b)) for b in blocks]
+        parts = [torch.load(self.path(b), weights_only=True) for b in blocks]
         return SparseTeacher(torch.cat([p["values"] for p in parts]).to(device),
                              torch.cat([p["indices"] for p in parts]).to(device), vocab)

@@ -29,9 +29,10 @@ from ..common import UserError, cache_dir
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat
 from ..eval.fidelity import fidelity
-from ..io import load_model, load_tokenizer, recorded_source, resolve
+from ..io import load_config, load_model, load_tokenizer, recorded_source, resolve
 from ..mla.attention import MLAAttention
-from .args import DistillArgs
+from ..outputs import claim_run
+from .args import RESUMABLE, DistillArgs
 from .objective import ILDBatch, KDBatch, Objective
 from .teacher import TeacherLogits, TopKCache, attention_io
 
@@ -72,20 +73,50 @@ def accelerator(precision: str, find_unused_parameters: bool) -> Accelerator:
                         "accelerate allows one per process; run this distillation in a new process") from err
 
 
+def student_shapes(spec: str) -> str:
+    """The student's MLA layer shapes in a line, e.g. 'kv 64 + rope 32, q 384 x30; GQA x0'."""
+    layers = getattr(load_config(spec)[0], "mla_layers", None) or []
+    kinds = [f"kv {m['kv_lora_rank']} + rope {m['qk_rope_head_dim']}, q {m['q_lora_rank']}" if m else "GQA"
+             for m in layers]
+    return "; ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)) or "no MLA layer"
+
+
 class Trainer:
     def __init__(self, args: DistillArgs):
         self.args = a = args
         self.out = Path(a.out)
         self.ckpt_root = self.out / "checkpoints"
         self.acc = accelerator(a.precision, find_unused_parameters=a.stage != "kd" and a.trainable != "mla")
-        set_seed(a.seed)
-        self.world = self.acc.num_processes
-        self._load_models()
-        self._setup_data()
-        self._setup_optim()
-        self.step, self.elapsed_before = 0, 0.0
+        self.lock = self._claim_out()
+        try:
+            set_seed(a.seed)
+            self.world = self.acc.num_processes
+            self._load_models()
+            self._setup_data()
+            self._setup_optim()
+            self.step, self.elapsed_before = 0, 0.0
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of OUT's lock (the main process holds it from construction to the end of `run`)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- setup -------------------------------------------------------------------------------
+    def _claim_out(self):
+        """The main process takes OUT (locked; a resume must keep the stored run's settings) before any load."""
+        a, lock = self.args, None
+        if self.acc.is_main_process:
+            settings = {k: getattr(a, k) for k in a.__dataclass_fields__ if k not in ("out", "resume")}
+            settings["student shapes"] = student_shapes(a.student)  # the same folder may hold another conversion
+            inputs = [a.student, None if a.teacher == "source" else a.teacher, a.data]
+            lock = claim_run(self.out, "distill", inputs, resume=a.resume, settings=settings, may_change=RESUMABLE)
+        self.acc.wait_for_everyone()
+        return lock
+
     def _load_models(self):
         a = self.args
         self.student, self.student_path = load_model(a.student, dtype="float32")
@@ -141,7 +172,6 @@ class Trainer:
         lambdas = [lambda s, n=g["name"]: self.lr_at(s, n) for g in opt_groups]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.model, self.optimizer = self.acc.prepare(self.objective, self.optimizer)
-        self.acc.register_for_checkpointing(self.scheduler)
 
     def lr_at(self, step: int, group: str) -> float:
         a = self.args
@@ -221,7 +251,8 @@ class Trainer:
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
             (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "elapsed_s": elapsed,
-                                                          "tokens": self.step * self.tokens_per_step}))
+                                                          "tokens": self.step * self.tokens_per_step,
+                                                          "scheduler": self.scheduler.state_dict()}))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(self.ckpt_root.glob("step-???????"))[: -self.args.keep_last]:
@@ -230,15 +261,21 @@ class Trainer:
         return final
 
     def resume(self) -> None:
+        """Restore the newest checkpoint (none yet: start at step 0). Nothing in it is unpickled: tensors load
+        with weights_only=True and the schedule's state is JSON in trainer.json."""
         ckpts = sorted(self.ckpt_root.glob("step-???????"))
-        if not ckpts:
-            raise UserError(f"--resume: no checkpoint in {self.ckpt_root}")
-        self.acc.load_state(str(ckpts[-1]))
-        state = json.loads((ckpts[-1] / "trainer.json").read_text())
-        self.step, self.elapsed_before = state["step"], state["elapsed_s"]
+        if ckpts:
+            if list(ckpts[-1].glob("custom_checkpoint_*")):
+                raise UserError(f"--resume: {ckpts[-1]} holds pickled state (written by an older ecomla), which is "
+                                "not loaded; start a new --out")
+            self.acc.load_state(str(ckpts[-1]), load_kwargs={"weights_only": True})
+            state = json.loads((ckpts[-1] / "trainer.json").read_text())
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step, self.elapsed_before = state["step"], state["elapsed_s"]
         metrics = self.out / "metrics.jsonl"
-        if self.acc.is_main_process and metrics.is_file():  # drop steps logged after that checkpoint
-            keep = [l for l in metrics.read_text().splitlines() if l and json.loads(l).get("step", -1) < self.step]
+        if self.acc.is_main_process and metrics.is_file():  # drop steps (and a final row) logged after it
+            rows = [line for line in metrics.read_text().splitlines() if line]
+            keep = [r for r in rows if json.loads(r).get("step", 1 << 62) < self.step]
             metrics.write_text("".join(k + "\n" for k in keep))
 
     # ---- the run ----------------------------------------------------------------------------
@@ -253,14 +290,8 @@ class Trainer:
                     self.tensorboard.add_scalar(f"{row['stage']}/{key}", row[key], row["step"])
 
     def _start(self) -> None:
-        """Refuse to overwrite an earlier run, resume one, open TensorBoard, fill the top-k teacher cache."""
+        """Resume an earlier run, open TensorBoard, fill the top-k teacher cache."""
         a = self.args
-        if self.acc.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if not a.resume and (self.ckpt_root.exists() or (self.out / "metrics.jsonl").exists()):
-                raise UserError(f"{self.out} holds an earlier run; pass --resume to continue it or choose another "
-                                "--out")
-        self.acc.wait_for_everyone()
         if a.resume:
             self.resume()
         self.tensorboard = None
@@ -278,6 +309,13 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     def run(self) -> dict:
+        """Train to the end (or the time budget), then finish; OUT's lock is released however it ends."""
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         a = self.args
         self._start()
         t0 = time.time()

@@ -31,6 +31,7 @@ from ..eval.fidelity import fidelity
 from ..generate.generate import prepared
 from ..io import load_model, load_tokenizer, recorded_source, resolve
 from ..mla import EcoMLAForCausalLM
+from ..outputs import claim_run
 from .data import COLUMNS, drop_long_prompts, load_preferences
 from .pairs import PairSpec, build_pairs, load_cached, save_pairs, show
 from .trainer import make_config, train
@@ -42,6 +43,9 @@ from .trainer import make_config, train
 CPU_RECIPE = dict(make_pairs=True, pairs=64, max_new_tokens=64, temperature=1.0, gen_batch_size=16, beta=0.01,
                   lr=2e-5, batch_size=4, grad_accum=1, epochs=2.0, max_length=256, max_prompt_length=128,
                   precision="auto", save_every=10, eval_tokens=4096)
+# what a --resume may change: none of them shapes the pairs, their order, the schedule or the model
+RESUMABLE = ("max_minutes", "save_every", "keep_last", "log_every", "eval_tokens", "gradient_checkpointing",
+             "progress")
 
 
 @dataclass
@@ -77,8 +81,9 @@ class DPOArgs:
                                 default=None)
     max_minutes: float | None = arg("stop cleanly (with a checkpoint) after this many minutes of training",
                                     default=None)
-    resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints (cached pairs are reused)",
-                       default=False)
+    resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints (cached pairs are reused); every "
+                       "other setting must match the first run except "
+                       + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE), default=False)
     precision: str = arg("bf16 (mixed precision autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU "
                          "has bf16 units, else fp32", default="auto", choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = arg("recompute activations in the backward pass (saves GPU memory)", default=False)
@@ -121,11 +126,15 @@ def cpu_args(model: str, out: str, **overrides) -> DPOArgs:
     return DPOArgs(model=model, out=out, **{**CPU_RECIPE, **overrides})
 
 
-def _check_out(args: DPOArgs, out: Path) -> None:
-    if ((out / "checkpoints").exists() or (out / "metrics.jsonl").exists()) and not args.resume:
-        raise UserError(f"{out} holds an earlier run; pass --resume to continue it or choose another --out")
-    if args.resume and (out / "pairs.json").is_file() and not args.make_pairs:
-        raise UserError(f"{out} was trained on --make-pairs pairs; resume it with --make-pairs")
+def _claim_out(args: DPOArgs, state):
+    """The main process takes OUT (locked; a resume must keep the stored run's settings); the others wait."""
+    lock = None
+    if state.is_main_process:
+        settings = {k: v for k, v in asdict(args).items() if k not in ("out", "resume")}
+        lock = claim_run(args.out, "dpo", [args.model, args.data, args.teacher, args.chat_data], resume=args.resume,
+                         settings=settings, may_change=RESUMABLE)
+    state.wait_for_everyone()
+    return lock
 
 
 def _make_pairs(args, state, ref, model_path: str, teacher_spec: str | None, chat, out: Path, log) -> tuple:
@@ -191,12 +200,17 @@ def heldout_check(args, state, model_path: str, out: Path, teacher_spec: str | N
 def run_dpo(args: DPOArgs, log=print) -> dict:
     """The whole stage; returns the summary also written to OUT/ecomla_dpo.json."""
     t0, out = time.time(), Path(args.out)
-    _check_out(args, out)
     config = make_config(args, out)  # sets up the (distributed) state the way the Trainer will use it
     state = config.distributed_state
-    state.wait_for_everyone()  # every rank has checked OUT before the main process writes into it
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    lock = _claim_out(args, state)
+    try:
+        return _run(args, config, state, out, t0, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(args: DPOArgs, config, state, out: Path, t0: float, log) -> dict:
     policy, model_path = load_model(args.model, dtype="float32")
     ref = load_model(model_path, dtype="float32")[0].requires_grad_(False)  # the frozen copy: DPO's reference
     tok = load_tokenizer(model_path)

@@ -22,16 +22,17 @@ from pathlib import Path
 
 
 from ..args import arg
-from ..common import UserError, versions
+from ..common import DTYPES, UserError, versions
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat, text_batches
 from ..data.text import load_texts
 from ..generate.generate import generate
 from ..info import kv_info
 from ..io import count_params, load_model, load_tokenizer, recorded_source
+from ..outputs import run_dir
 from . import report
 from .fidelity import fidelity
-from .tasks import average, parse_tasks, run_tasks
+from .tasks import average, parse_limit, parse_tasks, run_tasks
 
 
 @dataclass
@@ -55,10 +56,27 @@ class EvalArgs:
     teacher_row: bool = arg("also report the teacher as a row (with its task scores)", default=True)
 
     def __post_init__(self):
+        if isinstance(self.models, str):
+            self.models = [self.models]
         if self.names and len(self.names.split(",")) != len(self.models):
             raise UserError(f"--names has {len(self.names.split(','))} names for {len(self.models)} models")
         if self.max_tokens < 1 or self.seq_len < 8:
-            raise UserError("--max-tokens must be >= 1 and --seq-len >= 8")
+            raise UserError(f"--max-tokens must be >= 1 and --seq-len >= 8, got {self.max_tokens} and {self.seq_len}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
+        parse_limit(self.limit, parse_tasks(self.tasks))  # task names and limits are checked before any model loads
+        names = self.display_names()
+        twice = next((n for n in names if names.count(n) > 1), None)
+        if twice is not None:
+            raise UserError(f"two models would both be named {twice!r} in the results; give --names a,b,...")
+
+    def display_names(self) -> list[str]:
+        """--names, else each model's folder name."""
+        if self.names:
+            return self.names.split(",")
+        return [Path(m).name if m != "default" else "default" for m in self.models]
 
 
 def default_teacher(model_specs: list[str]) -> str | None:
@@ -81,7 +99,13 @@ def kv_measurement(model, tok) -> dict:
 
 
 def evaluate(args: EvalArgs, log=print) -> dict:
-    names = args.names.split(",") if args.names else [Path(m).name if m != "default" else "default" for m in args.models]
+    """The whole stage into OUT (taken before any model loads; reruns reuse it and its cached answers)."""
+    with run_dir(args.out, "eval", [*args.models, args.teacher, args.data, args.text], continues=True):
+        return _evaluate(args, log)
+
+
+def _evaluate(args: EvalArgs, log) -> dict:
+    names = args.display_names()
     teacher_spec = args.teacher or default_teacher(args.models)
     teacher_spec = None if teacher_spec == "none" else teacher_spec
     t_start = time.time()

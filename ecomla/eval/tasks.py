@@ -16,12 +16,17 @@ in proportion to their size.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import huggingface_hub.constants
 import pyarrow as pa
 import yaml
 
@@ -65,27 +70,61 @@ PAPER_TASKS = ("arc_challenge", "arc_easy", "hellaswag", "mmlu", "openbookqa", "
 
 
 def parse_tasks(text: str) -> list[str]:
+    """'all' -> the paper's tasks; 'none' -> []; else a comma list, every name checked (`check_task`)."""
     if text in ("none", ""):
         return []
     if text == "all":
         return list(PAPER_TASKS)
-    return [t.strip() for t in text.split(",") if t.strip()]
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    for name in names:
+        check_task(name)
+    return names
+
+
+def check_task(name: str) -> None:
+    """An offline task, or (with a reachable hub) a task lm-eval knows; anything else is refused before any model
+    is evaluated."""
+    if name in OFFLINE:
+        return
+    offline = ", ".join(OFFLINE)
+    if name in NOT_OFFLINE:
+        raise UserError(f"--tasks: {name!r} is {NOT_OFFLINE[name]}; it needs a reachable hub (then run it by lm-eval "
+                        f"name without the offline table) - offline choose from {offline}")
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise UserError(f"--tasks: {name!r} is not one of the offline tasks ({offline}); other lm-eval tasks need "
+                        "the hub, and HF_HUB_OFFLINE is set")
+    if name not in lm_eval_task_names():
+        raise UserError(f"--tasks: unknown task {name!r}; choose from {offline}, or an lm-eval task name")
+
+
+@functools.cache
+def lm_eval_task_names() -> frozenset[str]:
+    """Every task, group and tag name lm-eval defines. Indexing its task folder takes about half a minute, so the
+    names are kept in the cache folder per lm-eval version."""
+    file = cache_dir() / "lm_eval_tasks" / f"names-{importlib.metadata.version('lm-eval')}.json"
+    if not file.is_file():
+        from lm_eval.tasks import TaskManager  # lm-eval's imports take seconds: only where tasks run
+
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(sorted(TaskManager().all_tasks)))
+    return frozenset(json.loads(file.read_text()))
 
 
 def parse_limit(text: str | int | None, tasks: list[str]) -> dict[str, int | None]:
-    """'200' -> every task 200; 'hellaswag=1000,*=300' -> per task; None/'' -> full splits."""
+    """'200' -> every task 200; 'hellaswag=1000,*=300' -> per task; None/'' -> full splits. A name must be one of
+    `tasks` or an offline task (a recipe's limits may cover tasks this run leaves out); counts are >= 1."""
     out = {t: None for t in tasks}
     if text in (None, "", "none"):
         return out
     for part in str(text).split(","):
-        name, _, n = part.rpartition("=")
-        try:
-            value = int(n)
-        except ValueError:
-            raise UserError(f"--limit {text!r}: use N or task=N,... (e.g. hellaswag=1000,*=200)") from None
+        name, _, n = (x.strip() for x in part.rpartition("="))
+        if not re.fullmatch(r"\d+", n) or int(n) < 1:
+            raise UserError(f"--limit {text!r}: use N or task=N,... with N >= 1 (e.g. hellaswag=1000,*=200)")
+        if name not in ("", "*", *tasks, *OFFLINE):
+            raise UserError(f"--limit {text!r}: unknown task {name!r}; --tasks runs {', '.join(tasks) or 'none'}")
         for t in tasks:
             if name in ("", "*") and out[t] is None or name == t:
-                out[t] = value
+                out[t] = int(n)
     return out
 
 

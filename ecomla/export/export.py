@@ -29,7 +29,8 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from ..args import arg
-from ..common import DTYPES, UserError, atomic_dir
+from ..common import DTYPES, UserError
+from ..outputs import atomic_dir, check_out
 from ..io import load_config, load_model, load_tokenizer
 from ..mla import deepseek
 from ..mla.config import EcoMLAConfig
@@ -46,7 +47,8 @@ class ExportArgs:
     format: str = arg("checkpoint format: 'deepseek-v3' (DeepseekV3ForCausalLM; transformers, vLLM, SGLang)",
                       default=deepseek.FORMAT, choices=FORMATS)
     dtype: str = arg("dtype of the written weights ('auto' = the model's)", default="auto", choices=("auto", *DTYPES))
-    overwrite: bool = arg("replace OUT if it exists", default=False)
+    overwrite: bool = arg("replace OUT if it holds an earlier output of this command (never other files)",
+                          default=False)
 
 
 def interleave(m: int) -> torch.Tensor:
@@ -147,9 +149,9 @@ the latent cache (r_kv + d_rope values per token and layer) is what vLLM and SGL
 
 
 def export(args: ExportArgs, log=print) -> dict:
-    config = check_exportable(load_config(args.model)[0], args.model)
-    if Path(args.out).exists() and not args.overwrite:
-        raise UserError(f"{args.out} already exists; choose another OUT or pass --overwrite")
+    config, model_dir = load_config(args.model)
+    config = check_exportable(config, args.model)
+    check_out(args.out, "export", [model_dir], overwrite=args.overwrite)
     model, path = load_model(args.model, dtype="auto")
     dtype = model.dtype if args.dtype == "auto" else DTYPES[args.dtype]
     sd, folds = deepseek_state_dict(model)
@@ -160,7 +162,7 @@ def export(args: ExportArgs, log=print) -> dict:
     if ds_config.tie_word_embeddings:
         ds_model.tie_weights()
     report = deepseek.serving_report(config)
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(args.out, "export", [model_dir], overwrite=args.overwrite) as tmp:
         ds_model.save_pretrained(tmp)
         try:
             load_tokenizer(str(path)).save_pretrained(tmp)

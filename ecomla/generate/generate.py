@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..args import arg
-from ..common import UserError
+from ..common import DTYPES, UserError
 from ..io import load_model, load_tokenizer
 from ..mla import EcoMLAForCausalLM
 from ..mla.cache import cache_stats
@@ -24,17 +24,25 @@ from ..mla.cache import cache_stats
 @dataclass
 class GenerateArgs:
     model: str = arg("checkpoint folder (MLA or source), hub id, or 'default'", positional=True)
-    prompt: list[str] = arg("prompt text (repeat --prompt for a batch, left-padded)", nargs="+", default=[])
+    prompt: list[str] = arg("prompt text; several (--prompt A B, or --prompt A --prompt B) make a left-padded batch "
+                            "with one answer each", nargs="+", default=[])
     chat: bool = arg("wrap the prompt in the tokenizer's chat template", default=False)
     max_new_tokens: int = arg("tokens to generate", default=64)
     json: bool = arg("print one JSON object instead of text", default=False)
     dtype: str = arg("float32 | bfloat16 | auto", default="float32")
 
     def __post_init__(self):
+        if isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
         if not self.prompt:
             raise UserError("give at least one --prompt")
+        empty = [i + 1 for i, p in enumerate(self.prompt) if not p.strip()]
+        if empty:
+            raise UserError(f"--prompt number {empty[0]} of {len(self.prompt)} is empty; give it some text")
         if self.max_new_tokens < 1:
-            raise UserError("--max-new-tokens must be >= 1")
+            raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.dtype not in ("auto", *DTYPES):
+            raise UserError(f"--dtype {self.dtype!r}: choose from auto, {', '.join(DTYPES)}")
 
 
 def encode(tok, prompts: list[str], chat: bool) -> dict:
@@ -49,10 +57,26 @@ def encode(tok, prompts: list[str], chat: bool) -> dict:
     return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
 
 
+def check_lengths(enc: dict, config, max_new_tokens: int) -> None:
+    """Refuse a prompt that, with the new tokens, runs past the model's positions (transformers would only warn,
+    then generate from positions the model never saw)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for i, n in enumerate(enc["attention_mask"].sum(1).tolist()):
+        if n > limit:
+            raise UserError(f"--prompt number {i + 1} is {n} tokens, longer than the model's {limit} positions; "
+                            "shorten it")
+        if n + max_new_tokens > limit:
+            raise UserError(f"--max-new-tokens {max_new_tokens}: prompt number {i + 1} ({n} tokens) leaves room for "
+                            f"{limit - n} new tokens in the model's {limit} positions")
+
+
 @torch.inference_mode()
 def generate(model, tok, prompts: list[str], chat: bool = False, max_new_tokens: int = 64) -> dict:
     """Greedy generation; returns texts, token counts, tokens/s and cache bytes measured on the live cache."""
     enc = encode(tok, prompts, chat).to(model.device)
+    check_lengths(enc, model.config, max_new_tokens)
     t0 = time.perf_counter()
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
                          pad_token_id=tok.pad_token_id)

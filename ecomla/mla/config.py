@@ -87,6 +87,11 @@ class SourceShape:
         return int(max(1, min(r_q, D, H * (d_nope + d_rope))))
 
 
+class SpecError(ValueError):
+    """An MLA layer shape that cannot exist (a rank below 1, odd rotary dims...): `MLASpec.for_source` turns it into
+    a UserError naming the flag; from a config.json it stays a ValueError (transformers reports the file)."""
+
+
 @dataclass
 class MLASpec:
     """Shape of one MLA layer. Stored in `config.json` under `mla_layers[i]`."""
@@ -104,18 +109,18 @@ class MLASpec:
 
     def __post_init__(self):
         if self.kv_lora_rank < 1:
-            raise ValueError(f"kv_lora_rank must be >= 1, got {self.kv_lora_rank} (--kv-rank)")
+            raise SpecError(f"kv_lora_rank must be >= 1, got {self.kv_lora_rank} (--kv-rank)")
         if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
-            raise ValueError(
+            raise SpecError(
                 f"qk_rope_head_dim must be a positive even number (rotary dims come in pairs), got "
                 f"{self.qk_rope_head_dim} (--rope-dim)"
             )
         if self.qk_nope_head_dim < 0:
-            raise ValueError(f"qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim} (--nope-dim)")
+            raise SpecError(f"qk_nope_head_dim must be >= 0, got {self.qk_nope_head_dim} (--nope-dim)")
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
-            raise ValueError(f"q_lora_rank must be >= 1 or None, got {self.q_lora_rank} (--q-rank)")
+            raise SpecError(f"q_lora_rank must be >= 1 or None, got {self.q_lora_rank} (--q-rank)")
         if self.rope_pairs is not None and len(self.rope_pairs) != self.qk_rope_head_dim // 2:
-            raise ValueError(
+            raise SpecError(
                 f"rope_pairs lists {len(self.rope_pairs)} frequency pairs but qk_rope_head_dim="
                 f"{self.qk_rope_head_dim} needs {self.qk_rope_head_dim // 2}"
             )
@@ -149,7 +154,7 @@ class MLASpec:
         try:
             return cls(kv_lora_rank=kv_rank, qk_rope_head_dim=rope_dim, qk_nope_head_dim=d_nope, v_head_dim=d_h,
                        q_lora_rank=q_rank, **fields)
-        except ValueError as err:
+        except SpecError as err:  # only the shape checks of __post_init__: anything else is a bug
             raise UserError(str(err)) from err
 
     def to_dict(self) -> dict:
@@ -160,7 +165,7 @@ class MLASpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown MLA spec fields {sorted(unknown)}; known: {sorted(names)}")
+            raise SpecError(f"unknown MLA spec fields {sorted(unknown)}; known: {sorted(names)}")
         return cls(**d)
 
 
@@ -263,4 +268,4 @@ class EcoMLAConfig(PreTrainedConfig):
         return SourceShape.of(self).kv_elements
 
 
-__all__ = ["EcoMLAConfig", "MLASpec", "SourceShape", "QRank", "parse_q_rank", "LATENT_LAYER_TYPE"]
+__all__ = ["EcoMLAConfig", "MLASpec", "SourceShape", "SpecError", "QRank", "parse_q_rank", "LATENT_LAYER_TYPE"]

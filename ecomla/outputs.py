@@ -1,0 +1,241 @@
+"""The one rule for output folders, used by every stage that writes one.
+
+- ecomla never deletes or replaces what it did not write. A folder is ecomla's when it holds the manifest
+  `ecomla_output.json`, which names the stage that wrote it; a temporary sibling `OUT.tmp-PID` is ecomla's when
+  it holds one too.
+- OUT may not be an input, lie inside an input, or hold an input.
+- An existing OUT is taken only when it is empty or an earlier output of the same stage: `--overwrite` replaces a
+  finished one (convert, export), `--resume` continues a run (distill, dpo), and stages whose reruns continue
+  (eval, bench, demo) reuse theirs.
+- Temporary siblings left by a killed process (its PID is gone) are removed on the next write to the same OUT.
+- A run folder is locked while a process works in it: `OUT/.ecomla.lock` holds the PID under an exclusive
+  `flock`, which the kernel releases when the process dies, so a stale lock never blocks.
+- A resumed run keeps its settings: the manifest stores them, and a resume that changes one that shapes the data
+  stream, the schedule or the model is refused, naming it.
+
+    with atomic_dir(out, "convert", inputs=[src], overwrite=args.overwrite) as tmp: ...   # written at once
+    with run_dir(out, "distill", inputs=[student], resume=args.resume, settings=s, may_change=M): ...  # over time
+
+A leaf module: it imports only `common`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from .common import UserError
+
+MANIFEST = "ecomla_output.json"
+LOCK = ".ecomla.lock"
+# cache folders ecomla wrote before manifests existed, recognised by the record each holds
+LEGACY = {"assets": "ecomla_asset.json"}
+
+
+def _manifest(folder: Path) -> dict | None:
+    """The folder's manifest, or None when it has none (or an unreadable one: then it is not provably ours)."""
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        legacy = [stage for stage, record in LEGACY.items() if (folder / record).is_file()]
+        return {"stage": legacy[0]} if legacy else None
+    return data if isinstance(data, dict) and isinstance(data.get("stage"), str) else None
+
+
+def _write_manifest(folder: Path, stage: str, inputs, settings: dict | None = None) -> None:
+    data = {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+            "inputs": [str(i) for i in inputs if i is not None], "settings": settings or {}}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _check_paths(out: Path, inputs) -> None:
+    """OUT is a folder path (no regular file on the way) and apart from every local input."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == out else f"lies below the file {p}"
+            raise UserError(f"--out {out} {where}; choose a folder path for --out")
+    o = out.resolve()
+    for spec in inputs:
+        if spec is None or not Path(spec).exists():
+            continue  # a hub id, or an input that is not a path
+        i = Path(spec).resolve()
+        if o == i:
+            raise UserError(f"--out {out} is the input {spec}; choose another --out (ecomla never writes over "
+                            "its inputs)")
+        if o.is_relative_to(i):
+            raise UserError(f"--out {out} lies inside the input {spec}; choose a --out outside it")
+        if i.is_relative_to(o):
+            raise UserError(f"the input {spec} lies inside --out {out}; choose a --out that does not hold it")
+
+
+def _check_existing(out: Path, stage: str, may_take: bool, flag: str) -> bool:
+    """Whether OUT holds an earlier output of `stage` (True) or is absent/empty (False); refuses anything else."""
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    found = _manifest(out)
+    if found is None:
+        raise UserError(f"--out {out} holds files ecomla did not write; ecomla never replaces those: choose "
+                        "another --out")
+    if found["stage"] != stage:
+        raise UserError(f"--out {out} holds an `ecomla {found['stage']}` output, not an `ecomla {stage}` one; "
+                        "choose another --out")
+    if not may_take:
+        raise UserError(f"--out {out} holds an earlier `ecomla {stage}` output; pass {flag} or choose another --out")
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove OUT's temporary siblings (OUT.tmp-PID, OUT.old-PID) that ecomla wrote and whose process is gone."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    pattern = re.compile(re.escape(out.name) + r"\.(tmp|old)-(\d+)$")
+    for p in out.parent.iterdir():
+        m = pattern.match(p.name)
+        if m and p.is_dir() and not _alive(int(m.group(2))) and _manifest(p) is not None:
+            shutil.rmtree(p)
+            removed.append(p)
+    return removed
+
+
+def started(out) -> bool:
+    """Whether OUT holds an ecomla output (e.g. a run that a rerun should continue)."""
+    return _manifest(Path(out)) is not None
+
+
+def check_out(out, stage: str, inputs=(), *, overwrite: bool = False) -> None:
+    """Everything `atomic_dir` refuses, checked alone: call it before heavy compute, so a bad --out costs nothing."""
+    out = Path(out)
+    _check_paths(out, inputs)
+    _check_existing(out, stage, overwrite, "--overwrite to replace it")
+
+
+@contextlib.contextmanager
+def atomic_dir(out, stage: str, inputs=(), *, overwrite: bool = False):
+    """Yield a temporary folder next to OUT (holding the manifest); on success it replaces OUT, on error it is
+    removed. OUT must be free, or an earlier output of the same stage with `overwrite`."""
+    out = Path(out)
+    check_out(out, stage, inputs, overwrite=overwrite)
+    had = out.exists() and any(out.iterdir())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():  # our own PID: an earlier call of this process that failed to clean up
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_manifest(tmp, stage, inputs)
+        yield tmp
+        if out.exists() and any(out.iterdir()):  # someone wrote OUT meanwhile: take it only if it is still ours
+            if not had:
+                raise UserError(f"--out {out} appeared while this command ran; choose another --out")
+            _check_existing(out, stage, True, "--overwrite")
+            old = out.with_name(f"{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            if out.exists():
+                out.rmdir()  # empty
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class RunLock:
+    """An exclusive lock on a run folder: OUT/.ecomla.lock holds the PID under `flock`. A second process is
+    refused with the holder's PID; a lock left by a dead process is free (the kernel dropped its flock).
+    `created`: the claim made the folder, so releasing removes it again if nothing but the manifest was written
+    (a run refused after its claim leaves nothing behind)."""
+
+    def __init__(self, folder: Path, created: bool = False):
+        self.folder, self.created = Path(folder), created
+        self.path = Path(folder) / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(self.fd, 64).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise UserError(f"{folder} is in use by another ecomla process (PID {holder}); wait for it to finish "
+                            "or stop it, or choose another --out") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self.created and {p.name for p in self.folder.iterdir()} <= {MANIFEST, LOCK}:
+            for name in (MANIFEST, LOCK):
+                (self.folder / name).unlink(missing_ok=True)
+            self.folder.rmdir()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def check_settings(stored: dict, settings: dict, may_change: tuple[str, ...], out: Path) -> None:
+    """Refuse a resume whose settings differ from the stored run's, except those in `may_change`. A key with a space
+    describes an input (e.g. "student shapes") rather than naming a flag."""
+    changed = [k for k in sorted(set(stored) | set(settings))
+               if k not in may_change and stored.get(k) != settings.get(k)]
+    if changed:
+        k = changed[0]
+        label = k if " " in k else "--" + k.replace("_", "-")  # a key with a space describes an input, not a flag
+        raise UserError(f"--resume: {out} was run with {label} {stored.get(k)!r}, not {settings.get(k)!r}; resume "
+                        f"with the same value or start a new --out ({len(changed)} setting(s) differ: "
+                        f"{', '.join(changed)})")
+
+
+def claim_run(out, stage: str, inputs=(), *, resume: bool = False, settings: dict | None = None,
+              may_change: tuple[str, ...] = (), continues: bool = False) -> RunLock:
+    """Take OUT for a run that fills it over time; returns the held lock (release it when the run ends).
+
+    `resume`: continue an earlier run of this stage, whose stored settings must match `settings` except
+    `may_change`. `continues`: the stage reruns into its own folder without a flag (eval, bench, demo)."""
+    out = Path(out)
+    _check_paths(out, inputs)
+    earlier = _check_existing(out, stage, resume or continues, "--resume to continue it")
+    if resume and not earlier:
+        raise UserError(f"--resume: {out} holds no earlier `ecomla {stage}` run; drop --resume to start one")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, created)
+    try:
+        if earlier and resume and settings is not None:
+            check_settings(_manifest(out).get("settings", {}), settings, may_change, out)
+        if not earlier or continues and not resume:
+            _write_manifest(out, stage, inputs, settings)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+@contextlib.contextmanager
+def run_dir(out, stage: str, inputs=(), **kw):
+    """`claim_run` as a context: the lock is held inside and released after."""
+    lock = claim_run(out, stage, inputs, **kw)
+    try:
+        yield Path(out)
+    finally:
+        lock.release()

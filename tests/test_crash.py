@@ -1,0 +1,100 @@
+"""Crash safety of a distillation run: kill -9 at six moments (mid-step in each stage, mid-checkpoint, while pruning
+old checkpoints, mid-final-save, after the final save) and `--resume` always ends bit-identical to the run that was
+never interrupted: the same logged losses, gradient norms and learning rates, and the same final weights."""
+
+import json
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from ecomla.convert.convert import ConvertArgs, convert
+from ecomla.distill import DistillArgs, distill
+from tests.helpers import make_source
+from tests.test_data_eval import chat_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The child process: the same run, with one function wrapped to SIGKILL the process at MOMENT.
+CHILD = r"""
+import json, os, signal, sys
+from ecomla.distill import DistillArgs, Trainer
+import ecomla.distill.trainer as T
+
+moment, args = sys.argv[1], DistillArgs(**json.loads(sys.argv[2]))
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+
+def wrap(owner, name, before=None, after=None):
+    original = getattr(owner, name)
+    calls = []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if before and before(len(calls), *a, **k):
+            die()
+        out = original(*a, **k)
+        if after and after(len(calls), *a, **k):
+            die()
+        return out
+    setattr(owner, name, wrapped)
+
+
+if moment == "ild-step":        # step 1 of 2 ILD steps, before any checkpoint
+    wrap(Trainer, "ild_step", before=lambda n, self, step: step == 1)
+elif moment == "kd-step":       # step 7, one step after the step-6 checkpoint
+    wrap(Trainer, "kd_step", before=lambda n, self, step: step == 7)
+elif moment == "mid-checkpoint":  # accelerate wrote step 6's state into step-0000006.tmp, not yet renamed
+    wrap(T.Accelerator, "save_state", after=lambda n, self, path: path.endswith("step-0000006.tmp"))
+elif moment == "mid-prune":     # removing the checkpoint that step 6's one replaces
+    wrap(T.shutil, "rmtree", before=lambda n, path, **k: str(path).endswith("step-0000003"))
+elif moment == "mid-final-save":  # some files of the final checkpoint moved into OUT, config.json not yet
+    wrap(T.os, "replace", before=lambda n, src, dst: ".final.tmp" in str(src) and str(dst).endswith("config.json"))
+elif moment == "after-final-save":  # the final checkpoint is in OUT; the held-out check and summary are not
+    wrap(Trainer, "heldout_check", before=lambda n, self: True)
+Trainer(args).run()
+"""
+
+MOMENTS = ["ild-step", "kd-step", "mid-checkpoint", "mid-prune", "mid-final-save", "after-final-save"]
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """A tiny student, chat data, and the uninterrupted run (2 ILD + 8 KD steps, checkpoints every 3)."""
+    r = tmp_path_factory.mktemp("crash")
+    make_source("llama", r / "src", tie_word_embeddings=True)
+    convert(ConvertArgs(src=str(r / "src"), out=str(r / "mla"), kv_rank=8, rope_dim=8), log=lambda *a: None)
+    (r / "chat.jsonl").write_text("\n".join(json.dumps(x) for x in chat_rows(300)))
+    distill(run_args(r, r / "full"))
+    return r
+
+
+def run_args(r, out, **kw) -> DistillArgs:
+    base = dict(student=str(r / "mla"), data=str(r / "chat.jsonl"), out=str(out), seq_len=16, batch_size=4,
+                ild_tokens=64 * 2, max_tokens=64 * 8, precision="fp32", eval_tokens=0, lr=3e-3, ild_lr=3e-3,
+                save_every=3, keep_last=1, progress=False, compile_loss=False)
+    return DistillArgs(**{**base, **kw})
+
+
+def untimed(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    drop = ("tokens_per_s", "elapsed_s", "minutes")
+    return [{k: v for k, v in r.items() if k not in drop} if "final" not in r
+            else {"final": {k: v for k, v in r["final"].items() if k not in drop}} for r in rows]
+
+
+@pytest.mark.parametrize("moment", MOMENTS)
+def test_kill_9_then_resume_is_bit_identical_to_the_uninterrupted_run(full, tmp_path, moment):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", CHILD, moment, json.dumps(asdict(run_args(full, out)))], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    distill(run_args(full, out, resume=True))
+    assert untimed(out) == untimed(full / "full")
+    a, b = load_file(str(full / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "final weights differ"
+    assert not list(out.glob(".final.tmp")) and not list((out / "checkpoints").glob("*.tmp"))
