@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .args import arg, command_line
@@ -43,7 +43,8 @@ BENCH_RUNS = "absorbed,gqa-dynamic,gqa-static"  # the MLA decode path vs transfo
 
 @dataclass
 class DemoArgs:
-    out: str = arg("output folder; rerunning continues an interrupted run", default="runs/demo")
+    out: str = arg("output folder; rerunning with the same settings continues an interrupted run",
+                   default="runs/demo")
     ratio: str = arg("KV-cache compression: 2x, 4x or 8x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
     budget_minutes: float = arg("minutes for the training stages (layer-wise alignment + end-to-end KD)",
                                 default=12.0)
@@ -114,7 +115,8 @@ class Demo:
     def __init__(self, args: DemoArgs, log=print):
         self.a, self.log = args, log
         self.out = Path(args.out)
-        self.lock = claim_run(self.out, "demo", [args.model, args.data, args.text], continues=True)
+        settings = {k: v for k, v in asdict(args).items() if k != "out"}  # finished stages are reused: same run
+        self.lock = claim_run(self.out, "demo", [args.model, args.data, args.text], continues=True, settings=settings)
         self.timings: dict[str, float] = {}
         self.commands: dict[str, str] = {}
         self.state = self._load("state.json") or {}

@@ -201,8 +201,8 @@ def check_settings(stored: dict, settings: dict, may_change: tuple[str, ...], ou
     if changed:
         k = changed[0]
         label = k if " " in k else "--" + k.replace("_", "-")  # a key with a space describes an input, not a flag
-        raise UserError(f"--resume: {out} was run with {label} {stored.get(k)!r}, not {settings.get(k)!r}; resume "
-                        f"with the same value or start a new --out ({len(changed)} setting(s) differ: "
+        raise UserError(f"{out} holds a run made with {label} {stored.get(k)!r}, not {settings.get(k)!r}; continue "
+                        f"it with the same value or choose another --out ({len(changed)} setting(s) differ: "
                         f"{', '.join(changed)})")
 
 
@@ -210,8 +210,8 @@ def claim_run(out, stage: str, inputs=(), *, resume: bool = False, settings: dic
               may_change: tuple[str, ...] = (), continues: bool = False) -> RunLock:
     """Take OUT for a run that fills it over time; returns the held lock (release it when the run ends).
 
-    `resume`: continue an earlier run of this stage, whose stored settings must match `settings` except
-    `may_change`. `continues`: the stage reruns into its own folder without a flag (eval, bench, demo)."""
+    `resume`: continue an earlier run of this stage. `continues`: the stage reruns into its own folder without a
+    flag (eval, bench, demo). Either way, a run continued must have the stored `settings`, except `may_change`."""
     out = Path(out)
     _check_paths(out, inputs)
     earlier = _check_existing(out, stage, resume or continues, "--resume to continue it")
@@ -221,9 +221,9 @@ def claim_run(out, stage: str, inputs=(), *, resume: bool = False, settings: dic
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, created)
     try:
-        if earlier and resume and settings is not None:
+        if earlier and settings is not None:  # a run continued (--resume, or a rerun of a continuing stage)
             check_settings(_manifest(out).get("settings", {}), settings, may_change, out)
-        if not earlier or continues and not resume:
+        if not earlier:
             _write_manifest(out, stage, inputs, settings)
     except BaseException:
         lock.release()

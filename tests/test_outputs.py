@@ -81,6 +81,21 @@ def demo_argv(r, out) -> list[str]:
             "--out", str(out)]
 
 
+def demo_run(r, t) -> Path:
+    """A demo folder holding an earlier (interrupted) run with the default settings."""
+    from dataclasses import asdict
+
+    from ecomla.demo import DemoArgs
+
+    folder = t / "demo"
+    argv = demo_argv(r, folder)
+    given = DemoArgs(model=argv[2], data=argv[4], text=argv[6], out=str(folder))
+    lock = claim_run(folder, "demo", continues=True, settings={k: v for k, v in asdict(given).items() if k != "out"})
+    (folder / "state.json").write_text("{}")
+    lock.release()
+    return folder
+
+
 # (argv builder over (world, tmp_path), what the one message says); every case runs with the whole world and
 # tmp_path checked byte-identical afterwards.
 CASES = [
@@ -151,6 +166,10 @@ CASES = [
     pytest.param(lambda r, t: demo_argv(r, foreign(t / "o")), "did not write", id="demo-out-foreign-files"),
     pytest.param(lambda r, t: demo_argv(r, r / "run"), "ecomla distill", id="demo-out-a-distill-run"),
     pytest.param(lambda r, t: demo_argv(r, r), "does not hold it", id="demo-out-holds-inputs"),
+    pytest.param(lambda r, t: demo_argv(r, demo_run(r, t)) + ["--ratio", "8x"], "--ratio '4x', not '8x'",
+                 id="demo-rerun-changed-ratio"),
+    pytest.param(lambda r, t: demo_argv(r, demo_run(r, t)) + ["--budget-minutes", "3"], "--budget-minutes 12",
+                 id="demo-rerun-changed-budget"),
 ]
 
 
