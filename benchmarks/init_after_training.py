@@ -39,10 +39,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="KD peak learning rate (default: ecomla distill's)")
     p.add_argument("--ild-lr", type=float, default=None, help="ILD peak learning rate (default: ecomla distill's)")
     p.add_argument("--trainable", default=None, help="KD trainable set (default: ecomla distill's)")
+    p.add_argument("--warmup-ratio", type=float, default=None, help="warmup share of each stage (default: distill's)")
     a = p.parse_args()
     out = Path(a.out)
     trained = {}
-    overrides = {k: v for k, v in (("lr", a.lr), ("ild_lr", a.ild_lr), ("trainable", a.trainable)) if v is not None}
+    overrides = {k: v for k, v in (("lr", a.lr), ("ild_lr", a.ild_lr), ("trainable", a.trainable),
+                                                         ("warmup_ratio", a.warmup_ratio)) if v is not None}
     for init in a.inits.split(","):
         start = Path(a.zero_token_models) / f"{a.ratio}-{init}"
         if not (start / "ecomla_convert.json").is_file():
