@@ -54,8 +54,23 @@ def _default(f: dataclasses.Field):
     return f.default_factory() if f.default_factory is not MISSING else None
 
 
+def flag_name(name: str) -> str:
+    """A field's command-line flag: max_tokens -> --max-tokens."""
+    return "--" + name.replace("_", "-")
+
+
+def flag_list(names) -> str:
+    """'--a, --b' for field names, e.g. for a message or a help text."""
+    return ", ".join(map(flag_name, names))
+
+
+def run_settings(args, skip=("out", "resume")) -> dict:
+    """A run's arguments by field name, without `skip`: what a resumed or rerun run must keep (ecomla/outputs.py)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name not in skip}
+
+
 def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return f.metadata.get("flag") or flag_name(f.name)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:

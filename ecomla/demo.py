@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from .args import arg, command_line
+from .args import arg, command_line, run_settings
 from .bench.run import BenchArgs, bench
 from .bench.shapes import parse_sizes
 from .common import UserError
@@ -115,8 +115,8 @@ class Demo:
     def __init__(self, args: DemoArgs, log=print):
         self.a, self.log = args, log
         self.out = Path(args.out)
-        settings = {k: v for k, v in asdict(args).items() if k != "out"}  # finished stages are reused: same run
-        self.lock = claim_run(self.out, "demo", [args.model, args.data, args.text], continues=True, settings=settings)
+        self.lock = claim_run(self.out, "demo", [args.model, args.data, args.text], continues=True,
+                              settings=run_settings(args, skip=("out",)))  # finished stages are reused: same run
         self.timings: dict[str, float] = {}
         self.commands: dict[str, str] = {}
         self.state = self._load("state.json") or {}

@@ -110,6 +110,16 @@ def load_config(spec: str):
     return config, path
 
 
+def mla_shapes(spec: str) -> str:
+    """A checkpoint's attention layer shapes in one line, from its config alone, e.g. 'kv 64 + rope 32, q 384 x30'
+    ('GQA x30' for a source model)."""
+    config = load_config(spec)[0]
+    layers = getattr(config, "mla_layers", None) or [None] * config.num_hidden_layers
+    kinds = [f"kv {m['kv_lora_rank']} + rope {m['qk_rope_head_dim']}, q {m['q_lora_rank']}" if m else "GQA"
+             for m in layers]
+    return "; ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds))
+
+
 def check_model(spec: str):
     """(config, resolved path) of a model whose config and weight files are sound, without reading the weights:
     what `load_model` checks first, for a stage that loads the model only after other work."""

@@ -16,7 +16,7 @@
     with atomic_dir(out, "convert", inputs=[src], overwrite=args.overwrite) as tmp: ...   # written at once
     with run_dir(out, "distill", inputs=[student], resume=args.resume, settings=s, may_change=M): ...  # over time
 
-A leaf module: it imports only `common`.
+It imports only `common` and `args` (flag names).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
+from .args import flag_name
 from .common import UserError
 
 MANIFEST = "ecomla_output.json"
@@ -200,7 +201,7 @@ def check_settings(stored: dict, settings: dict, may_change: tuple[str, ...], ou
                if k not in may_change and stored.get(k) != settings.get(k)]
     if changed:
         k = changed[0]
-        label = k if " " in k else "--" + k.replace("_", "-")  # a key with a space describes an input, not a flag
+        label = k if " " in k else flag_name(k)  # a key with a space describes an input, not a flag
         raise UserError(f"{out} holds a run made with {label} {stored.get(k)!r}, not {settings.get(k)!r}; continue "
                         f"it with the same value or choose another --out ({len(changed)} setting(s) differ: "
                         f"{', '.join(changed)})")

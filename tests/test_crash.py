@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.distill import DistillArgs, distill
-from tests.helpers import make_source
-from tests.test_data_eval import chat_rows
+from tests.test_distill import setup  # noqa: F401  (the module fixture: a tiny student and chat data)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,14 +61,11 @@ MOMENTS = ["ild-step", "kd-step", "mid-checkpoint", "mid-prune", "mid-final-save
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory):
-    """A tiny student, chat data, and the uninterrupted run (2 ILD + 8 KD steps, checkpoints every 3)."""
-    r = tmp_path_factory.mktemp("crash")
-    make_source("llama", r / "src", tie_word_embeddings=True)
-    convert(ConvertArgs(src=str(r / "src"), out=str(r / "mla"), kv_rank=8, rope_dim=8), log=lambda *a: None)
-    (r / "chat.jsonl").write_text("\n".join(json.dumps(x) for x in chat_rows(300)))
-    distill(run_args(r, r / "full"))
-    return r
+def full(setup):  # noqa: F811  (pytest injects the imported fixture)
+    """test_distill's tiny student and chat data, and the uninterrupted run (2 ILD + 8 KD steps, checkpoints
+    every 3)."""
+    distill(run_args(setup, setup / "crash-full"))
+    return setup
 
 
 def run_args(r, out, **kw) -> DistillArgs:
@@ -94,7 +89,7 @@ def test_kill_9_then_resume_is_bit_identical_to_the_uninterrupted_run(full, tmp_
                           capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     distill(run_args(full, out, resume=True))
-    assert untimed(out) == untimed(full / "full")
-    a, b = load_file(str(full / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert untimed(out) == untimed(full / "crash-full")
+    a, b = load_file(str(full / "crash-full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "final weights differ"
     assert not list(out.glob(".final.tmp")) and not list((out / "checkpoints").glob("*.tmp"))

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +95,20 @@ def demo_run(r, t) -> Path:
     return folder
 
 
+def dpo_run_of_another_conversion(r, t) -> list[str]:
+    """A dpo folder whose run was made on a model with other shapes (the same MODEL folder, re-converted)."""
+    from ecomla.args import run_settings
+    from ecomla.dpo.run import DPOArgs
+
+    folder = t / "dpo"
+    argv = ["dpo", str(r / "mla"), "--make-pairs", "--out", str(folder), "--eval-tokens", "0"]
+    given = DPOArgs(model=argv[1], make_pairs=True, out=str(folder), eval_tokens=0)
+    lock = claim_run(folder, "dpo", settings={**run_settings(given), "model shapes": "kv 4 + rope 8, q None x3"})
+    (folder / "metrics.jsonl").write_text("")
+    lock.release()
+    return argv + ["--resume"]
+
+
 # (argv builder over (world, tmp_path), what the one message says); every case runs with the whole world and
 # tmp_path checked byte-identical afterwards.
 CASES = [
@@ -151,6 +164,7 @@ CASES = [
                  "ecomla distill", id="dpo-resume-a-distill-run"),
     pytest.param(lambda r, t: ["dpo", str(r / "mla"), "--make-pairs", "--out", str(foreign(t / "o"))],
                  "did not write", id="dpo-out-foreign-files"),
+    pytest.param(dpo_run_of_another_conversion, "model shapes 'kv 4 \\+ rope 8", id="dpo-resume-model-reconverted"),
     pytest.param(lambda r, t: eval_argv(r, r / "mla"), "is the input", id="eval-out-is-model"),
     pytest.param(lambda r, t: eval_argv(r, r / "mla" / "eval"), "inside the input", id="eval-out-inside-model"),
     pytest.param(lambda r, t: eval_argv(r, foreign(t / "o")), "did not write", id="eval-out-foreign-files"),
@@ -287,7 +301,6 @@ def test_a_run_refused_after_its_claim_leaves_no_folder(tmp_path):
 def test_snapshot_sees_a_one_byte_change(tmp_path):
     (tmp_path / "f").write_bytes(b"abc")
     before = snapshot(tmp_path)
-    time.sleep(0.01)
     (tmp_path / "f").write_bytes(b"abd")
     assert snapshot(tmp_path) != before
 

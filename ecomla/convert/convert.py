@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..args import arg
+from ..args import arg, flag_list
 from ..common import DTYPES, UserError
 from ..outputs import atomic_dir, check_out
 from ..io import count_params, load_config, load_model, load_tokenizer
@@ -160,8 +160,7 @@ class ConvertArgs:
                                    ("sequential", self.sequential), ("o_ridge", self.o_ridge)) if v is not None}
         if base is None:
             if given:
-                flags = ", ".join("--" + k.replace("_", "-") for k in given)
-                raise UserError(f"{flags}: only the fitted init (--init fitted) reads these settings")
+                raise UserError(f"{flag_list(given)}: only the fitted init (--init fitted) reads these settings")
             return None
         fit = base
         if self.key_weight is not None:

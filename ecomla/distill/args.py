@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..args import arg
+from ..args import arg, flag_list
 from ..common import UserError, resolve_precision
 from ..losses import KINDS
 
@@ -37,7 +37,7 @@ class DistillArgs:
     max_minutes: float | None = arg("stop cleanly (with a checkpoint) after this many minutes of training, "
                                     "counted over resumed runs too", default=None)
     resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints; every other setting must match the "
-                       "first run except " + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE),
+                       "first run except " + flag_list(RESUMABLE),
                        default=False)
     seq_len: int = arg("tokens per packed block", default=256)
     batch_size: int = arg("blocks per micro-batch per process", default=4)

@@ -25,11 +25,12 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 
+from ..args import run_settings
 from ..common import UserError, cache_dir
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat
 from ..eval.fidelity import fidelity
-from ..io import load_config, load_model, load_tokenizer, recorded_source, resolve
+from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolve
 from ..mla.attention import MLAAttention
 from ..outputs import claim_run
 from .args import RESUMABLE, DistillArgs
@@ -73,14 +74,6 @@ def accelerator(precision: str, find_unused_parameters: bool) -> Accelerator:
                         "accelerate allows one per process; run this distillation in a new process") from err
 
 
-def student_shapes(spec: str) -> str:
-    """The student's MLA layer shapes in a line, e.g. 'kv 64 + rope 32, q 384 x30; GQA x0'."""
-    layers = getattr(load_config(spec)[0], "mla_layers", None) or []
-    kinds = [f"kv {m['kv_lora_rank']} + rope {m['qk_rope_head_dim']}, q {m['q_lora_rank']}" if m else "GQA"
-             for m in layers]
-    return "; ".join(f"{k} x{kinds.count(k)}" for k in dict.fromkeys(kinds)) or "no MLA layer"
-
-
 class Trainer:
     def __init__(self, args: DistillArgs):
         self.args = a = args
@@ -110,8 +103,7 @@ class Trainer:
         """The main process takes OUT (locked; a resume must keep the stored run's settings) before any load."""
         a, lock = self.args, None
         if self.acc.is_main_process:
-            settings = {k: getattr(a, k) for k in a.__dataclass_fields__ if k not in ("out", "resume")}
-            settings["student shapes"] = student_shapes(a.student)  # the same folder may hold another conversion
+            settings = {**run_settings(a), "student shapes": mla_shapes(a.student)}  # a folder may be re-converted
             inputs = [a.student, None if a.teacher == "source" else a.teacher, a.data]
             lock = claim_run(self.out, "distill", inputs, resume=a.resume, settings=settings, may_change=RESUMABLE)
         self.acc.wait_for_everyone()

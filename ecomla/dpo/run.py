@@ -23,13 +23,13 @@ from pathlib import Path
 
 import datasets
 
-from ..args import arg
+from ..args import arg, flag_list, run_settings
 from ..common import UserError, resolve_precision
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat
 from ..eval.fidelity import fidelity
 from ..generate.generate import prepared
-from ..io import load_model, load_tokenizer, recorded_source, resolve
+from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolve
 from ..mla import EcoMLAForCausalLM
 from ..outputs import claim_run
 from .data import COLUMNS, drop_long_prompts, load_preferences
@@ -83,7 +83,7 @@ class DPOArgs:
                                     default=None)
     resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints (cached pairs are reused); every "
                        "other setting must match the first run except "
-                       + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE), default=False)
+                       + flag_list(RESUMABLE), default=False)
     precision: str = arg("bf16 (mixed precision autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU "
                          "has bf16 units, else fp32", default="auto", choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = arg("recompute activations in the backward pass (saves GPU memory)", default=False)
@@ -130,7 +130,7 @@ def _claim_out(args: DPOArgs, state):
     """The main process takes OUT (locked; a resume must keep the stored run's settings); the others wait."""
     lock = None
     if state.is_main_process:
-        settings = {k: v for k, v in asdict(args).items() if k not in ("out", "resume")}
+        settings = {**run_settings(args), "model shapes": mla_shapes(args.model)}  # a folder may be re-converted
         lock = claim_run(args.out, "dpo", [args.model, args.data, args.teacher, args.chat_data], resume=args.resume,
                          settings=settings, may_change=RESUMABLE)
     state.wait_for_everyone()
