@@ -5,8 +5,8 @@ log-probs, and a plain cross-entropy step of the same student (the goal: KD >= 0
     python benchmarks/distill_speed.py --student out/smollm2-4x --steps 6 --threads 2
 
 Each configuration runs `ecomla distill` in-process for warmup + steps optimizer steps (batch 4 x 256 tokens,
---precision, all parameters trainable) and reports the median tokens/s of the timed steps, as logged in its
-metrics.jsonl. Run it on an otherwise idle machine: other processes distort CPU timings badly.
+--precision, all parameters trainable unless the row says otherwise) and reports the median tokens/s of the timed
+steps, as logged in its metrics.jsonl. Run it on an otherwise idle machine: other processes distort CPU timings badly.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ CONFIGS = {  # --configs name: (label, DistillArgs fields)
     "ild": ("ILD (layer-wise alignment)", dict(stage="ild")),
     "kd": ("KD, live teacher (full vocabulary)", dict(stage="kd")),
     "kd-topk": ("KD, cached teacher top-64", dict(stage="kd", teacher_topk=64)),
+    "kd-attention": ("KD, live teacher, attention trainable", dict(stage="kd", trainable="attention")),
+    "kd-mla": ("KD, live teacher, MLA projections trainable", dict(stage="kd", trainable="mla")),
     "ce": ("CE (no teacher)", dict(stage="kd", kl_weight=0.0, ce_weight=1.0)),
 }
 

@@ -107,7 +107,7 @@ class DemoArgs:
             raise UserError(f"--data {self.data}: no such data file or folder (or use 'default')")
 
     def default_limit(self) -> str:
-        n = max(20, min(200, int(self.budget_minutes * 3)))  # ~36 documents per task for the 12-minute default
+        n = max(20, min(200, int(self.budget_minutes * 2)))  # 24 documents per task for the 12-minute default
         return f"mmlu={4 * n},*={n}"
 
 

@@ -125,6 +125,28 @@ def test_shared_key_is_exact_for_one_kv_head_and_a_best_fit_otherwise():
     assert pca_err < mean_err  # the fitted key beats the paper's head average
 
 
+def test_query_weighted_shared_key_lowers_the_logit_error():
+    """'query' weighs each KV head's key error by the energy of the queries that read it: the logits' error
+    (sum over query heads of |q_h^* (k_g - a_g k)|^2) drops below plain PCA's, which is best on the keys alone."""
+    gqa = _src(H=4, G=2)
+    wq = gqa.w_q.reshape(4, 8, -1)
+    wq[:2] *= 10  # the queries of group 0 are loud: its key error costs more logit error
+    x, cov = _cov(D=32)
+    L = svd.whitening(cov, damp=0.0)
+    cx = lambda w, j: torch.complex(w[:, j], w[:, j + 4]) @ x.T.to(torch.complex128)  # noqa: E731
+    k, q = cx(gqa.w_k.reshape(2, 8, -1), 1), cx(wq, 1)  # [G, N], [H, N]
+
+    def errors(fit):
+        rows, gains, _ = inits.shared_rope_key(gqa, [1], L, fit=fit)
+        resid = k - gains[:, 0, None] * (torch.complex(rows[0], rows[1]) @ x.T.to(torch.complex128))  # [G, N]
+        key_err = float(resid.abs().pow(2).sum())
+        logit_err = sum(float(q[h].abs().pow(2).mean() * resid[h // 2].abs().pow(2).mean()) for h in range(4))
+        return key_err, logit_err
+
+    (key_pca, logit_pca), (key_q, logit_q) = errors("pca"), errors("query")
+    assert logit_q < 0.9 * logit_pca and key_pca < key_q
+
+
 def _calibrated(tmp_path, family="llama", **kw):
     src = make_source(family, tmp_path / "src", **kw)
     data = tmp_path / "chat.jsonl"

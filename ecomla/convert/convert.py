@@ -67,8 +67,9 @@ class ConvertArgs:
                            choices=("contribution", "magnitude", "high"))
     rope_distance: int = arg("rope-aware 'contribution' rule: token distances over which a pair's lost rotation is "
                              "averaged (the context length that matters)", default=512)
-    rope_key_fit: str = arg("rope-aware inits: shared rotary key = rank-1 PCA across KV heads ('pca') or their "
-                            "mean ('mean')", default="pca", choices=("pca", "mean"))
+    rope_key_fit: str = arg("rope-aware inits: shared rotary key = rank-1 PCA across KV heads ('pca'), the same "
+                            "weighted by the energy of the queries that read each head ('query'), or their mean "
+                            "('mean')", default="pca", choices=("pca", "query", "mean"))
     kv_balance: bool = arg("scale K rows so K and V carry equal energy before the joint K/V factorisation "
                            "(TransMLA's BKV); for the whitened and rope-aware inits", default=False)
     key_weight: str | None = arg("fitted init: alpha, the weight of key (logit) errors against value errors; a "

@@ -39,7 +39,8 @@ class RopeChoice:
 
     select: str = "contribution"  # which pairs: 'contribution', 'magnitude' or 'high' (see rope_pairs)
     distance: int = 512  # token distances the 'contribution' rule averages a pair's lost rotation over
-    key_fit: str = "pca"  # shared key: rank-1 complex PCA across KV heads ('pca') or their mean ('mean')
+    key_fit: str = "pca"  # shared key: rank-1 complex PCA across KV heads ('pca'), the same weighted by the energy
+    #                       of the queries that read each head's pair ('query'), or their mean ('mean')
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,18 @@ def best_pairs(candidates: list[list[int]], score: torch.Tensor) -> list[int]:
     return candidates[max(range(len(candidates)), key=totals.__getitem__)]
 
 
+def _query_weights(src: Source, j: int, L: torch.Tensor | None) -> torch.Tensor:
+    """[G]: sqrt(sum_{h in g} E|q_hj|^2), the energy of pair j in the queries of group g (in L's metric). A key
+    error e in pair j of head g changes each of those queries' logits by q_hj^* e, so the shared-key fit weighs
+    head g's error by this (the logits' error, as the fitted init weighs its NoPE keys)."""
+    half, D = src.d_h // 2, src.w_q.shape[1]
+    wq = src.w_q.double().reshape(src.H, src.d_h, D)
+    q = torch.complex(wq[:, j], wq[:, j + half])  # [H, D]
+    lq = q @ L.to(q.dtype) if L is not None else q
+    energy = (lq.abs() ** 2).sum(-1).reshape(src.G, src.H // src.G).sum(1)  # [G]
+    return energy.sqrt().clamp(min=1e-12 * float(energy.max().sqrt()) + 1e-300)
+
+
 def shared_rope_key(src: Source, pairs: list[int], L: torch.Tensor | None, fit: str = "pca"):
     """Shared rotary key rows [2m, D] (real parts of the kept pairs, then imaginary parts), complex gains
     a [G, m] with k_gj ~ a_gj k_j, and the shared key bias [2m] (or None)."""
@@ -179,9 +192,11 @@ def shared_rope_key(src: Source, pairs: list[int], L: torch.Tensor | None, fit: 
             shared, a = w.mean(0), torch.ones(src.G, dtype=w.dtype)
         else:  # rank-1 complex PCA across heads in the (whitened) activation metric
             lw = w @ L.to(w.dtype) if L is not None else w  # rows: (L^T w_g)^T
+            weight = _query_weights(src, j, L) if fit == "query" else torch.ones(src.G, dtype=torch.float64)
             with small_matrix_threads(lw):
-                u, s, vh = torch.linalg.svd(lw.T, full_matrices=False)  # [D, G] = sum_k s_k u_k vh_k
-            shared_l, a = s[0] * u[:, 0], vh[0]  # column g (= whitened w_g) ~ shared_l * vh[0, g]
+                u, s, vh = torch.linalg.svd((lw * weight[:, None]).T, full_matrices=False)  # [D, G]
+            # column g (= weight_g x whitened w_g) ~ shared_l * vh[0, g]
+            shared_l, a = s[0] * u[:, 0], vh[0] / weight
             shared = (torch.linalg.solve_triangular(L.T.to(w.dtype), shared_l[:, None], upper=True)[:, 0]
                       if L is not None else shared_l)
         re.append(shared.real)
