@@ -11,8 +11,9 @@
    per-layer KL within the budget's elements per token (an exact multiple-choice knapsack by dynamic programming).
 3. The chosen mix: each layer's attention taken from the chosen student (GQA: the source's), everything else the
    source's, saved as one checkpoint and measured with `ecomla eval --tasks none` like RESULTS section 2.
-The students were fitted each with their own converted layers below (sequential calibration), so a mix is an
-approximation of a conversion with those ranks; the eval measures the mix as it is.
+With one-shot calibration (the fitted init's default) every layer is fitted on the teacher's own inputs, so a
+layer's weights depend on its rank alone and the mix is exactly the conversion at those per-layer ranks; students
+converted with --sequential would make it an approximation.
 """
 
 from __future__ import annotations

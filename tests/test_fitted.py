@@ -165,3 +165,45 @@ def test_hybrid_fitted_model_keeps_its_gqa_layers_exact(sequential, tmp_path):
     x = torch.randint(4, 100, (2, 10))
     with torch.no_grad():
         assert torch.isfinite(b(x).logits).all()
+
+
+def test_attention_moments_give_the_teachers_head_outputs():
+    """att_v is the second moment of the attention mixtures xbar_i = sum_j p_ij x_j: a head's output before
+    o_proj is W_v xbar_i exactly, so W_v att_v W_v^T is the second moment of the teacher's head outputs; att_k is
+    what the keys receive less that (positive semi-definite)."""
+    from ecomla.convert.sequential import attention_moments
+    from ecomla.mla.attention import GQAAttention, build_mask
+    from ecomla.mla.config import EcoMLAConfig
+
+    cfg = EcoMLAConfig(hidden_size=16, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                       intermediate_size=32, num_hidden_layers=1, vocab_size=50)
+    torch.manual_seed(0)
+    attn = GQAAttention(cfg, 0).double()
+    x = torch.randn(3, 10, 16, dtype=torch.float64)
+    theta = torch.arange(10, dtype=torch.float64)[None, :, None] * torch.linspace(0.1, 1.0, 4, dtype=torch.float64)
+    rope = (torch.cat([theta.cos()] * 2, -1).expand(3, -1, -1), torch.cat([theta.sin()] * 2, -1).expand(3, -1, -1))
+    mask = build_mask(None, 10, 0, None, x.device)
+    with torch.no_grad():
+        m = attention_moments(attn, [x], [x], [rope], mask)
+        heads = []
+        hook = attn.o_proj.register_forward_pre_hook(lambda _m, a: heads.append(a[0]))
+        attn(x, rope=rope, attention_mask=mask)
+        hook.remove()
+    z = heads[0].reshape(-1, 4, 8)  # [N, H, d]: each head's output before o_proj
+    wv = attn.v_proj.weight.reshape(2, 8, 16)
+    for g in range(2):
+        want = sum(z[:, h].T @ z[:, h] for h in (2 * g, 2 * g + 1)) / 2 / z.shape[0]
+        assert torch.allclose(wv[g] @ m["att_v"][g] @ wv[g].T, want, atol=1e-10)
+        assert torch.linalg.eigvalsh(m["att_k"][g]).min() > -1e-10
+
+
+@pytest.mark.parametrize("metric", ["up", "all"])
+def test_attention_metric_full_rank_reproduces_an_mqa_model(metric, tmp_path):
+    src = make_source("llama", tmp_path / "src", num_key_value_heads=1)
+    _convert(src, tmp_path / "out", _data(tmp_path), FitChoice(attention_metric=metric), kv_rank=16, rope_dim=16,
+             q_rank="none", damp=0.0)
+    a = AutoModelForCausalLM.from_pretrained(src).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(4, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(a(x).logits, b(x).logits, atol=1e-3)

@@ -82,6 +82,10 @@ class ConvertArgs:
                                   "(default: FitChoice's)", default=None)
     o_ridge: float | None = arg("fitted init: ridge of the o_proj refit towards the source o_proj, a fraction of "
                                 "the mean diagonal of its gram (default: FitChoice's)", default=None)
+    attention_metric: str | None = arg("fitted init: judge keys by the attention they receive and values on the "
+                                       "mixtures attention forms, in the teacher's attention on calibration data: "
+                                       "'up' for the K/V up-projections, 'all' also for the latent, 'none' "
+                                       "(default: FitChoice's)", default=None, choices=("none", "up", "all"))
     calib_data: str = arg("calibration chat data (train split only)", default="default")
     calib_seqs: int = arg("calibration sequences", default=128)
     calib_len: int = arg("calibration sequence length", default=256)
@@ -158,7 +162,8 @@ class ConvertArgs:
     def _fit_choice(self, base: FitChoice | None) -> FitChoice | None:
         """The init's FitChoice with the --key-weight / --o-refit / --sequential / --o-ridge overrides (fitted only)."""
         given = {k: v for k, v in (("key_weight", self.key_weight), ("o_refit", self.o_refit),
-                                   ("sequential", self.sequential), ("o_ridge", self.o_ridge)) if v is not None}
+                                   ("sequential", self.sequential), ("o_ridge", self.o_ridge),
+                                   ("attention_metric", self.attention_metric)) if v is not None}
         if base is None:
             if given:
                 raise UserError(f"{flag_list(given)}: only the fitted init (--init fitted) reads these settings")
@@ -176,6 +181,8 @@ class ConvertArgs:
             fit = dataclasses.replace(fit, o_target=self.o_refit)
         if self.sequential is not None:
             fit = dataclasses.replace(fit, sequential=self.sequential)
+        if self.attention_metric is not None:
+            fit = dataclasses.replace(fit, attention_metric=self.attention_metric)
         if self.o_ridge is not None:
             if not self.o_ridge >= 0:
                 raise UserError(f"--o-ridge must be >= 0, got {self.o_ridge}")

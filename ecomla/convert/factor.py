@@ -27,6 +27,7 @@ class LayerPlan:
     M: torch.Tensor | None = None  # row metric of the K/V factorisation (the fitted init, fit.row_metric)
     cov: torch.Tensor | None = None  # C of the layer input: the V up-projection is refitted in it when M is set
     cov_k: torch.Tensor | None = None  # the covariance (mean removed): the K up-projection is refitted in it
+    #                                   (both [G, D, D], one per KV group, with FitChoice.attention_metric)
 
     @property
     def n_k(self) -> int:
@@ -80,9 +81,15 @@ def plan_layer(method: InitMethod, src: svd.Source, d_rope: int, d_nope: int, st
     mean = stats.get("mean")
     cov_k = fit.split_mean(cov, mean)
     c_fit = cov_k if mean is None else cov_k + method.fit.mean_weight * torch.outer(mean.double(), mean.double())
+    cov_v = cov
+    if method.fit.attention_metric != "none" and "att_k" in stats:  # from the fitting pass (sequential.py); the
+        # first plan, which only sizes the layers, has the calibration moments alone
+        cov_k, cov_v = stats["att_k"].double(), stats["att_v"].double()  # [G, D, D]
+        if method.fit.attention_metric == "all":
+            c_fit = fit.attention_fit_metric(stats)
     alpha = method.fit.key_weights[0] if key_weight is None else key_weight
     M = fit.row_metric(rows, src, cov, method.fit, src.d_h**-0.5, alpha, energy_cov=c_fit)
-    return LayerPlan(method, src, rows, svd.whitening(c_fit, method.damp), k_scale, M=M, cov=cov, cov_k=cov_k)
+    return LayerPlan(method, src, rows, svd.whitening(c_fit, method.damp), k_scale, M=M, cov=cov_v, cov_k=cov_k)
 
 
 def factor_layer(plan: LayerPlan, r_q: int | None, r_kv: int, sigma: str) -> tuple[dict, dict]:
@@ -103,8 +110,8 @@ def factor_layer(plan: LayerPlan, r_q: int | None, r_kv: int, sigma: str) -> tup
     fkv = svd.whitened_factors(plan.weighted_kv(), plan.L, r_kv, sigma)
     if plan.M is not None:  # the latent is fitted in the weighted metric; the up-projection by least squares
         n_k = plan.n_k
-        up = torch.cat([fit.least_squares_up(rows.kv_rows[:n_k], fkv.down, plan.cov_k),
-                        fit.least_squares_up(rows.kv_rows[n_k:], fkv.down, plan.cov)])
+        up = torch.cat([fit.grouped_up(rows.kv_rows[:n_k], fkv.down, plan.cov_k),
+                        fit.grouped_up(rows.kv_rows[n_k:], fkv.down, plan.cov)])
     else:
         up = torch.cat([fkv.up[: plan.n_k] / plan.k_scale, fkv.up[plan.n_k :]])  # [G*d_k + G*d_h, r_kv]
     kv_heads = lambda w: svd.kv_up_rows(w, src.G, src.H, rows.d_k, rows.d_nope)  # noqa: E731

@@ -101,6 +101,21 @@ def least_squares_up(w: torch.Tensor, down: torch.Tensor, cov: torch.Tensor, rid
     return ridge_solve(dc @ down.double().T, dc @ w.double().T, ridge).T
 
 
+def grouped_up(w: torch.Tensor, down: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """`least_squares_up` with one metric for all rows (cov [D, D]) or one per KV group (cov [G, D, D]: the rows
+    of W are G equal blocks, block g fitted in cov[g])."""
+    if cov.dim() == 2:
+        return least_squares_up(w, down, cov)
+    return torch.cat([least_squares_up(b, down, c) for b, c in zip(w.chunk(cov.shape[0]), cov)])
+
+
+def attention_fit_metric(stats: dict) -> torch.Tensor:
+    """[D, D]: the metric the latent is chosen in with attention_metric 'all': the key and value metrics of
+    `sequential.attention_moments`, averaged over groups, each scaled to unit trace."""
+    k, v = stats["att_k"].double().mean(0), stats["att_v"].double().mean(0)
+    return k / k.trace() + v / v.trace()
+
+
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float,
                 prior: torch.Tensor | None = None) -> torch.Tensor:
     """Least squares from its normal equations, pulled towards `prior` (default 0):

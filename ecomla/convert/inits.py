@@ -58,6 +58,9 @@ class FitChoice:
     #                             (teacher's attention output) or 'none' (no refit)
     ridge: float = 0.1  # ridge of the o_proj refit (towards the source o_proj), a fraction of the mean diagonal of
     #                     the gram; why not weaker: DESIGN-NOTES.md, "fitted"
+    attention_metric: str = "all"  # judge keys / values on what the teacher's attention does with them
+    #                                (sequential.attention_moments): 'up' refits the K / V up-projections per KV
+    #                                group in those metrics, 'all' also chooses the latent in their mean; 'none' off
     mean_weight: float = 0.0  # beta: weight of the input mean E[x] in the metric that chooses the latent (1 = the
     #                           second moment, as whitening); NoPE keys are judged without it (fit.py)
 

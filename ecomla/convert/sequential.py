@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..mla import EcoMLAForCausalLM
 from ..mla.attention import MLAAttention, build_mask
+from ..mla.rope import apply_rope
 from .fit import ridge_solve
 from .inits import FitChoice
 
@@ -61,7 +62,10 @@ def fit_sequentially(teacher: EcoMLAForCausalLM, student: EcoMLAForCausalLM, bat
         attn = s_layer.self_attn
         if isinstance(attn, MLAAttention):
             x_s = [s_layer.input_layernorm(h) for h in h_s]
-            moments = _moments(x_s, [t_layer.input_layernorm(h) for h in h_t])
+            x_t = [t_layer.input_layernorm(h) for h in h_t]
+            moments = _moments(x_s, x_t)
+            if choice.attention_metric != "none":
+                moments |= attention_moments(t_layer.self_attn, x_t, x_s, [r[i] for r in ropes_t], mask)
             targets = [y + (ht - hs) if choice.o_target == "residual" else y for y, ht, hs in zip(y_t, h_t, h_s)]
             best = None
             for alpha in choice.key_weights:  # the key weight whose attention output is closest to the target
@@ -105,6 +109,40 @@ def _moments(x_s: list[torch.Tensor], x_t: list[torch.Tensor]) -> dict[str, torc
         mu += xs.sum(0)
         n += xs.shape[0]
     return {"cov": c_ss / n, "cov_ts": c_ts / n, "mean": mu / n}
+
+
+def attention_moments(attn, x_t: list[torch.Tensor], x_s: list[torch.Tensor], ropes, mask) -> dict[str, torch.Tensor]:
+    """What the teacher's attention does with a layer's inputs, per KV group g (averaged over its query heads h,
+    p^h_ij the teacher's attention of query i to key j, computed on x_t; x the student's inputs x_s):
+      "att_v" [G, D, D] = E_i[xbar_i xbar_i^T], xbar_i = sum_j p_ij x_j: a value error E moves head h's output by
+                          E xbar_i, so values are judged on the mixtures attention forms, not on single tokens;
+      "att_k" [G, D, D] = E_i[sum_j p_ij (x_j - xbar_i)(x_j - xbar_i)^T]: a key error e_j moves query i's
+                          output by about sum_j p_ij (e_j - sum_j' p_ij' e_j') v_j, so keys are judged by the
+                          attention they receive, less the part shared by all keys of a query (softmax drops it).
+    """
+    H, G, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    D = x_s[0].shape[-1]
+    recv = torch.zeros(G, D, D, dtype=torch.float64)
+    mix = torch.zeros(G, D, D, dtype=torch.float64)
+    n = 0
+    for xt, xs, rope in zip(x_t, x_s, ropes):
+        B, T, _ = xt.shape
+        q = apply_rope(attn.q_proj(xt).view(B, T, H, d), rope).transpose(1, 2)  # [B, H, T, d]
+        k = apply_rope(attn.k_proj(xt).view(B, T, G, d), rope).transpose(1, 2).repeat_interleave(H // G, 1)
+        s = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, H, T, T]
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = s.softmax(-1).view(B, G, H // G, T, T)  # the products in the model's dtype, the sums in float64
+        x = xs.to(p.dtype)
+        ptp = (p.transpose(-1, -2) @ p).mean(2)  # [B, G, T, T]: sum_i xbar_i xbar_i^T = X^T (P^T P) X, per head
+        got = p.sum(-2).mean(2)  # [B, G, T]: attention each key receives
+        flat = x.reshape(-1, D)
+        for g in range(G):
+            recv[g] += ((flat * got[:, g].reshape(-1, 1)).T @ flat).double()
+            mix[g] += (flat.T @ (ptp[:, g] @ x).reshape(-1, D)).double()
+        n += B * T
+    mix = (mix + mix.transpose(1, 2)) / 2
+    return {"att_k": (recv - mix) / n, "att_v": mix / n}
 
 
 def _o_proj_inputs(attn: MLAAttention, x_s: list[torch.Tensor], ropes, mask) -> list[torch.Tensor]:
