@@ -139,11 +139,14 @@ def final_hidden_path(model, x, path):
 
 def test_fitted_flags_map_to_the_fit_choice_and_are_refused_elsewhere():
     base = dict(src="s", out="o", kv_rank=8)
-    args = ConvertArgs(**base, init="fitted", key_weight="2,6", o_refit="none", sequential=True, o_ridge=0.5)
-    assert args.method.fit == FitChoice(key_weights=(2.0, 6.0), o_target="none", sequential=True, ridge=0.5)
+    args = ConvertArgs(**base, init="fitted", key_weight="2,6", o_refit="none", sequential=True, o_ridge=0.5,
+                       attention_metric="up")
+    assert args.method.fit == FitChoice(key_weights=(2.0, 6.0), o_target="none", sequential=True, ridge=0.5,
+                                        attention_metric="up")
     assert ConvertArgs(**base, init="fitted").method.fit == FitChoice()
     for bad, flag in ((dict(init="rope-whitened", key_weight="4"), "--key-weight"),
                       (dict(init="whitened", sequential=True), "--sequential"),
+                      (dict(init="rope-whitened", attention_metric="none"), "--attention-metric"),
                       (dict(init="fitted", key_weight="0"), "--key-weight"),
                       (dict(init="fitted", key_weight="a,b"), "--key-weight"),
                       (dict(init="fitted", o_ridge=-1.0), "--o-ridge")):
@@ -189,6 +192,10 @@ def test_attention_moments_give_the_teachers_head_outputs():
         hook = attn.o_proj.register_forward_pre_hook(lambda _m, a: heads.append(a[0]))
         attn(x, rope=rope, attention_mask=mask)
         hook.remove()
+        q, k, v = attn.qkv(x, rope)
+        probs = attn.probabilities(x, rope, mask)  # [B, H, T, T]
+    out = (probs @ v.repeat_interleave(2, dim=1)).transpose(1, 2).reshape(3, 10, -1)
+    assert torch.allclose(out, heads[0], atol=1e-10)  # the calibration path computes what forward's SDPA does
     z = heads[0].reshape(-1, 4, 8)  # [N, H, d]: each head's output before o_proj
     wv = attn.v_proj.weight.reshape(2, 8, 16)
     for g in range(2):

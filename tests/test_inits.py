@@ -112,7 +112,8 @@ def test_rope_pairs_by_contribution_and_high():
 def test_shared_key_is_exact_for_one_kv_head_and_a_best_fit_otherwise():
     mqa = _src(H=4, G=1)
     rows, gains, _ = inits.shared_rope_key(mqa, [0, 1, 2, 3], None)
-    assert torch.allclose(rows, mqa.w_k[[0, 1, 2, 3, 4, 5, 6, 7]]) or torch.allclose(gains.abs(), torch.ones_like(gains.abs()))
+    assert (torch.allclose(rows, mqa.w_k[[0, 1, 2, 3, 4, 5, 6, 7]])
+            or torch.allclose(gains.abs(), torch.ones_like(gains.abs())))
     gqa = _src(H=4, G=2)
     x, cov = _cov(D=32)
     L = svd.whitening(cov, damp=0.0)

@@ -7,7 +7,8 @@ config but for `mla_layers`). Both run side by side over the calibration batches
 keeping every sequence's residual stream (h_t, h_s [B, T, D]); with `FitChoice.sequential` off (one-shot, the
 default) the student's stream is the teacher's at every layer. At each MLA layer:
 1. moments of the normed attention inputs: {"cov": C_ss = E[x_s x_s^T], "cov_ts": C_ts = E[x_t x_s^T],
-   "mean": E[x_s]} (and the teacher's attention output y_t);
+   "mean": E[x_s]} (and the teacher's attention output y_t); with `FitChoice.attention_metric`, also what the
+   teacher's attention does with the inputs ("att_k", "att_v", `attention_moments`);
 2. `fit_qkv(layer, moments, alpha)` returns the layer's new Q/K/V tensors (factor.py with fit.input_map), loaded
    into the student; with several key weights alpha, the one with the smallest error after step 3 is kept;
 3. o_proj is refitted by ridge least squares on the student's per-head attention outputs z_s: towards y_t
@@ -25,8 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..mla import EcoMLAForCausalLM
-from ..mla.attention import MLAAttention, build_mask
-from ..mla.rope import apply_rope
+from ..mla.attention import GQAAttention, MLAAttention, build_mask
 from .fit import ridge_solve
 from .inits import FitChoice
 
@@ -111,7 +111,8 @@ def _moments(x_s: list[torch.Tensor], x_t: list[torch.Tensor]) -> dict[str, torc
     return {"cov": c_ss / n, "cov_ts": c_ts / n, "mean": mu / n}
 
 
-def attention_moments(attn, x_t: list[torch.Tensor], x_s: list[torch.Tensor], ropes, mask) -> dict[str, torch.Tensor]:
+def attention_moments(attn: GQAAttention, x_t: list[torch.Tensor], x_s: list[torch.Tensor], ropes,
+                      mask) -> dict[str, torch.Tensor]:
     """What the teacher's attention does with a layer's inputs, per KV group g (averaged over its query heads h,
     p^h_ij the teacher's attention of query i to key j, computed on x_t; x the student's inputs x_s):
       "att_v" [G, D, D] = E_i[xbar_i xbar_i^T], xbar_i = sum_j p_ij x_j: a value error E moves head h's output by
@@ -120,19 +121,14 @@ def attention_moments(attn, x_t: list[torch.Tensor], x_s: list[torch.Tensor], ro
                           output by about sum_j p_ij (e_j - sum_j' p_ij' e_j') v_j, so keys are judged by the
                           attention they receive, less the part shared by all keys of a query (softmax drops it).
     """
-    H, G, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    H, G = attn.num_heads, attn.num_kv_heads
     D = x_s[0].shape[-1]
     recv = torch.zeros(G, D, D, dtype=torch.float64)
     mix = torch.zeros(G, D, D, dtype=torch.float64)
     n = 0
     for xt, xs, rope in zip(x_t, x_s, ropes):
         B, T, _ = xt.shape
-        q = apply_rope(attn.q_proj(xt).view(B, T, H, d), rope).transpose(1, 2)  # [B, H, T, d]
-        k = apply_rope(attn.k_proj(xt).view(B, T, G, d), rope).transpose(1, 2).repeat_interleave(H // G, 1)
-        s = (q @ k.transpose(-1, -2)) * d**-0.5  # [B, H, T, T]
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        p = s.softmax(-1).view(B, G, H // G, T, T)  # the products in the model's dtype, the sums in float64
+        p = attn.probabilities(xt, rope, mask).view(B, G, H // G, T, T)  # products in the model's dtype, sums in fp64
         x = xs.to(p.dtype)
         ptp = (p.transpose(-1, -2) @ p).mean(2)  # [B, G, T, T]: sum_i xbar_i xbar_i^T = X^T (P^T P) X, per head
         got = p.sum(-2).mean(2)  # [B, G, T]: attention each key receives

@@ -181,12 +181,26 @@ class GQAAttention(nn.Module):
         self.v_proj = nn.Linear(D, G * d, bias=config.qkv_bias)
         self.o_proj = nn.Linear(H * d, D, bias=config.o_bias)
 
-    def forward(self, hidden_states, rope: Rope, attention_mask=None, cache=None, **kwargs):
+    def qkv(self, hidden_states: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, d], k and v [B, G, T, d], rotary applied."""
         B, T, _ = hidden_states.shape
         q = apply_rope(self.q_proj(hidden_states).view(B, T, self.num_heads, self.head_dim), rope)
         k = apply_rope(self.k_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim), rope)
         v = self.v_proj(hidden_states).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, d]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def probabilities(self, hidden_states: torch.Tensor, rope: Rope, attention_mask=None) -> torch.Tensor:
+        """The attention weights [B, H, T, T] that forward's SDPA applies (no cache; calibration only)."""
+        q, k, _ = self.qkv(hidden_states, rope)
+        k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+        s = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # [B, H, T, T]
+        if attention_mask is not None:
+            s = s.masked_fill(~attention_mask, float("-inf"))
+        return s.softmax(-1)
+
+    def forward(self, hidden_states, rope: Rope, attention_mask=None, cache=None, **kwargs):
+        B, T, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states, rope)  # [B, heads, T, d]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # [B, G, S, d]
         out = F.scaled_dot_product_attention(
