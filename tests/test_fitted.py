@@ -99,6 +99,20 @@ def test_least_squares_up_beats_the_factorisation_up_at_the_same_latent():
     assert err(up_ls) < err(up_svd)
 
 
+def test_grouped_up_fits_each_group_in_its_own_metric():
+    """Rows in G blocks, block g fitted in cov[g]: each block's error in its own metric is no larger than with the
+    shared fit, and strictly smaller where the metrics differ."""
+    x1, g = _samples(seed=1)
+    x2 = x1 * torch.linspace(0.1, 3.0, 12, dtype=torch.float64)  # another group sees other directions
+    covs = torch.stack([x1.T @ x1 / len(x1), x2.T @ x2 / len(x2)])
+    w = torch.randn(8, 12, generator=g, dtype=torch.float64)
+    down = torch.randn(3, 12, generator=g, dtype=torch.float64)
+    grouped, shared = fit.grouped_up(w, down, covs), fit.grouped_up(w, down, covs.mean(0))
+    err = lambda up, b, x: float(((x @ (w[b] - up[b] @ down).T) ** 2).sum())  # noqa: E731
+    for b, x in ((slice(0, 4), x1), (slice(4, 8), x2)):
+        assert err(grouped, b, x) < err(shared, b, x)
+
+
 def test_input_map_corrects_a_perturbed_input():
     x_t, g = _samples()
     x_s = x_t @ (torch.eye(12, dtype=torch.float64) + 0.3 * torch.randn(12, 12, generator=g, dtype=torch.float64))
