@@ -176,9 +176,8 @@ def _query_weights(src: Source, j: int, L: torch.Tensor | None) -> torch.Tensor:
     head g's error by this (the logits' error, as the fitted init weighs its NoPE keys)."""
     half, D = src.d_h // 2, src.w_q.shape[1]
     wq = src.w_q.double().reshape(src.H, src.d_h, D)
-    q = torch.complex(wq[:, j], wq[:, j + half])  # [H, D]
-    lq = q @ L.to(q.dtype) if L is not None else q
-    energy = (lq.abs() ** 2).sum(-1).reshape(src.G, src.H // src.G).sum(1)  # [G]
+    cov = L.double() @ L.double().T if L is not None else torch.eye(D, dtype=torch.float64)
+    energy = _pair_energy(wq[:, j], wq[:, j + half], cov).reshape(src.G, src.H // src.G).sum(1)  # [G]
     return energy.sqrt().clamp(min=1e-12 * float(energy.max().sqrt()) + 1e-300)
 
 
