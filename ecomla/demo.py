@@ -7,9 +7,10 @@
 
 Stages, each skipped when its output already exists (so an interrupted run continues where it stopped):
   assets -> convert (--init, default fitted) -> distill (end-to-end KD within --budget-minutes, after layer-wise
-  alignment when --ild-tokens > 0; resumes from its last checkpoint) -> [dpo] -> eval (teacher, 0-token and trained student:
-  held-out KL, perplexities, a fixed task subset sized to the budget) -> chat answers side by side -> decode
-  speed and measured cache bytes at a long context -> OUT/report.md + OUT/results.json + plots.
+  alignment when --ild-tokens > 0; resumes from its last checkpoint) -> [dpo] -> eval (teacher, 0-token and trained
+  student: held-out KL and perplexities; a fixed task subset sized to the budget for the teacher and the trained
+  students, not the 0-token one) -> chat answers side by side -> decode speed and measured cache bytes at a long
+  context -> OUT/report.md + OUT/results.json + plots.
 """
 
 from __future__ import annotations
@@ -191,8 +192,10 @@ class Demo:
         names = ",".join(models)
         paths = [str(p) for p in models.values()]
         folder = self.out / "eval"
+        trained = ",".join(["teacher", *list(models)[1:]])  # the 0-token student: KL and perplexities only
         args = EvalArgs(models=paths, names=names, teacher=self.a.model, tasks=self.a.tasks, limit=limit,
-                        max_tokens=self.a.eval_tokens, data=self.a.data, text=self.a.text, out=str(folder))
+                        max_tokens=self.a.eval_tokens, data=self.a.data, text=self.a.text, tasks_for=trained,
+                        out=str(folder))
         res = self._load("eval/results.json")
         done = bool(res) and [m["name"] for m in res["models"]][1:] == list(models)
         return evaluate(args, log=self.log) if self.announce("eval", args, done, folder / "results.json") else res

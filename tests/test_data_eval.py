@@ -162,3 +162,44 @@ def test_eval_cli_writes_results_and_report(llama_dir, tmp_path):
     assert res["models"][0]["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and mla["kl_to_teacher"] > 0
     assert set(mla["ppl"]) == {"chat", "text"} and (out / "report.md").is_file() and (out / "quality_vs_kv.png").is_file()
     assert run.default_teacher([str(tmp_path / "mla")]) == str(llama_dir)
+
+
+def test_eval_runs_tasks_only_for_the_models_named_in_tasks_for(llama_dir, tmp_path, monkeypatch):
+    import ecomla.eval.run as run
+    from ecomla.convert.convert import ConvertArgs, convert
+
+    convert(ConvertArgs(src=str(llama_dir), out=str(tmp_path / "mla"), kv_rank=8, rope_dim=8), log=lambda *a: None)
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in chat_rows(200)))
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join([" ".join(WORDS)] * 30))
+    asked = []
+
+    def fake_tasks(model, tok, tasks, *a, **k):
+        asked.append(list(tasks))
+        return {t: {"acc": 0.5, "acc_stderr": 0.1, "acc_norm": None, "acc_norm_stderr": None, "n": 4,
+                    "average_metric": "acc"} for t in tasks}
+
+    monkeypatch.setattr(run, "run_tasks", fake_tasks)
+    args = run.EvalArgs(models=[str(tmp_path / "mla"), str(tmp_path / "mla")], names="zero,trained",
+                        teacher=str(llama_dir), tasks="winogrande", tasks_for="teacher,trained", data=str(path),
+                        text=str(text), max_tokens=64, seq_len=16, out=str(tmp_path / "ev"))
+    res = run.evaluate(args, log=lambda *a: None)
+    by_name = {m["name"]: m for m in res["models"]}
+    assert list(by_name) == ["teacher", "zero", "trained"]
+    assert by_name["teacher"]["average"] == 0.5 and by_name["trained"]["average"] == 0.5
+    assert by_name["zero"]["tasks"] == {} and by_name["zero"]["average"] is None
+    assert by_name["zero"]["kl_to_teacher"] > 0  # KL and perplexities still come for every model
+    assert asked == [["winogrande"], [], ["winogrande"]]  # teacher, zero, trained
+    with pytest.raises(UserError, match="--tasks-for 'nosuch'"):
+        run.EvalArgs(models=[str(tmp_path / "mla")], tasks_for="teacher,nosuch")
+
+
+def test_task_files_verify_the_benchmark_wheel_once(tmp_path, monkeypatch):
+    import ecomla.eval.tasks as tasks
+
+    root, calls = _tiny_benchmarks(tmp_path / "bench"), []
+    monkeypatch.setattr(tasks, "benchmark_root", lambda: calls.append(1) or root)
+    _, names, sizes = tasks.write_task_dir(["arc_easy", "winogrande"])
+    assert calls == [1] and names == {"arc_easy": "ecomla_arc_easy", "winogrande": "ecomla_winogrande"}
+    assert sizes["winogrande"] == [("ecomla_winogrande", 4)]

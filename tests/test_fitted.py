@@ -73,6 +73,26 @@ def test_o_proj_refit_lowers_the_attention_output_error_it_targets(tmp_path):
     assert rows and all(r["o_error_after"] < r["o_error_before"] and r["o_target"] == "output" for r in rows), rows
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_o_proj_refit_errors_from_moments_equal_the_direct_errors(bias):
+    from ecomla.convert.sequential import refit_o
+
+    g = torch.Generator().manual_seed(0)
+    o_proj = torch.nn.Linear(12, 6, bias=bias)
+    z = [torch.randn(50, 12, generator=g) for _ in range(3)]
+    targets = [zk @ torch.randn(12, 6, generator=g) * 0.1 + o_proj(zk).detach() for zk in z]
+    w, b, row = refit_o(o_proj, z, targets, FitChoice(ridge=1e-3))
+
+    def direct(weight, bias_):
+        shift = 0 if bias_ is None else bias_.double()
+        e = sum(float(((zk.double() @ weight.T.double() + shift - t.double()) ** 2).sum()) for zk, t in zip(z, targets))
+        return (e / sum(float((t.double() ** 2).sum()) for t in targets)) ** 0.5
+
+    assert row["o_error_before"] == pytest.approx(direct(o_proj.weight.detach(), o_proj.bias), rel=1e-9)
+    assert row["o_error_after"] == pytest.approx(direct(w, b), rel=1e-9)
+    assert row["o_error_after"] < row["o_error_before"]
+
+
 def test_o_proj_is_not_refitted_from_too_few_tokens(tmp_path):
     src = make_source("llama", tmp_path / "src")  # o_proj reads 4 heads x 16 = 64 inputs: a refit needs 512 tokens
     meta = _convert(src, tmp_path / "few", _data(tmp_path), calib_seqs=8, kv_rank=4, rope_dim=8, q_rank="none")

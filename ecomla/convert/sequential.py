@@ -162,7 +162,7 @@ def refit_o(o_proj: torch.nn.Linear, z: list[torch.Tensor], targets: list[torch.
     width = z[0].shape[-1] + has_bias
     gram = torch.zeros(width, width, dtype=torch.float64)
     cross = torch.zeros(width, D, dtype=torch.float64)
-    pairs = []
+    norm, n = 0.0, 0
     for zk, tgt in zip(z, targets):
         tgt = tgt.reshape(-1, D).double()
         zk = zk.double()
@@ -170,17 +170,17 @@ def refit_o(o_proj: torch.nn.Linear, z: list[torch.Tensor], targets: list[torch.
             zk = torch.cat([zk, torch.ones(zk.shape[0], 1, dtype=zk.dtype)], dim=1)
         gram += zk.T @ zk
         cross += zk.T @ tgt
-        pairs.append((zk, tgt))
+        norm += float((tgt**2).sum())
+        n += zk.shape[0]
     w_old = o_proj.weight.double().T
     if has_bias:
         w_old = torch.cat([w_old, o_proj.bias.double()[None]])
-    n = sum(zk.shape[0] for zk, _ in pairs)
     target = choice.o_target
     if target != "none" and n < MIN_TOKENS_PER_INPUT * width:  # too few tokens: the refit would fit noise
         target = f"none ({n} calibration tokens < {MIN_TOKENS_PER_INPUT} x {width} inputs; raise --calib-seqs)"
     sol = ridge_solve(gram, cross, choice.ridge, prior=w_old) if target == choice.o_target != "none" else w_old
-    err = lambda w: sum(float(((zk @ w - t) ** 2).sum()) for zk, t in pairs)  # noqa: E731
-    norm = sum(float((t**2).sum()) for _, t in pairs)
+    # sum ||z w - t||^2 from the moments: tr(w^T G w) - 2 tr(w^T C) + sum ||t||^2
+    err = lambda w: max(float((w * (gram @ w)).sum() - 2 * (w * cross).sum()) + norm, 0.0)  # noqa: E731
     row = {"o_target": target, "o_error_before": (err(w_old) / norm) ** 0.5, "o_error_after": (err(sol) / norm) ** 0.5}
     bias = sol[-1] if has_bias else None
     return sol[: width - has_bias].T.contiguous(), bias, row

