@@ -40,11 +40,15 @@ def main() -> None:
     p.add_argument("--ild-lr", type=float, default=None, help="ILD peak learning rate (default: ecomla distill's)")
     p.add_argument("--trainable", default=None, help="KD trainable set (default: ecomla distill's)")
     p.add_argument("--warmup-ratio", type=float, default=None, help="warmup share of each stage (default: distill's)")
+    p.add_argument("--text-data", default=None, help="plain text mixed into training (default: chat only)")
+    p.add_argument("--text-share", type=float, default=None,
+                   help="share of blocks from --text-data (default: distill's)")
     a = p.parse_args()
     out = Path(a.out)
     trained = {}
     overrides = {k: v for k, v in (("lr", a.lr), ("ild_lr", a.ild_lr), ("trainable", a.trainable),
-                                                         ("warmup_ratio", a.warmup_ratio)) if v is not None}
+                                                         ("warmup_ratio", a.warmup_ratio), ("text_data", a.text_data),
+                                                         ("text_share", a.text_share)) if v is not None}
     for init in a.inits.split(","):
         start = Path(a.zero_token_models) / f"{a.ratio}-{init}"
         if not (start / "ecomla_convert.json").is_file():

@@ -4,7 +4,8 @@
 
 Reads the `results.json` files that `benchmarks/zero_token.py` (0 training tokens) and
 `benchmarks/init_after_training.py` (after the same short distillation) wrote under `runs/`, so it plots
-measured rows only; missing runs are skipped with a note. Filled markers: 0 tokens; hollow: trained.
+measured rows only; missing runs are skipped with a note. Filled markers: 0 tokens; hollow: trained (circles:
+16k ILD + 32k KD tokens; squares: 49k KD tokens, the fitted init's recipe).
 """
 
 from __future__ import annotations
@@ -18,16 +19,25 @@ from ecomla.eval.report import pyplot, save
 ZERO = ["runs/zero-token/eval-2x", "runs/zero-token/eval-4x", "runs/zero-token/eval-8x",
         "runs/zero-token-8x-more/eval-8x", "runs/zero-token-baselines/eval-2x", "runs/zero-token-baselines/eval-4x",
         "runs/zero-token-baselines/eval-8x", "runs/zero-token-fitted2/eval-2x", "runs/zero-token-fitted2/eval-4x",
-        "runs/zero-token-fitted2/eval-8x"]
+        "runs/zero-token-fitted2/eval-8x",
+        # today's default (fitted with the attention metric): `ecomla convert ... --init fitted` + `ecomla eval`
+        "runs/s11/eval-2x-final", "runs/s10/eval-4x-final", "runs/s10/eval-8x-final"]
 TRAINED = ["runs/init-training-2x/eval", "runs/init-training/eval", "runs/init-training-8x/eval",
            "runs/init-training-fitted2-4x/eval"]
+# fitted starts after KD only (49,152 tokens, no ILD: the demo's recipe), `init_after_training.py --ild-tokens 0`
+TRAINED_KD = ["runs/init-training-fitted2-4x-kdonly/eval", "runs/s10/itr-fit-att-kdonly/eval",
+              "runs/s11/itr-8x-fit-kdonly/eval"]
+
+
+LABELS = {"fitted": "fitted (before the attention metric)", "fitted-final": "fitted (attention metric, the default)"}
 
 
 def init_name(model: str) -> str | None:
     """'4x-rope-whitened-trained' -> 'rope-whitened'; None for the teacher."""
     if model == "teacher" or "-" not in model:
         return None
-    return model.split("-", 1)[1].removesuffix("-trained")
+    name = model.split("-", 1)[1].removesuffix("-trained")
+    return LABELS.get(name, name)
 
 
 def collect(folders: list[str]) -> dict[str, list[tuple[float, float]]]:
@@ -49,7 +59,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/img/inits.png")
     a = p.parse_args()
-    zero, trained = collect(ZERO), collect(TRAINED)
+    zero, trained, trained_kd = collect(ZERO), collect(TRAINED), collect(TRAINED_KD)
     if not zero:
         raise SystemExit("no results found: run benchmarks/zero_token.py first (see docs/RESULTS.md section 2)")
     plt = pyplot()
@@ -61,6 +71,9 @@ def main() -> None:
     for name, pts in sorted(trained.items()):
         ax.plot([x for x, _ in pts], [y for _, y in pts], "o--", mfc="none", color=colors.get(name),
                 label=f"{name}, after 16k ILD + 32k KD tokens")
+    for name, pts in sorted(trained_kd.items()):
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "s:", mfc="none", color=colors.get(name),
+                label=f"{name}, after 49k KD tokens")
     ax.set_xscale("log", base=2)
     xs = sorted({x for pts in zero.values() for x, _ in pts})
     ax.set_xticks(xs, [f"{x:,.0f}" for x in xs])

@@ -28,6 +28,7 @@ from .common import UserError
 from .convert.convert import ConvertArgs, convert
 from .convert.inits import INITS
 from .data.chat import load_chat
+from .data.text import NAMED as TEXTS
 from .demo_report import write_report
 from .distill import DistillArgs, distill
 from .dpo.run import cpu_args, run_dpo
@@ -53,7 +54,7 @@ class DemoArgs:
                     default="fitted")
     model: str = arg("source model", default="default")
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
-    text: str = arg("plain text for the text perplexity ('boolq' or a file)", default="boolq")
+    text: str = arg("plain text for the text perplexity ('boolq', 'lambada' or a file)", default="boolq")
     rope_dim: int = arg("d_rope", default=32)
     ild_tokens: int = arg("tokens for layer-wise alignment before KD (0: KD only, which keeps the fitted start; "
                           "docs/RESULTS.md section 4)", default=0)
@@ -100,8 +101,8 @@ class DemoArgs:
                 resolve(self.model)
             except UserError as err:
                 raise UserError(f"--model: {err}") from None
-        if self.text != "boolq" and not Path(self.text).is_file():
-            raise UserError(f"--text {self.text}: no such text file (or use 'boolq')")
+        if self.text not in TEXTS and not Path(self.text).is_file():
+            raise UserError(f"--text {self.text}: no such text file (or use {' / '.join(TEXTS)})")
         data = Path(self.data)
         if (self.data.startswith((".", "/", "~")) or data.suffix in (".json", ".jsonl", ".parquet", ".arrow")) \
                 and not data.exists():

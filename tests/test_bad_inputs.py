@@ -89,6 +89,10 @@ def ev(*a):
     return lambda P: ["eval", str(P.mla), "--out", str(P.out), *_argv(P, a)]
 
 
+def dist(*a):
+    return lambda P: ["distill", str(P.mla), "--out", str(P.out), *_argv(P, a)]
+
+
 def bench(*a):
     return lambda P: ["bench", *_argv(P, a)]
 
@@ -220,6 +224,15 @@ CASES = [
                  id="demo-model-missing"),
     pytest.param(demo("--text", "/nonexistent/text.txt"), r"--text .*no such text file", id="demo-text-missing"),
     pytest.param(demo("--data", "/nonexistent/chat.jsonl"), r"--data .*no such data file", id="demo-data-missing"),
+    # ---- distill: the plain-text mix ------------------------------------------------------------------------------
+    pytest.param(dist("--text-data", "/nonexistent/prose.txt"), r"--text-data .*no such text file .*lambada",
+                 id="distill-text-missing"),
+    pytest.param(dist("--text-data", "lambada", "--text-share", "1"), r"--text-share must be in \(0, 1\)",
+                 id="distill-text-share-one"),
+    pytest.param(dist("--text-data", "lambada", "--teacher-topk", "8"), r"--teacher-topk .* --text-data",
+                 id="distill-text-with-topk"),
+    pytest.param(ev("--tasks-for", "teacher,nosuch"), r"--tasks-for 'nosuch' is not one of the models",
+                 id="eval-tasks-for-unknown"),
     # ---- --config recipes ---------------------------------------------------------------------------------------
     pytest.param(demo("--config", path("yaml_binary")), r"--config .* is not a text file", id="config-binary-file"),
     pytest.param(gen("--prompt", "hi", "--config", path("yaml_broken")), r"--config .* is not valid YAML",

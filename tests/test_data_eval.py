@@ -203,3 +203,36 @@ def test_task_files_verify_the_benchmark_wheel_once(tmp_path, monkeypatch):
     _, names, sizes = tasks.write_task_dir(["arc_easy", "winogrande"])
     assert calls == [1] and names == {"arc_easy": "ecomla_arc_easy", "winogrande": "ecomla_winogrande"}
     assert sizes["winogrande"] == [("ecomla_winogrande", 4)]
+
+
+def test_packed_text_ends_each_text_with_eos_and_targets_every_token():
+    from ecomla.data.packing import PackedText
+
+    tok = make_tokenizer()
+    texts = [" ".join(WORDS[i : i + 5]) for i in range(0, 40, 5)]
+    a, b = PackedText(texts, tok, seq_len=8, seed=3), PackedText(texts, tok, seq_len=8, seed=3)
+    blocks = [a.block(k) for k in range(12)]  # more than one epoch: 8 texts x 6 tokens = 6 blocks per epoch
+    assert all(bool(m.all()) for _, m in blocks)
+    assert [torch.equal(x, b.block(k)[0]) for k, (x, _) in enumerate(blocks)] == [True] * 12  # pure function of k
+    ids = torch.cat([x for x, _ in blocks[:6]]).tolist()
+    assert ids.count(tok.eos_token_id) == 8 and ids[-1] == tok.eos_token_id  # one EOS per text, one epoch
+
+
+def test_mixed_blocks_take_their_share_evenly_and_in_order():
+    from ecomla.data.packing import Blocks, MixedBlocks
+
+    class Tagged(Blocks):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def block(self, k):
+            return torch.tensor([self.tag, k]), torch.ones(2, dtype=torch.bool)
+
+    mixed = MixedBlocks(Tagged(0), Tagged(1), share=0.25)
+    got = [tuple(mixed.block(k)[0].tolist()) for k in range(12)]
+    assert got == [(0, 0), (0, 1), (0, 2), (1, 0), (0, 3), (0, 4), (0, 5), (1, 1), (0, 6), (0, 7), (0, 8), (1, 2)]
+    third = [mixed.block(k)[0][0].item() for k in range(300)]
+    assert sum(third) == 75  # exactly the share, whatever the batch size
+    with pytest.raises(ValueError):
+        MixedBlocks(Tagged(0), Tagged(1), share=1.0)
+

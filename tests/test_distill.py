@@ -17,7 +17,7 @@ from ecomla.common import UserError
 from ecomla.distill import DistillArgs, Trainer, distill
 from ecomla.distill.trainer import schedule
 from ecomla.losses import chunked_loss, masked_mean, token_kl
-from tests.helpers import make_source
+from tests.helpers import WORDS, make_source
 from tests.test_data_eval import chat_rows
 
 
@@ -118,6 +118,7 @@ def setup(tmp_path_factory):
     make_source("llama", root / "src", tie_word_embeddings=True)
     convert(ConvertArgs(src=str(root / "src"), out=str(root / "mla"), kv_rank=8, rope_dim=8), log=lambda *a: None)
     (root / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows(300)))
+    (root / "prose.txt").write_text("\n\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))))
     return root
 
 
@@ -157,8 +158,11 @@ def test_ild_stage_trains_only_mla_weights(setup, tmp_path):
     assert curve[-1] < curve[0]
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, monkeypatch):
-    Trainer(args(setup, tmp_path / "full")).run()
+@pytest.mark.parametrize("text", [False, True], ids=["chat", "chat+text"])
+def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, monkeypatch, text):
+    # with text: a quarter of the blocks from plain text; the mixed stream is as resumable as the chat one
+    mix = {"text_data": str(setup / "prose.txt")} if text else {}
+    Trainer(args(setup, tmp_path / "full", **mix)).run()
     full, full_rows = losses(tmp_path / "full")
 
     original = Trainer.kd_step
@@ -170,14 +174,25 @@ def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, mon
 
     monkeypatch.setattr(Trainer, "kd_step", dies_at_step_7)
     with pytest.raises(KeyboardInterrupt):  # Ctrl-C saves a checkpoint, then exits
-        Trainer(args(setup, tmp_path / "cut")).run()
+        Trainer(args(setup, tmp_path / "cut", **mix)).run()
     assert (tmp_path / "cut" / "checkpoints" / "step-0000007").is_dir()
     monkeypatch.setattr(Trainer, "kd_step", original)
-    distill(args(setup, tmp_path / "cut", resume=True))
+    distill(args(setup, tmp_path / "cut", resume=True, **mix))
     resumed, rows = losses(tmp_path / "cut")
     assert len(resumed) == len(full) == 24 and [r["stage"] for r in rows[:5]] == ["ild"] * 4 + ["kd"]
     untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows[:-1]]
     assert untimed(rows) == untimed(full_rows)  # bit-identical losses, grad norms, lrs: same blocks, RNG, optimizer
+
+
+def test_text_data_puts_a_share_of_plain_text_blocks_in_every_batch(setup, tmp_path):
+    trainer = Trainer(args(setup, tmp_path / "mix", stage="kd", text_data=str(setup / "prose.txt"), text_share=0.25))
+    try:
+        for step in range(3):
+            b = trainer.batch(trainer.blocks(step, 0))
+            text_rows = [bool(m.all()) for m in b["loss_mask"]]  # plain text: every token a target; chat: assistant only
+            assert text_rows == [False, False, False, True], (step, text_rows)
+    finally:
+        trainer.release()
 
 
 def test_rerun_without_resume_refuses_and_stale_tmp_is_ignored(setup, tmp_path):

@@ -62,3 +62,11 @@ def test_default_model_exports_to_deepseek_v3_exactly(tmp_path):
     kl = float((la.exp() * (la - lb)).sum(-1).mean())
     top1 = float((la.argmax(-1) == lb.argmax(-1)).float().mean())
     assert kl < 1e-4 and top1 >= 0.999, (kl, top1)
+
+
+def test_lambada_passages_are_training_text_apart_from_the_evaluation_text():
+    from ecomla.data.text import boolq_passages, lambada_passages
+
+    passages = lambada_passages()
+    assert len(passages) == 5153 and all(len(p) > 50 for p in passages)
+    assert not set(passages) & set(boolq_passages())  # `--text-data lambada` never trains on ppl.text's passages

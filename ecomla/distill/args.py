@@ -11,9 +11,11 @@ checkpoints/step-*/ for --resume. Recipes with every option: recipes/*.yaml (`--
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..args import arg, flag_list
 from ..common import UserError, resolve_precision
+from ..data.text import NAMED as TEXTS
 from ..losses import KINDS
 
 STAGES = ("ild", "kd", "both")
@@ -30,6 +32,9 @@ class DistillArgs:
                        "'default'; must share the student's vocabulary", default="source")
     data: str = arg("chat data: 'default' (English ShareGPT), a local file, or a hub id; its train split is used",
                     default="default")
+    text_data: str | None = arg("plain text mixed into training: 'lambada' (book passages, read by no evaluation "
+                                "here), a .txt / .jsonl file; default none (chat only)", default=None)
+    text_share: float = arg("share of the training blocks taken from --text-data", default=0.25)
     out: str = arg("output folder", default="runs/distill")
     stage: str = arg("ild (layer-wise alignment only), kd (end-to-end only) or both", default="both", choices=STAGES)
     max_tokens: int = arg("KD token budget; also sets the length of the LR schedule", default=1_000_000)
@@ -89,6 +94,12 @@ class DistillArgs:
         if self.teacher_topk and self.loss != "forward":
             raise UserError("--teacher-topk only supports --loss forward (the student's mass outside the teacher's "
                             "top k has no teacher log-prob for reverse KL / JSD)")
+        if self.text_data is not None and not 0 < self.text_share < 1:
+            raise UserError(f"--text-share must be in (0, 1) with --text-data, got {self.text_share}")
+        if self.text_data is not None and self.text_data not in TEXTS and not Path(self.text_data).is_file():
+            raise UserError(f"--text-data {self.text_data}: no such text file (or use {' / '.join(TEXTS)})")
+        if self.text_data is not None and self.teacher_topk:
+            raise UserError("--teacher-topk caches the teacher on the chat stream only; drop it or --text-data")
         if self.max_minutes is not None and self.max_minutes <= 0 or self.temperature <= 0:
             raise UserError("--max-minutes and --temperature must be > 0")
 

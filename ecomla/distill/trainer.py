@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from ..args import run_settings
 from ..common import UserError, cache_dir
 from ..data.chat import load_chat, split_chat
-from ..data.packing import PackedChat
+from ..data.packing import MixedBlocks, PackedChat, PackedText
+from ..data.text import load_texts
 from ..eval.fidelity import fidelity
 from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolve
 from ..mla.attention import MLAAttention
@@ -104,7 +105,7 @@ class Trainer:
         a, lock = self.args, None
         if self.acc.is_main_process:
             settings = {**run_settings(a), "student shapes": mla_shapes(a.student)}  # a folder may be re-converted
-            inputs = [a.student, None if a.teacher == "source" else a.teacher, a.data]
+            inputs = [a.student, None if a.teacher == "source" else a.teacher, a.data, a.text_data]
             lock = claim_run(self.out, "distill", inputs, resume=a.resume, settings=settings, may_change=RESUMABLE)
         self.acc.wait_for_everyone()
         return lock
@@ -139,6 +140,9 @@ class Trainer:
         self.tok = load_tokenizer(self.student_path)
         self.split = split_chat(load_chat(a.data))
         self.packed = PackedChat(self.split["train"], self.tok, a.seq_len, seed=a.seed, mask_prompt=a.mask_prompt)
+        if a.text_data is not None:  # a share of the blocks from plain text (every token a target)
+            text = PackedText(load_texts(a.text_data), self.tok, a.seq_len, seed=a.seed)
+            self.packed = MixedBlocks(self.packed, text, a.text_share)
         self.tokens_per_step = self.world * a.batch_size * a.grad_accum * a.seq_len
         self.ild_steps = math.ceil(a.ild_tokens / self.tokens_per_step) if (a.stage != "kd" and a.ild_tokens > 0) else 0
         self.kd_steps = math.ceil(a.max_tokens / self.tokens_per_step) if a.stage != "ild" else 0
