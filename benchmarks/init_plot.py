@@ -24,11 +24,10 @@ ZERO = ["runs/zero-token/eval-2x", "runs/zero-token/eval-4x", "runs/zero-token/e
         "runs/s11/eval-2x-final", "runs/s10/eval-4x-final", "runs/s10/eval-8x-final"]
 TRAINED = ["runs/init-training-2x/eval", "runs/init-training/eval", "runs/init-training-8x/eval",
            "runs/init-training-fitted2-4x/eval"]
-# fitted starts after KD only (49,152 tokens, no ILD: the demo's recipe), `init_after_training.py --ild-tokens 0`
-TRAINED_KD = ["runs/init-training-fitted2-4x-kdonly/eval", "runs/s10/itr-fit-att-kdonly/eval",
-              "runs/s11/itr-8x-fit-kdonly/eval"]
-
-
+# fitted starts after KD only (49,152 tokens, no ILD: the demo's recipe), `init_after_training.py --ild-tokens 0`;
+# their students are all named '<ratio>-fitted-trained', so the folder says which start they came from
+TRAINED_KD = {"runs/init-training-fitted2-4x-kdonly/eval": "fitted",
+              "runs/s10/itr-fit-att-kdonly/eval": "fitted-final", "runs/s11/itr-8x-fit-kdonly/eval": "fitted-final"}
 LABELS = {"fitted": "fitted (before the attention metric)", "fitted-final": "fitted (attention metric, the default)"}
 
 
@@ -40,8 +39,8 @@ def init_name(model: str) -> str | None:
     return LABELS.get(name, name)
 
 
-def collect(folders: list[str]) -> dict[str, list[tuple[float, float]]]:
-    """init -> [(KV bytes/token, KL)], one point per measured student."""
+def collect(folders: list[str] | dict[str, str]) -> dict[str, list[tuple[float, float]]]:
+    """init -> [(KV bytes/token, KL)], one point per measured student ({folder: init} names the init per folder)."""
     points: dict[str, list[tuple[float, float]]] = {}
     for folder in folders:
         path = Path(folder) / "results.json"
@@ -50,6 +49,8 @@ def collect(folders: list[str]) -> dict[str, list[tuple[float, float]]]:
             continue
         for m in json.loads(path.read_text())["models"]:
             name = init_name(m["name"])
+            if name and isinstance(folders, dict):
+                name = LABELS.get(folders[folder], folders[folder])
             if name and m.get("kl_to_teacher") is not None:
                 points.setdefault(name, []).append((m["kv_bytes_per_token"], m["kl_to_teacher"]))
     return {k: sorted(set(v)) for k, v in points.items()}
