@@ -71,7 +71,7 @@ class PackedDocuments(Blocks):
 
     def __init__(self, docs, tok, seq_len: int, seed: int = 0):
         if len(docs) == 0:
-            raise UserError("cannot pack an empty dataset: the data has no usable document")
+            raise UserError("cannot pack an empty dataset: the data has no usable conversation or text")
         self.docs, self.tok, self.seq_len, self.seed = docs, tok, seq_len, seed
         self._blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ids: list[int] = []
@@ -110,8 +110,6 @@ class PackedChat(PackedDocuments):
     """Conversations (rows with `messages`) rendered with the chat template (see module docstring)."""
 
     def __init__(self, ds, tok, seq_len: int, seed: int = 0, mask_prompt: bool = True):
-        if len(ds) == 0:
-            raise UserError("cannot pack an empty dataset: the data has no usable conversation")
         super().__init__(ds, tok, seq_len, seed)
         self.mask_prompt = mask_prompt
 
