@@ -81,7 +81,8 @@ def test_o_proj_refit_errors_from_moments_equal_the_direct_errors(bias):
     o_proj = torch.nn.Linear(12, 6, bias=bias)
     z = [torch.randn(50, 12, generator=g) for _ in range(3)]
     targets = [zk @ torch.randn(12, 6, generator=g) * 0.1 + o_proj(zk).detach() for zk in z]
-    w, b, row = refit_o(o_proj, z, targets, FitChoice(ridge=1e-3))
+    with torch.no_grad():  # as fit_sequentially calls it
+        w, b, row = refit_o(o_proj, z, targets, FitChoice(ridge=1e-3))
 
     def direct(weight, bias_):
         shift = 0 if bias_ is None else bias_.double()
