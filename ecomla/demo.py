@@ -28,7 +28,7 @@ from .common import UserError
 from .convert.convert import ConvertArgs, convert
 from .convert.inits import INITS
 from .data.chat import load_chat
-from .data.text import NAMED as TEXTS
+from .data.text import check_text
 from .demo_report import write_report
 from .distill import DistillArgs, distill
 from .dpo.run import cpu_args, run_dpo
@@ -101,8 +101,7 @@ class DemoArgs:
                 resolve(self.model)
             except UserError as err:
                 raise UserError(f"--model: {err}") from None
-        if self.text not in TEXTS and not Path(self.text).is_file():
-            raise UserError(f"--text {self.text}: no such text file (or use {' / '.join(TEXTS)})")
+        check_text(self.text, "--text")
         data = Path(self.data)
         if (self.data.startswith((".", "/", "~")) or data.suffix in (".json", ".jsonl", ".parquet", ".arrow")) \
                 and not data.exists():

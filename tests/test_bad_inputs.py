@@ -233,6 +233,8 @@ CASES = [
                  id="distill-text-with-topk"),
     pytest.param(ev("--tasks-for", "teacher,nosuch"), r"--tasks-for 'nosuch' is not one of the models",
                  id="eval-tasks-for-unknown"),
+    pytest.param(ev("--text", "/nonexistent/text.txt"), r"--text /nonexistent/text.txt: no such text file",
+                 id="eval-text-missing"),
     # ---- --config recipes ---------------------------------------------------------------------------------------
     pytest.param(demo("--config", path("yaml_binary")), r"--config .* is not a text file", id="config-binary-file"),
     pytest.param(gen("--prompt", "hi", "--config", path("yaml_broken")), r"--config .* is not valid YAML",

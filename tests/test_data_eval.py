@@ -128,8 +128,19 @@ def _tiny_benchmarks(root):
     return root
 
 
-def test_lm_eval_runs_offline_on_the_mla_model(llama_dir, tmp_path):
+def test_lm_eval_runs_offline_on_the_mla_model(llama_dir, tmp_path, monkeypatch):
+    import lm_eval.tasks
+
     from ecomla.convert.convert import ConvertArgs, convert
+
+    managers = []
+
+    class Recording(lm_eval.tasks.TaskManager):  # offline tasks must not pay for indexing lm-eval's own folder
+        def __init__(self, *a, **k):
+            managers.append(k.get("include_defaults", True))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", Recording)
 
     convert(ConvertArgs(src=str(llama_dir), out=str(tmp_path / "mla"), kv_rank=8, rope_dim=8), log=lambda *a: None)
     model, path = load_model(str(tmp_path / "mla"))
@@ -139,6 +150,7 @@ def test_lm_eval_runs_offline_on_the_mla_model(llama_dir, tmp_path):
     assert res["arc_easy"]["n"] == 4 and res["winogrande"]["n"] == 4
     assert 0 <= res["arc_easy"]["acc_norm"] <= 1 and res["winogrande"]["acc_norm"] is None
     assert res["arc_easy"]["average_metric"] == "acc_norm" and res["winogrande"]["average_metric"] == "acc"
+    assert managers == [False]
 
 
 def test_eval_cli_writes_results_and_report(llama_dir, tmp_path):

@@ -28,15 +28,20 @@ def lambada_passages() -> list[str]:
     return [r["request"]["context"] + r["request"]["continuation"] for r in rows if r["doc_id"] < 1_000_000]
 
 
+def check_text(spec: str, flag: str) -> None:
+    """Refuse a text spec that names neither a built-in corpus nor an existing file, naming the flag."""
+    if spec not in NAMED and not Path(spec).is_file():
+        raise UserError(f"{flag} {spec}: no such text file (or use {' / '.join(NAMED)})")
+
+
 def load_texts(spec: str) -> list[str]:
     """'boolq' / 'lambada' -> those passages; a .txt file -> paragraphs; a .jsonl file -> its `text` fields."""
     if spec == "boolq":
         return boolq_passages()
     if spec == "lambada":
         return lambada_passages()
+    check_text(spec, "text")
     p = Path(spec)
-    if not p.is_file():
-        raise UserError(f"no such text file: {spec} (or use {' / '.join(NAMED)})")
     if p.suffix == ".jsonl":
         try:
             return [json.loads(line)["text"] for line in p.read_text().splitlines() if line.strip()]

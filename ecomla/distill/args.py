@@ -11,11 +11,10 @@ checkpoints/step-*/ for --resume. Recipes with every option: recipes/*.yaml (`--
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..args import arg, flag_list
 from ..common import UserError, resolve_precision
-from ..data.text import NAMED as TEXTS
+from ..data.text import check_text
 from ..losses import KINDS
 
 STAGES = ("ild", "kd", "both")
@@ -96,8 +95,8 @@ class DistillArgs:
                             "top k has no teacher log-prob for reverse KL / JSD)")
         if self.text_data is not None and not 0 < self.text_share < 1:
             raise UserError(f"--text-share must be in (0, 1) with --text-data, got {self.text_share}")
-        if self.text_data is not None and self.text_data not in TEXTS and not Path(self.text_data).is_file():
-            raise UserError(f"--text-data {self.text_data}: no such text file (or use {' / '.join(TEXTS)})")
+        if self.text_data is not None:
+            check_text(self.text_data, "--text-data")
         if self.text_data is not None and self.teacher_topk:
             raise UserError("--teacher-topk caches the teacher on the chat stream only; drop it or --text-data")
         if self.max_minutes is not None and self.max_minutes <= 0 or self.temperature <= 0:

@@ -25,7 +25,7 @@ from ..args import arg
 from ..common import DTYPES, UserError, versions
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat, text_batches
-from ..data.text import load_texts
+from ..data.text import check_text, load_texts
 from ..generate.generate import generate
 from ..info import kv_info
 from ..io import count_params, load_model, load_tokenizer, recorded_source
@@ -49,7 +49,8 @@ class EvalArgs:
     seq_len: int = arg("block length for perplexity / KL", default=512)
     batch_size: int = arg("batch size (blocks for perplexity, requests for lm-eval)", default=8)
     data: str = arg("chat data for ppl.chat and KL (its held-out split is used)", default="default")
-    text: str = arg("plain text for ppl.text: 'boolq' (BoolQ passages) or a .txt / .jsonl file", default="boolq")
+    text: str = arg("plain text for ppl.text: 'boolq' (BoolQ passages), 'lambada' or a .txt / .jsonl file",
+                    default="boolq")
     names: str | None = arg("comma-separated display names for MODELS", default=None)
     tasks_for: str | None = arg("comma-separated names (from --names, or 'teacher') of the models that run --tasks; "
                                 "the others get KL and perplexities only (default: every model)", default=None)
@@ -69,6 +70,7 @@ class EvalArgs:
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         parse_limit(self.limit, parse_tasks(self.tasks))  # task names and limits are checked before any model loads
+        check_text(self.text, "--text")
         names = self.display_names()
         twice = next((n for n in names if names.count(n) > 1), None)
         if twice is not None:
