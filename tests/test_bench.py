@@ -1,7 +1,7 @@
 """`ecomla bench`: rows and their fields, cache bytes vs the formula, the caches each run decodes with
-(absorbed == decompressed == full forward; the fair GQA baselines of benchmarks/ == transformers' caches), the
-max-batch search (benchmarks/capacity.py), the attention rows (benchmarks/layer_attention.py) and the user
-errors."""
+(absorbed == decompressed == full forward; the fair GQA baselines == transformers' caches), the max-batch search
+(benchmarks/capacity.py), the attention rows (benchmarks/gpu_decode.py), the user errors; and the study runner
+(benchmarks/study.py)."""
 
 import json
 import subprocess
@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from benchmarks import capacity, gqa_baselines
-from benchmarks.gqa_baselines import PreallocKVLayer, packed_gqa_attention, packed_gqa_sdpa_attention
+from benchmarks import capacity
 from ecomla.bench.decode import DecodeOpts, time_decode, weight_bytes_read
+from ecomla.bench.gqa_fair import PreallocKVLayer, packed_gqa_attention, packed_gqa_sdpa_attention
 from ecomla.bench.run import BenchArgs, bench
 from ecomla.bench.runs import RUNS, attention_implementation, fill_synthetic, prepare
 from ecomla.bench.shapes import mla_config, parse_sizes, shape_config, synthetic_model
@@ -23,7 +23,7 @@ from ecomla.mla.cache import cache_stats
 
 REQUIRED = {"model", "batch", "context", "tokens_per_s", "cache_bytes_per_token", "peak_memory_bytes", "path"}
 TINY = dict(shape="tiny", kv_rank=8, rope_dim=8, warmup=1, steps=2, threads=1)
-FAIR = gqa_baselines.register()
+FAIR = {name: RUNS[name] for name in ("gqa-fair", "gqa-fair-sdpa")}
 
 
 def tiny_models(dtype=torch.float32):
@@ -32,9 +32,11 @@ def tiny_models(dtype=torch.float32):
     return mla, synthetic_model(src, dtype, "cpu", 0), mla.config.mla_spec(0)
 
 
-def test_importing_the_baselines_leaves_transformers_alone():
-    code = ("import benchmarks.gqa_baselines as g; from transformers import AttentionInterface as A; "
-            "assert g.PACKED_GQA not in A._global_mapping; g.register(); assert g.PACKED_GQA in A._global_mapping")
+def test_the_fair_baselines_reach_transformers_only_when_a_run_uses_them():
+    code = ("from ecomla.bench.run import BenchArgs, bench; import ecomla.bench.gqa_fair as g; "
+            "from transformers import AttentionInterface as A; assert g.PACKED_GQA not in A._global_mapping; "
+            "bench(BenchArgs(shape='tiny', kv_rank=8, rope_dim=8, contexts='8', batches='1', warmup=0, steps=1, "
+            "runs='gqa-fair', threads=1)); assert g.PACKED_GQA in A._global_mapping")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -42,7 +44,7 @@ def test_importing_the_baselines_leaves_transformers_alone():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_synthetic_shape_rows_and_cache_bytes_equal_formula(dtype, tmp_path, capsys):
     rows = bench(BenchArgs(**TINY, contexts="16,40", batches="1,3", dtype=dtype, json=True, out=str(tmp_path),
-                           runs="absorbed,decompressed,gqa-dynamic,gqa-static,gqa-fair"), extra_runs=FAIR)
+                           runs="absorbed,decompressed,gqa-dynamic,gqa-static,gqa-fair"))
     printed = json.loads(capsys.readouterr().out)
     assert [r["tokens_per_s"] for r in printed] == [r["tokens_per_s"] for r in rows]
     runs = {r["run"] for r in rows}
@@ -205,8 +207,6 @@ def test_user_errors(llama_dir):
         BenchArgs(shape="tiny", q_rank="half")
     with pytest.raises(UserError, match="unknown run"):
         bench(BenchArgs(shape="tiny", runs="absorbed,fast"))
-    with pytest.raises(UserError, match="unknown run"):
-        bench(BenchArgs(shape="tiny", runs="gqa-fair"))  # a benchmark's run, unknown without its extra_runs
     with pytest.raises(UserError, match="rope-dim"):
         bench(BenchArgs(shape="tiny", rope_dim=32))  # larger than the tiny head dim 16
     with pytest.raises(UserError, match="kv-rank"):
@@ -228,7 +228,7 @@ def test_cli_prints_json_rows(capsys):
 
 
 def test_attention_microbench_rows_on_cpu():
-    from benchmarks.layer_attention import attention_rows, attention_table
+    from benchmarks.gpu_decode import attention_rows, attention_table
 
     rows = attention_rows(batch=2, context=64, heads=9, latents=[(48, 24)], kv_heads=3, head_dim=64,
                           dtype=torch.float32, device="cpu", copy_gbps=10.0, iters=2)
@@ -275,7 +275,7 @@ def test_speedup_with_repeats_is_the_median_paired_ratio():
 
 
 def test_bench_with_repeats_reports_one_row_per_setting(capsys):
-    rows = bench(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair", repeats=3), extra_runs=FAIR)
+    rows = bench(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair", repeats=3))
     assert [(r["run"], r["repeats"], len(r["step_ms_repeats"])) for r in rows] == [("absorbed", 3, 3), ("gqa-fair", 3, 3)]
     for r in rows:
         assert round(r["step_ms"], 3) == sorted(r["step_ms_repeats"])[1]
@@ -285,9 +285,9 @@ def test_bench_with_repeats_reports_one_row_per_setting(capsys):
 
 
 def test_both_fair_gqa_runs_report_their_formulation():
-    rows = gqa_baselines.main(["--shape", "tiny", "--kv-rank", "8", "--rope-dim", "8", "--warmup", "1", "--steps", "2",
-                               "--contexts", "16", "--batches", "2", "--runs", "absorbed,gqa-fair,gqa-fair-sdpa"])
+    rows = bench(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair,gqa-fair-sdpa"))
     assert {r["run"]: r["impl"] for r in rows} == {
         "absorbed": "torch-gemm", "gqa-fair": "packed-gqa-gemm", "gqa-fair-sdpa": "packed-gqa-sdpa"}
     mla = next(r for r in rows if r["run"] == "absorbed")
     assert "speedup_vs_gqa-fair" in mla and "speedup_vs_gqa-fair-sdpa" in mla
+
