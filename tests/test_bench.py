@@ -291,3 +291,38 @@ def test_both_fair_gqa_runs_report_their_formulation():
     mla = next(r for r in rows if r["run"] == "absorbed")
     assert "speedup_vs_gqa-fair" in mla and "speedup_vs_gqa-fair-sdpa" in mla
 
+
+def test_study_converts_distills_and_measures_variants_into_one_table_and_a_record(llama_dir, tmp_path, capsys):
+    from benchmarks import study
+    from tests.helpers import WORDS
+    from tests.test_data_eval import chat_rows
+
+    chat, text = tmp_path / "chat.jsonl", tmp_path / "text.txt"
+    chat.write_text("\n".join(json.dumps(r) for r in chat_rows(200)))
+    text.write_text("\n\n".join([" ".join(WORDS)] * 30))
+    flags = f"--tasks none --data {chat} --text {text} --max-tokens 64 --seq-len 16"
+    kd = f"--stage kd --max-tokens 64 --seq-len 16 --batch-size 2 --data {chat} --precision fp32 --no-compile-loss"
+    out, record, src = tmp_path / "study", tmp_path / "record.json", str(llama_dir)
+    study.main(["--out", str(out), "--src", src, "--eval", flags, "--record", str(record),
+                "--variant", "r8", "--kv-rank 8 --rope-dim 8", "--variant", "r8-kd", "--kv-rank 8 --rope-dim 8", kd])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["r8", "r8-kd"]
+    assert rows[0]["kl_to_teacher"] > 0 and rows[0]["kv_bytes_per_token"] == 3 * (8 + 8) * 4  # L (r_kv + d_rope) fp32
+    assert rows[0]["convert"] == "--kv-rank 8 --rope-dim 8" and rows[1]["distill"] == kd
+    assert rows[1]["path"] != rows[0]["path"] and rows[1]["kl_to_teacher"] != rows[0]["kl_to_teacher"]
+    assert len(list((out / "models").glob("convert-*"))) == 1  # r8 and r8-kd share their conversion
+    printed = capsys.readouterr().out
+    assert "| r8-kd |" in printed and printed.count("| r8") == 2 and (out / "table.md").is_file()
+    rec = json.loads(record.read_text())
+    assert set(rec) == {"command", "cpu", "commit", "date", "result"} and rec["result"] == rows
+    assert rec["command"].startswith("python benchmarks/study.py --out") and (out / "quality_vs_kv.png").stat().st_size > 0
+    # a rerun through the API makes nothing again; a changed flag is refused before any work
+    logs = []
+    again = study.run_study([study.Variant("r8", convert=["--kv-rank", "8", "--rope-dim", "8"]),
+                             study.Variant("r8-kd", convert=["--kv-rank", "8", "--rope-dim", "8"],
+                                           distill=kd.split())], out, src=src, eval_flags=flags, log=logs.append)
+    assert again == rows and all(line.startswith("[study] reuse") for line in logs), logs
+    with pytest.raises(UserError, match="variant 'bad'"):
+        study.run_study([study.Variant("new", convert=["--kv-rank", "4"]), study.Variant("bad", convert=["--kv-rnk", "4"])],
+                        tmp_path / "refused", src=src, eval_flags=flags)
+    assert not (tmp_path / "refused").exists()
