@@ -1,7 +1,7 @@
 """GPU decode benchmark at Llama-3.2-1B shape (synthetic bf16 weights, no checkpoint): one command, a few minutes.
 
     python benchmarks/gpu_decode.py --out runs/bench-gpu         # or: bash benchmarks/gpu_decode.sh
-    python benchmarks/gpu_decode.py --device cpu --shape tiny --context 256 --batch 4 \
+    python benchmarks/gpu_decode.py --device cpu --shape tiny --kv-rank 8 --rope-dim 8 --context 256 --batch 4 \
         --attn-batches 2 --attn-context 512 --budget-gb 0.02      # wiring check on a CPU (no kernel)
 
 Prints, with the card named:
@@ -41,6 +41,7 @@ from ecomla.bench.report import columns_table
 from ecomla.bench.run import BenchArgs, bench, select_runs
 from ecomla.bench.runs import RUNS
 from ecomla.bench.shapes import PRESETS, parse_sizes
+from ecomla.common import UserError
 from ecomla.kernels.mla_decode import mla_decode_torch, mla_decode_triton, triton_available
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root importable
@@ -200,4 +201,7 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    try:
+        run()
+    except UserError as err:
+        sys.exit(f"gpu_decode.py: error: {err}")

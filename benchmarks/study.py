@@ -15,8 +15,8 @@ conversion with FitChoice fields set directly); then, optionally, `ecomla distil
 step writes a folder under --work named by its inputs (a hash of stage, input and arguments; `build-NAME` for a
 callable: delete it to rebuild), so a rerun reuses what finished, continues a distillation, shares one conversion
 between variants, and remakes a step whose arguments changed. Nothing is keyed by the code: after a change that
-affects the outputs, use a fresh --out and --work. Each model is measured alone by `ecomla eval MODEL --teacher SRC` with --eval's flags (KL and
-top-1 agreement to SRC, perplexities, tasks, KV bytes per token read from a live cache).
+affects the outputs, use a fresh --out and --work. Each model is measured alone by `ecomla eval MODEL --teacher
+SRC` with --eval's flags (KL and top-1 agreement to SRC, perplexities, tasks, KV bytes per token from a live cache).
 Writes OUT/results.json ({"rows": one dict per variant: the eval's metrics plus how it was made}), OUT/table.md
 (printed too) and OUT/quality_vs_kv.png; --record FILE also writes the rows as a measurement record
 (tools/record.py), for the results page.

@@ -1,7 +1,8 @@
 """What does KD from the teacher's cached top-k log-probs cost in quality, against full-vocabulary KD?
 
     OMP_NUM_THREADS=1 python benchmarks/topk_quality.py --out runs/topk-quality
-    python benchmarks/topk_quality.py --start "--kv-rank 64 --rope-dim 32" --tokens 1024 --eval "--tasks none --max-tokens 256"
+    python benchmarks/topk_quality.py --start "--kv-rank 64 --rope-dim 32" --tokens 1024 \
+        --eval "--tasks none --max-tokens 256"                                      # a quick look
 
 Three rows from one start (`ecomla convert SRC OUT` with --start's flags): the start itself, then end-to-end KD on
 --tokens tokens against the live teacher (all its log-probs), and the same against the teacher's top-k cached

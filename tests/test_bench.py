@@ -6,6 +6,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,7 +316,8 @@ def test_study_converts_distills_and_measures_variants_into_one_table_and_a_reco
     assert "| r8-kd |" in printed and printed.count("| r8") == 2 and (out / "table.md").is_file()
     rec = json.loads(record.read_text())
     assert set(rec) == {"command", "cpu", "commit", "date", "result"} and rec["result"] == rows
-    assert rec["command"].startswith("python benchmarks/study.py --out") and (out / "quality_vs_kv.png").stat().st_size > 0
+    assert rec["command"].startswith("python benchmarks/study.py --out")
+    assert (out / "quality_vs_kv.png").stat().st_size > 0
     # a rerun through the API makes nothing again; a changed flag is refused before any work
     logs = []
     again = study.run_study([study.Variant("r8", convert=["--kv-rank", "8", "--rope-dim", "8"]),
@@ -323,6 +325,19 @@ def test_study_converts_distills_and_measures_variants_into_one_table_and_a_reco
                                            distill=kd.split())], out, src=src, eval_flags=flags, log=logs.append)
     assert again == rows and all(line.startswith("[study] reuse") for line in logs), logs
     with pytest.raises(UserError, match="variant 'bad'"):
-        study.run_study([study.Variant("new", convert=["--kv-rank", "4"]), study.Variant("bad", convert=["--kv-rnk", "4"])],
-                        tmp_path / "refused", src=src, eval_flags=flags)
+        bad = [study.Variant("new", convert=["--kv-rank", "4"]), study.Variant("bad", convert=["--kv-rnk", "4"])]
+        study.run_study(bad, tmp_path / "refused", src=src, eval_flags=flags)
     assert not (tmp_path / "refused").exists()
+    with pytest.raises(UserError, match="exactly one of"):
+        study.Variant("both", convert=["--kv-rank", "4"], model=src)
+    calls = []  # a variant made by a callable (fit_ablation's FitChoice variants): built once, then reused
+
+    def build(folder: Path) -> None:
+        calls.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+
+    steps, model = study.plan(study.Variant("mine", build=build), src, tmp_path / "work")
+    study.run_steps(steps, log=logs.append)
+    study.run_steps(steps, log=logs.append)
+    assert calls == [tmp_path / "work" / "build-mine"] == [Path(model)] and logs[-1].startswith("[study] reuse build")
