@@ -17,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ecomla.common import UserError
 from ecomla.io import load_config
 from ecomla.mla.config import SourceShape
 
@@ -34,7 +35,10 @@ def main() -> None:
     p.add_argument("--rope-dim", type=int, default=32)
     p.add_argument("--distill", default=None, help="`ecomla distill` flags: each student also trained with them")
     a = p.parse_args()
-    shape = SourceShape.of(load_config(a.src)[0])
+    try:
+        shape = SourceShape.of(load_config(a.src)[0])
+    except UserError as err:
+        p.error(str(err))
     variants = [Variant("teacher", model=a.src)]
     for ratio in a.ratios.split(","):
         kv_rank = shape.kv_rank_for_ratio(float(ratio.removesuffix("x")), a.rope_dim)
