@@ -1,34 +1,30 @@
 """CPU decode benchmark: the 8x SmolLM2-135M student vs its GQA source, fp32, batch 8, context 4k, one run.
 
-    .venv/bin/python benchmarks/bench_decode_cpu.py                  # converts out/smollm2-8x if missing
-    .venv/bin/python benchmarks/bench_decode_cpu.py --threads 2 --out out/bench-cpu
+    python benchmarks/bench_decode_cpu.py                  # converts runs/smollm2-8x if missing
+    python benchmarks/bench_decode_cpu.py --threads 2 --repeats 7 --out runs/bench-cpu
 
-The student is `ecomla convert default out/smollm2-8x --kv-rank 16 --rope-dim 32` (16 + 32 = 48 cached
+The student is `ecomla convert default runs/smollm2-8x --kv-rank 16 --rope-dim 32` (16 + 32 = 48 cached
 elements per token per layer vs 2 * 3 * 64 = 384: 8x). Both models decode from a cache of `--context`
 tokens filled with random rows (a real prefill of 8 x 4k tokens takes minutes on a laptop CPU; decode
 cost does not depend on the cached values), then `--steps` real decode steps are timed (median).
 Prints the `ecomla bench` table and the ratio the issue targets: student tokens/s >= 2x the GQA source's,
 against each GQA baseline (transformers' default DynamicCache, StaticCache, and the fair preallocated,
-head-packed baseline of benchmarks/gqa_baselines.py as two GEMMs, `gqa-fair`, and through SDPA,
+head-packed baseline of ecomla/bench/gqa_fair.py as two GEMMs, `gqa-fair`, and through SDPA,
 `gqa-fair-sdpa`; which is faster depends on the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ecomla.bench.run import BenchArgs, bench
 from ecomla.convert.convert import ConvertArgs, convert
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a script: `benchmarks` importable
-from benchmarks import gqa_baselines
-
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--student", default="out/smollm2-8x", help="MLA checkpoint (converted here if missing)")
+    p.add_argument("--student", default="runs/smollm2-8x", help="MLA checkpoint (converted here if missing)")
     p.add_argument("--context", default="4k")
     p.add_argument("--batch", default="8")
     p.add_argument("--threads", type=int, default=2)
@@ -67,8 +63,7 @@ def run() -> None:
         convert(ConvertArgs(src="default", out=args.student, kv_rank=16, rope_dim=32))
     rows = bench(BenchArgs(model=args.student, contexts=args.context, batches=args.batch, runs=args.runs,
                            device="cpu", dtype="float32", fill="synthetic", warmup=args.warmup, steps=args.steps,
-                           repeats=args.repeats, threads=args.threads, out=args.out),
-                 extra_runs=gqa_baselines.register())
+                           repeats=args.repeats, threads=args.threads, out=args.out))
     print(summary(rows))
 
 

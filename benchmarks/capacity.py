@@ -1,7 +1,7 @@
 """Max batch at a memory budget, found by allocating for real rather than by dividing bytes.
 
     python benchmarks/capacity.py --shape llama-3.2-1b --kv-rank 64 --rope-dim 32 --contexts 8k \
-        --memory-budget-gb 40 --runs absorbed,gqa-fair,gqa-static --out out/capacity
+        --memory-budget-gb 40 --runs absorbed,gqa-fair,gqa-static --out runs/capacity
     python benchmarks/capacity.py --shape tiny --kv-rank 8 --rope-dim 8 --contexts 64 --memory-budget-gb 0.006
 
 Takes `ecomla bench`'s flags (--runs: the runs searched, default absorbed,gqa-fair) and measures through its
@@ -32,9 +32,6 @@ from ecomla.bench.run import BenchArgs, decode_opts, measure_subject, resolve_de
 from ecomla.bench.runs import RUNS, Run
 from ecomla.bench.subjects import subjects
 from ecomla.common import UserError
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a script: `benchmarks` importable
-from benchmarks import gqa_baselines
 
 MAX_BATCH_CAP = 1 << 16
 COLS = [("system", "system", None), ("run", "run", None), ("impl", "impl", None), ("context", "context", None),
@@ -135,7 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--memory-budget-gb", type=float, required=True, help="the memory budget of the search")
     ns = p.parse_args(argv)
     args = from_namespace(BenchArgs, ns, base={"runs": "absorbed,gqa-fair"})
-    runs = select_runs(args.runs, {**RUNS, **gqa_baselines.register()})
+    runs = select_runs(args.runs, RUNS)
     rows = max_batch_rows(args, runs, ns.memory_budget_gb)
     print(columns_table(rows, COLS))
     if args.out:

@@ -1,7 +1,7 @@
 """Which exact formulation of decode attention is fastest on CPU, and where a decode step's time goes.
 
-    .venv/bin/python benchmarks/cpu_formulations.py --threads 2
-    .venv/bin/python benchmarks/cpu_formulations.py --threads 2 --profile out/smollm2-8x
+    python benchmarks/cpu_formulations.py --threads 2
+    python benchmarks/cpu_formulations.py --threads 2 --profile runs/smollm2-8x
 
 Notation: B batch, S cached tokens, H query heads, G KV heads, d_h head dim, W = r_kv + d_rope.
 Default shape: SmolLM2-135M (H=9, G=3, d_h=64, 30 layers) with the 8x latent 16+32, B=8, S=4k, fp32.
@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from ecomla.bench.gqa_fair import packed_gqa_attention, packed_gqa_sdpa_attention
 from ecomla.kernels.mla_decode import mla_decode_torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also run as a script: `benchmarks` importable
-from benchmarks.gqa_baselines import packed_gqa_attention, packed_gqa_sdpa_attention
 
 
 def median_ms(fn, n: int) -> float:

@@ -1,6 +1,6 @@
 """A/B of the pre-multiplied decode weights: absorbed decode of one MLA model with and without the fold.
 
-    python benchmarks/decode_fold_ab.py --student /tmp/ecomla-smollm2-8x --threads 2 --repeats 5
+    python benchmarks/decode_fold_ab.py --student runs/smollm2-8x --threads 2 --repeats 5  # bench_decode_cpu's
 
 `model.prepare_for_decode()` folds W_UK into the query up-projection and W_UV into o_proj where r_kv is
 smaller than d_nope / d_v (ecomla/mla/decode.py); `fold=False` keeps the plain weights with the same kernel.

@@ -1,8 +1,9 @@
 """Training throughput on this machine: layer-wise alignment, end-to-end KD, KD from cached top-k teacher
 log-probs, and a plain cross-entropy step of the same student (the goal: KD >= 0.85x CE).
 
-    python benchmarks/distill_speed.py --student out/smollm2-4x      # a converted student; minutes on 2 cores
-    python benchmarks/distill_speed.py --student out/smollm2-4x --steps 6 --threads 2
+    ecomla convert default runs/smollm2-4x-fitted --kv-rank 64 --rope-dim 32 --init fitted
+    python benchmarks/distill_speed.py --student runs/smollm2-4x-fitted      # minutes on 2 cores
+    python benchmarks/distill_speed.py --student runs/smollm2-4x-fitted --steps 6 --threads 2
 
 Each configuration runs `ecomla distill` in-process for warmup + steps optimizer steps (batch 4 x 256 tokens,
 --precision, all parameters trainable unless the row says otherwise) and reports the median tokens/s of the timed
@@ -37,7 +38,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--precision", default="bf16", help="bf16, fp32 or auto (one per process: accelerate's rule)")
+    p.add_argument("--precision", default="auto", help="bf16, fp32 or auto (one per process: accelerate's rule)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"a subset of {', '.join(CONFIGS)}")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

@@ -1,7 +1,7 @@
 """Two facts behind the fitted init's choices, per layer of the default model:
 
-    python benchmarks/fit_inspect.py \
-        --models runs/zero-token-fitted/models/4x-fitted,runs/zero-token-fitted2/models/4x-fitted
+    ecomla convert default runs/smollm2-4x-fitted --kv-rank 64 --rope-dim 32 --init fitted
+    python benchmarks/fit_inspect.py --models runs/smollm2-4x-fitted
 
 1. the share of each layer's key energy (E||W_K x||^2 over the calibration tokens) that is the mean key W_K E[x],
    a component shared by every token that softmax ignores (why `fit.split_mean` exists);

@@ -1,7 +1,8 @@
 """How steady is a latent's rms per token, before and after the change of latent basis of ecomla/convert/norms.py,
 with and without its condition-number clip?
 
-    python benchmarks/latent_norm_basis.py runs/zero-token-fitted2/models/4x-fitted --layers 3,12,24
+    ecomla convert default runs/smollm2-4x-fitted --kv-rank 64 --rope-dim 32 --init fitted
+    python benchmarks/latent_norm_basis.py runs/smollm2-4x-fitted --layers 3,12,24
 
 Reads a norm-free ecomla checkpoint, records each chosen layer's KV latent on calibration tokens (the train split,
 as `ecomla convert` does), and prints the coefficient of variation of rms(c) per token: raw, after

@@ -99,7 +99,7 @@ def assert_refused(argv: list[str], capsys, monkeypatch, says: str, roots: tuple
     assert len(errors) == 1 and "Traceback" not in err, err
     assert re.search(says, errors[0]), errors[0]
     assert snapshot(*roots) == before, "a refused command changed files"
-    if os.environ.get("ECOMLA_REFUSALS"):  # benchmarks/refusal_table.py collects the messages for the docs
+    if os.environ.get("ECOMLA_REFUSALS"):  # tools/refusal_table.py collects the messages for the docs
         import json
 
         with open(os.environ["ECOMLA_REFUSALS"], "a") as f:

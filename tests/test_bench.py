@@ -1,19 +1,20 @@
 """`ecomla bench`: rows and their fields, cache bytes vs the formula, the caches each run decodes with
-(absorbed == decompressed == full forward; the fair GQA baselines of benchmarks/ == transformers' caches), the
-max-batch search (benchmarks/capacity.py), the attention rows (benchmarks/layer_attention.py) and the user
-errors."""
+(absorbed == decompressed == full forward; the fair GQA baselines == transformers' caches), the max-batch search
+(benchmarks/capacity.py), the attention rows (benchmarks/gpu_decode.py), the user errors; and the study runner
+(benchmarks/study.py)."""
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
-from benchmarks import capacity, gqa_baselines
-from benchmarks.gqa_baselines import PreallocKVLayer, packed_gqa_attention, packed_gqa_sdpa_attention
+from benchmarks import capacity
 from ecomla.bench.decode import DecodeOpts, time_decode, weight_bytes_read
+from ecomla.bench.gqa_fair import PreallocKVLayer, packed_gqa_attention, packed_gqa_sdpa_attention
 from ecomla.bench.run import BenchArgs, bench
 from ecomla.bench.runs import RUNS, attention_implementation, fill_synthetic, prepare
 from ecomla.bench.shapes import mla_config, parse_sizes, shape_config, synthetic_model
@@ -23,7 +24,7 @@ from ecomla.mla.cache import cache_stats
 
 REQUIRED = {"model", "batch", "context", "tokens_per_s", "cache_bytes_per_token", "peak_memory_bytes", "path"}
 TINY = dict(shape="tiny", kv_rank=8, rope_dim=8, warmup=1, steps=2, threads=1)
-FAIR = gqa_baselines.register()
+FAIR = {name: RUNS[name] for name in ("gqa-fair", "gqa-fair-sdpa")}
 
 
 def tiny_models(dtype=torch.float32):
@@ -32,9 +33,11 @@ def tiny_models(dtype=torch.float32):
     return mla, synthetic_model(src, dtype, "cpu", 0), mla.config.mla_spec(0)
 
 
-def test_importing_the_baselines_leaves_transformers_alone():
-    code = ("import benchmarks.gqa_baselines as g; from transformers import AttentionInterface as A; "
-            "assert g.PACKED_GQA not in A._global_mapping; g.register(); assert g.PACKED_GQA in A._global_mapping")
+def test_the_fair_baselines_reach_transformers_only_when_a_run_uses_them():
+    code = ("from ecomla.bench.run import BenchArgs, bench; import ecomla.bench.gqa_fair as g; "
+            "from transformers import AttentionInterface as A; assert g.PACKED_GQA not in A._global_mapping; "
+            "bench(BenchArgs(shape='tiny', kv_rank=8, rope_dim=8, contexts='8', batches='1', warmup=0, steps=1, "
+            "runs='gqa-fair', threads=1)); assert g.PACKED_GQA in A._global_mapping")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -42,7 +45,7 @@ def test_importing_the_baselines_leaves_transformers_alone():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_synthetic_shape_rows_and_cache_bytes_equal_formula(dtype, tmp_path, capsys):
     rows = bench(BenchArgs(**TINY, contexts="16,40", batches="1,3", dtype=dtype, json=True, out=str(tmp_path),
-                           runs="absorbed,decompressed,gqa-dynamic,gqa-static,gqa-fair"), extra_runs=FAIR)
+                           runs="absorbed,decompressed,gqa-dynamic,gqa-static,gqa-fair"))
     printed = json.loads(capsys.readouterr().out)
     assert [r["tokens_per_s"] for r in printed] == [r["tokens_per_s"] for r in rows]
     runs = {r["run"] for r in rows}
@@ -205,8 +208,6 @@ def test_user_errors(llama_dir):
         BenchArgs(shape="tiny", q_rank="half")
     with pytest.raises(UserError, match="unknown run"):
         bench(BenchArgs(shape="tiny", runs="absorbed,fast"))
-    with pytest.raises(UserError, match="unknown run"):
-        bench(BenchArgs(shape="tiny", runs="gqa-fair"))  # a benchmark's run, unknown without its extra_runs
     with pytest.raises(UserError, match="rope-dim"):
         bench(BenchArgs(shape="tiny", rope_dim=32))  # larger than the tiny head dim 16
     with pytest.raises(UserError, match="kv-rank"):
@@ -228,7 +229,7 @@ def test_cli_prints_json_rows(capsys):
 
 
 def test_attention_microbench_rows_on_cpu():
-    from benchmarks.layer_attention import attention_rows, attention_table
+    from benchmarks.gpu_decode import attention_rows, attention_table
 
     rows = attention_rows(batch=2, context=64, heads=9, latents=[(48, 24)], kv_heads=3, head_dim=64,
                           dtype=torch.float32, device="cpu", copy_gbps=10.0, iters=2)
@@ -275,7 +276,7 @@ def test_speedup_with_repeats_is_the_median_paired_ratio():
 
 
 def test_bench_with_repeats_reports_one_row_per_setting(capsys):
-    rows = bench(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair", repeats=3), extra_runs=FAIR)
+    rows = bench(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair", repeats=3))
     assert [(r["run"], r["repeats"], len(r["step_ms_repeats"])) for r in rows] == [("absorbed", 3, 3), ("gqa-fair", 3, 3)]
     for r in rows:
         assert round(r["step_ms"], 3) == sorted(r["step_ms_repeats"])[1]
@@ -285,9 +286,58 @@ def test_bench_with_repeats_reports_one_row_per_setting(capsys):
 
 
 def test_both_fair_gqa_runs_report_their_formulation():
-    rows = gqa_baselines.main(["--shape", "tiny", "--kv-rank", "8", "--rope-dim", "8", "--warmup", "1", "--steps", "2",
-                               "--contexts", "16", "--batches", "2", "--runs", "absorbed,gqa-fair,gqa-fair-sdpa"])
+    rows = bench(BenchArgs(**TINY, contexts="16", batches="2", runs="absorbed,gqa-fair,gqa-fair-sdpa"))
     assert {r["run"]: r["impl"] for r in rows} == {
         "absorbed": "torch-gemm", "gqa-fair": "packed-gqa-gemm", "gqa-fair-sdpa": "packed-gqa-sdpa"}
     mla = next(r for r in rows if r["run"] == "absorbed")
     assert "speedup_vs_gqa-fair" in mla and "speedup_vs_gqa-fair-sdpa" in mla
+
+
+def test_study_converts_distills_and_measures_variants_into_one_table_and_a_record(llama_dir, tmp_path, capsys):
+    from benchmarks import study
+    from tests.helpers import WORDS
+    from tests.test_data_eval import chat_rows
+
+    chat, text = tmp_path / "chat.jsonl", tmp_path / "text.txt"
+    chat.write_text("\n".join(json.dumps(r) for r in chat_rows(200)))
+    text.write_text("\n\n".join([" ".join(WORDS)] * 30))
+    flags = f"--tasks none --data {chat} --text {text} --max-tokens 64 --seq-len 16"
+    kd = f"--stage kd --max-tokens 64 --seq-len 16 --batch-size 2 --data {chat} --precision fp32 --no-compile-loss"
+    out, record, src = tmp_path / "study", tmp_path / "record.json", str(llama_dir)
+    study.main(["--out", str(out), "--src", src, "--eval", flags, "--record", str(record),
+                "--variant", "r8", "--kv-rank 8 --rope-dim 8", "--variant", "r8-kd", "--kv-rank 8 --rope-dim 8", kd])
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["r8", "r8-kd"]
+    assert rows[0]["kl_to_teacher"] > 0 and rows[0]["kv_bytes_per_token"] == 3 * (8 + 8) * 4  # L (r_kv + d_rope) fp32
+    assert rows[0]["convert"] == "--kv-rank 8 --rope-dim 8" and rows[1]["distill"] == kd
+    assert rows[1]["path"] != rows[0]["path"] and rows[1]["kl_to_teacher"] != rows[0]["kl_to_teacher"]
+    assert len(list((out / "models").glob("convert-*"))) == 1  # r8 and r8-kd share their conversion
+    printed = capsys.readouterr().out
+    assert "| r8-kd |" in printed and printed.count("| r8") == 2 and (out / "table.md").is_file()
+    rec = json.loads(record.read_text())
+    assert set(rec) == {"command", "cpu", "commit", "date", "result"} and rec["result"] == rows
+    assert rec["command"].startswith("python benchmarks/study.py --out")
+    assert (out / "quality_vs_kv.png").stat().st_size > 0
+    # a rerun through the API makes nothing again; a changed flag is refused before any work
+    logs = []
+    again = study.run_study([study.Variant("r8", convert=["--kv-rank", "8", "--rope-dim", "8"]),
+                             study.Variant("r8-kd", convert=["--kv-rank", "8", "--rope-dim", "8"],
+                                           distill=kd.split())], out, src=src, eval_flags=flags, log=logs.append)
+    assert again == rows and all(line.startswith("[study] reuse") for line in logs), logs
+    with pytest.raises(UserError, match="variant 'bad'"):
+        bad = [study.Variant("new", convert=["--kv-rank", "4"]), study.Variant("bad", convert=["--kv-rnk", "4"])]
+        study.run_study(bad, tmp_path / "refused", src=src, eval_flags=flags)
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(UserError, match="exactly one of"):
+        study.Variant("both", convert=["--kv-rank", "4"], model=src)
+    calls = []  # a variant made by a callable (fit_ablation's FitChoice variants): built once, then reused
+
+    def build(folder: Path) -> None:
+        calls.append(folder)
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+
+    steps, model = study.plan(study.Variant("mine", build=build), src, tmp_path / "work")
+    study.run_steps(steps, log=logs.append)
+    study.run_steps(steps, log=logs.append)
+    assert calls == [tmp_path / "work" / "build-mine"] == [Path(model)] and logs[-1].startswith("[study] reuse build")

@@ -129,3 +129,44 @@ def test_imports_inside_functions_are_only_the_slow_or_optional_libraries():
     triton_module = ("ecomla.kernels.mla_decode", ".triton_mla")  # imports triton
     bad = [(m, n) for m, n in local if not n.startswith(LAZY) and (m, n) != triton_module]
     assert not bad, f"move these imports to the top of their module: {bad}"
+
+
+OUTSIDE = ("benchmarks", "tools", "tests")  # scripts and tests import ecomla, never the other way round
+
+
+def outside_imports(path: Path) -> set[str]:
+    """The modules of benchmarks/, tools/ or tests/ a file imports (module-level or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] in OUTSIDE}
+        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in OUTSIDE:
+            found.add(node.module)
+    return found
+
+
+def test_ecomla_never_imports_benchmarks_tools_or_tests(tmp_path):
+    bad = {mod: outside_imports(path) for mod, path in MODULES.items() if outside_imports(path)}
+    assert not bad, f"ecomla imports scripts or tests: {bad}"
+    probe = tmp_path / "probe.py"  # the check sees both forms, at module level and inside a function
+    probe.write_text("import benchmarks.study\nimport ecomla.io\ndef f():\n    from tools.record import write_record\n")
+    assert outside_imports(probe) == {"benchmarks.study", "tools.record"}
+
+
+def test_benchmarks_and_tools_are_scripts_that_open_with_their_usage():
+    """benchmarks/ holds scripts that print measurements, tools/ developer tools: each one runnable, its docstring
+    (or, for a shell script, its header comment) showing the command that runs it."""
+    scripts = [p for folder in ("benchmarks", "tools") for p in sorted((ROOT / folder).glob("*"))
+               if p.suffix in (".py", ".sh") and p.name != "__init__.py"]
+    assert len(scripts) > 10
+    for p in scripts:
+        rel = p.relative_to(ROOT).as_posix()
+        text = p.read_text()
+        if p.suffix == ".sh":
+            head = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+            assert f"bash {rel}" in head, f"{rel}: no usage line (`bash {rel} ...`) in its header comment"
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        assert re.search(rf"^\s*(\S+=\S+ )*python {re.escape(rel)}\b", doc, re.M), \
+            f"{rel}: its docstring shows no usage line (`python {rel} ...`)"
+        assert 'if __name__ == "__main__":' in text, f"{rel} is not a script"

@@ -323,4 +323,4 @@ def test_every_refusal_case_is_in_the_reliability_doc():
     ids = [p.id for p in CASES + test_bad_inputs.CASES]
     assert len(ids) == len(set(ids)) and len(ids) >= 80
     missing = [i for i in ids if f"| `{i}` |" not in doc]
-    assert not missing, f"docs/RELIABILITY.md lacks {missing}: rerun benchmarks/refusal_table.py"
+    assert not missing, f"docs/RELIABILITY.md lacks {missing}: rerun tools/refusal_table.py"

@@ -7,9 +7,9 @@
 
 For every run x context x batch: decode tokens/s, step latency, prefill time (when the cache is filled by
 a real prefill), peak memory, cache bytes per token read from the live cache, and GB/s achieved vs the
-measured copy bandwidth. Runs: runs.py. `--json` prints the rows; `--out DIR` writes report.md, results.json
-and tokens_per_s.png. A benchmark times more runs through the same code with `bench(args, extra_runs)`
-(benchmarks/gqa_baselines.py: the fair GQA baselines; benchmarks/capacity.py: the max batch at a memory budget).
+measured copy bandwidth. Runs: runs.py (the fair GQA baselines: gqa_fair.py). `--json` prints the rows; `--out DIR`
+writes report.md, results.json and tokens_per_s.png. benchmarks/capacity.py measures the max batch at a memory
+budget through the same core.
 """
 
 from __future__ import annotations
@@ -176,16 +176,15 @@ def median_of_repeats(rows: list[dict]) -> list[dict]:
     return merged
 
 
-def bench(args: BenchArgs, extra_runs: dict[str, Run] | None = None) -> list[dict]:
-    """Time every run of `args.runs` (the core RUNS, or a name of `extra_runs`) on the MLA model and its GQA
-    baseline, `args.repeats` times alternating; print the table (or JSON) and return the rows. --out is taken
-    (reruns reuse their own) before anything is measured."""
+def bench(args: BenchArgs) -> list[dict]:
+    """Time every run of `args.runs` on the MLA model and its GQA baseline, `args.repeats` times alternating; print
+    the table (or JSON) and return the rows. --out is taken (reruns reuse their own) before anything is measured."""
     with run_dir(args.out, "bench", [args.model, args.baseline], continues=True) if args.out else nullcontext():
-        return _bench(args, extra_runs)
+        return _bench(args)
 
 
-def _bench(args: BenchArgs, extra_runs: dict[str, Run] | None) -> list[dict]:
-    runs = select_runs(args.runs, {**RUNS, **(extra_runs or {})})
+def _bench(args: BenchArgs) -> list[dict]:
+    runs = select_runs(args.runs, RUNS)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args)

@@ -9,8 +9,9 @@ Core runs (row fields `path` / `impl`):
 - decompressed: the unprepared MLA model, K/V up-projected from the latent every step.
 - gqa-dynamic: transformers' default, `DynamicCache` (K/V concatenated every step), SDPA attention.
 - gqa-static: transformers' `StaticCache` (in place; decode attends over the whole buffer with a mask).
-Kept GQA layers of a hybrid MLA model use transformers' DynamicLayer in the MLA runs. More runs (e.g. the fair
-GQA baselines of benchmarks/gqa_baselines.py) are passed to `ecomla.bench.run.bench(args, extra_runs)`.
+- gqa-fair, gqa-fair-sdpa: the fair GQA baselines (gqa_fair.py): K/V preallocated and written in place, query heads
+  of a KV group packed as rows (two GEMMs on CPU float32, SDPA elsewhere; `-sdpa`: SDPA everywhere).
+Kept GQA layers of a hybrid MLA model use transformers' DynamicLayer in the MLA runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCa
 
 from ..mla.cache import LatentCacheLayer, reserve_latent
 from ..mla.config import SourceShape
+from . import gqa_fair
 
 # (model, batch, max_len, dtype, device) -> an empty cache with room for max_len tokens per sequence
 CacheFactory = Callable[[torch.nn.Module, int, int, torch.dtype, torch.device], Cache]
@@ -58,6 +60,10 @@ RUNS = {r.name: r for r in (
     Run("gqa-dynamic", "gqa", lambda model, *_: DynamicCache(config=model.config), impl="hf-dynamic"),
     Run("gqa-static", "gqa", lambda model, batch, max_len, *_: StaticCache(config=model.config, max_cache_len=max_len),
         impl="hf-static"),
+    Run("gqa-fair", "gqa", gqa_fair.prealloc_cache, attn_implementation=gqa_fair.PACKED_GQA,
+        impl=lambda device, dtype: "packed-gqa-gemm" if gqa_fair.uses_gemm(device, dtype) else "packed-gqa-sdpa"),
+    Run("gqa-fair-sdpa", "gqa", gqa_fair.prealloc_cache, attn_implementation=gqa_fair.PACKED_GQA_SDPA,
+        impl="packed-gqa-sdpa"),
 )}
 
 
@@ -77,6 +83,8 @@ def attention_implementation(model, name: str | None):
     if name is None:
         yield
         return
+    if name in gqa_fair.FUNCTIONS:
+        gqa_fair.register()
     before = model.config._attn_implementation
     model.set_attn_implementation(name)
     try:

@@ -1,7 +1,7 @@
 """Decode speed of two checkouts of ecomla, paired: did a change (a refactor) move the absorbed decode step?
 
     git worktree add /tmp/ecomla-before <rev>
-    python benchmarks/decode_ab_checkouts.py --old /tmp/ecomla-before --new . --student /tmp/ecomla-smollm2-8x
+    python tools/decode_ab_checkouts.py --old /tmp/ecomla-before --new . --student /tmp/ecomla-smollm2-8x
 
 Runs `benchmarks/bench_decode_cpu.py --runs absorbed,gqa-static --repeats 1` of each checkout in turn, in the
 order old new new old old new ... (so drift hits both equally), each in a fresh process with that checkout on

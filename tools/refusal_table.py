@@ -1,6 +1,6 @@
 """The bad-input table of docs/RELIABILITY.md: run the parametrised refusal tests and print each case's message.
 
-    python benchmarks/refusal_table.py > /tmp/table.md
+    python tools/refusal_table.py > /tmp/table.md
 
 Runs `pytest tests/test_bad_inputs.py tests/test_outputs.py` with ECOMLA_REFUSALS set, so `assert_refused`
 (tests/helpers.py) logs the one line each bad input got; temporary paths are shown relative to pytest's folder.

@@ -1,12 +1,6 @@
 """The fair GQA decode baselines (runs `gqa-fair`, `gqa-fair-sdpa`): the care the MLA path gets, given to the source.
 
-    python benchmarks/gqa_baselines.py out/smollm2-8x --contexts 4k --batches 8 --runs absorbed,gqa-fair,gqa-static
-
-    from benchmarks import gqa_baselines
-    fair = gqa_baselines.register()  # the packed attention functions, into transformers' AttentionInterface
-    rows = bench(BenchArgs(..., runs="absorbed,gqa-fair"), extra_runs=fair)
-
-As a script it is `ecomla bench` (same flags) with these runs known; --runs defaults to the core runs + gqa-fair.
+    ecomla bench out/smollm2-8x --contexts 4k --batches 8 --runs absorbed,gqa-fair,gqa-fair-sdpa,gqa-static
 
 Notation: B batch, T new tokens, S cached tokens, H query heads, G KV heads, n_rep = H / G, d_h head dim.
 
@@ -20,22 +14,16 @@ Notation: B batch, T new tokens, S cached tokens, H query heads, G KV heads, n_r
   (docs/BENCH.md), so `gqa-fair-sdpa` keeps the packed layout with SDPA on every device.
   Prefill (T > 1, empty cache) is causal SDPA with enable_gqa. Batches must be unpadded: transformers
   builds no mask for a custom attention function.
+The attention functions reach transformers' AttentionInterface through `register()`, which the bench calls when
+a run uses them (`runs.attention_implementation`), never at import.
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
-
-from ecomla.args import add_dataclass_args, from_namespace
-from ecomla.bench.run import DEFAULT_RUNS, BenchArgs, bench
-from ecomla.bench.runs import Run
-from ecomla.common import UserError
 
 PACKED_GQA = "ecomla_packed_gqa"
 PACKED_GQA_SDPA = "ecomla_packed_gqa_sdpa"
@@ -114,30 +102,10 @@ def _packed(query, key, value, scaling, gemm: bool):
     return out.reshape(B, H, 1, d).transpose(1, 2), None  # [B, 1, H, d_h]
 
 
-RUNS = {r.name: r for r in (
-    Run("gqa-fair", "gqa", prealloc_cache, attn_implementation=PACKED_GQA,
-        impl=lambda device, dtype: "packed-gqa-gemm" if uses_gemm(device, dtype) else "packed-gqa-sdpa"),
-    Run("gqa-fair-sdpa", "gqa", prealloc_cache, attn_implementation=PACKED_GQA_SDPA, impl="packed-gqa-sdpa"),
-)}
+FUNCTIONS = {PACKED_GQA: packed_gqa_attention, PACKED_GQA_SDPA: packed_gqa_sdpa_attention}
 
 
-def register() -> dict[str, Run]:
-    """Make the packed attention functions known to transformers (what `set_attn_implementation` looks up);
-    returns the runs that use them, for `bench(args, extra_runs=...)`."""
-    AttentionInterface.register(PACKED_GQA, packed_gqa_attention)
-    AttentionInterface.register(PACKED_GQA_SDPA, packed_gqa_sdpa_attention)
-    return RUNS
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description="ecomla bench with the fair GQA baselines (gqa-fair, gqa-fair-sdpa)")
-    add_dataclass_args(p, BenchArgs)
-    args = from_namespace(BenchArgs, p.parse_args(argv), base={"runs": DEFAULT_RUNS + ",gqa-fair"})
-    return bench(args, extra_runs=register())
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        sys.exit(f"gqa_baselines.py: error: {err}")
+def register() -> None:
+    """Make the packed attention functions known to transformers (what `set_attn_implementation` looks up)."""
+    for name, fn in FUNCTIONS.items():
+        AttentionInterface.register(name, fn)
