@@ -47,17 +47,16 @@ BENCH_RUNS = "absorbed,gqa-dynamic,gqa-static"  # the MLA decode path vs transfo
 class DemoArgs:
     out: str = arg("output folder; rerunning with the same settings continues an interrupted run",
                    default="runs/demo")
-    ratio: str = arg("KV-cache compression: 2x, 4x or 8x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
-    budget_minutes: float = arg("minutes for the training stages (layer-wise alignment + end-to-end KD)",
+    ratio: str = arg("KV-cache compression above 1, written like 4x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
+    budget_minutes: float = arg("training minutes: end-to-end KD, after layer-wise alignment when --ild-tokens > 0",
                                 default=12.0)
-    init: str = arg("conversion init (see `ecomla convert --help`; why fitted: docs/RESULTS.md section 4)",
-                    default="fitted")
+    init: str = arg("conversion init (see `ecomla convert --help`; why fitted: docs/RESULTS.md)", default="fitted")
     model: str = arg("source model", default="default")
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
     text: str = arg("plain text for the text perplexity ('boolq', 'lambada' or a file)", default="boolq")
     rope_dim: int = arg("d_rope", default=32)
     ild_tokens: int = arg("tokens for layer-wise alignment before KD (0: KD only, which keeps the fitted start; "
-                          "docs/RESULTS.md section 4)", default=0)
+                          "docs/RESULTS.md)", default=0)
     seq_len: int = arg("training block length", default=256)
     batch_size: int = arg("training blocks per step", default=4)
     tasks: str = arg("lm-eval tasks ('all' = the paper's 7 available offline, 'none')", default="all")

@@ -72,6 +72,20 @@ def test_a_stage_is_reused_when_its_manifest_says_finished(tmp_path, monkeypatch
         d.lock.release()
 
 
+def test_stage_help_says_what_the_stage_does_today(capsys):
+    from ecomla.cli import COMMANDS, main
+    from ecomla.demo import DemoArgs
+
+    assert "SVD init" not in COMMANDS["convert"].help and "--init" in COMMANDS["convert"].help  # several inits
+    assert DemoArgs(ratio="3x").compression == 3.0  # so --ratio's help may not offer only 2x, 4x and 8x
+    try:
+        main(["demo", "--help"])
+    except SystemExit:
+        pass
+    text = " ".join(capsys.readouterr().out.split())
+    assert "2x, 4x or 8x" not in text and "after layer-wise alignment when --ild-tokens > 0" in text  # default: 0
+
+
 def test_recorded_commands_rebuild_the_arguments_the_demo_ran_with():
     """`command_line` (what the demo's report prints) parsed by the CLI gives back the same arguments."""
     import shlex
