@@ -41,7 +41,7 @@ class Command:
 
 COMMANDS = {
     "assets": Command(AssetsArgs, fetch_assets, "fetch / verify the offline default model and data"),
-    "convert": Command(ConvertArgs, convert, "GQA checkpoint -> MLA checkpoint (SVD init)"),
+    "convert": Command(ConvertArgs, convert, "GQA checkpoint -> MLA checkpoint (initialised as --init says)"),
     "info": Command(InfoArgs, info, "KV-cache accounting of a checkpoint"),
     "distill": Command(DistillArgs, distill, "stage 1: layer-wise alignment + end-to-end KD"),
     "dpo": Command(DPOArgs, run_dpo, "stage 2: DPO with TRL"),

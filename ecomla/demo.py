@@ -37,7 +37,7 @@ from .eval.tasks import parse_limit, parse_tasks
 from .generate.generate import GenerateArgs, generate, prepared
 from .io import load_config, load_model, load_tokenizer, resolve
 from .mla import SourceShape
-from .outputs import claim_run, started
+from .outputs import claim_run, finished, started, temp_path
 
 PROMPTS = ["What is the capital of France?", "Give me two tips for staying focused while studying."]
 BENCH_RUNS = "absorbed,gqa-dynamic,gqa-static"  # the MLA decode path vs transformers' two GQA caches
@@ -47,17 +47,16 @@ BENCH_RUNS = "absorbed,gqa-dynamic,gqa-static"  # the MLA decode path vs transfo
 class DemoArgs:
     out: str = arg("output folder; rerunning with the same settings continues an interrupted run",
                    default="runs/demo")
-    ratio: str = arg("KV-cache compression: 2x, 4x or 8x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
-    budget_minutes: float = arg("minutes for the training stages (layer-wise alignment + end-to-end KD)",
+    ratio: str = arg("KV-cache compression above 1, written like 4x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
+    budget_minutes: float = arg("training minutes: end-to-end KD, after layer-wise alignment when --ild-tokens > 0",
                                 default=12.0)
-    init: str = arg("conversion init (see `ecomla convert --help`; why fitted: docs/RESULTS.md section 4)",
-                    default="fitted")
+    init: str = arg("conversion init (see `ecomla convert --help`; why fitted: docs/RESULTS.md)", default="fitted")
     model: str = arg("source model", default="default")
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
     text: str = arg("plain text for the text perplexity ('boolq', 'lambada' or a file)", default="boolq")
     rope_dim: int = arg("d_rope", default=32)
     ild_tokens: int = arg("tokens for layer-wise alignment before KD (0: KD only, which keeps the fitted start; "
-                          "docs/RESULTS.md section 4)", default=0)
+                          "docs/RESULTS.md)", default=0)
     seq_len: int = arg("training block length", default=256)
     batch_size: int = arg("training blocks per step", default=4)
     tasks: str = arg("lm-eval tasks ('all' = the paper's 7 available offline, 'none')", default="all")
@@ -127,7 +126,7 @@ class Demo:
         return json.loads(p.read_text()) if p.is_file() else None
 
     def _save(self, name, obj):
-        tmp = self.out / (name + ".tmp")
+        tmp = temp_path(self.out / name)
         tmp.write_text(json.dumps(obj, indent=2))
         tmp.replace(self.out / name)
 
@@ -161,19 +160,19 @@ class Demo:
         args = ConvertArgs(src=self.a.model, out=str(folder), kv_rank=r_kv, rope_dim=self.a.rope_dim, init=self.a.init,
                            calib_data=self.a.data, calib_seqs=self.a.calib_seqs, calib_len=min(256, self.a.seq_len),
                            overwrite=True)
-        if self.announce("convert", args, done=(folder / "ecomla_convert.json").is_file(), folder=folder):
+        if self.announce("convert", args, done=finished(folder, "convert"), folder=folder):
             convert(args, log=self.log)
         return folder
 
     def distill(self, student: Path) -> Path:
         folder = self.out / "student-kd"
+        done = finished(folder, "distill")
         max_tokens = int(self.a.budget_minutes * 60 * 200)  # the LR schedule assumes ~200 tok/s; time stops it
         args = DistillArgs(student=str(student), teacher="source", data=self.a.data, out=str(folder),
                            stage="both", ild_tokens=self.a.ild_tokens, max_tokens=max_tokens,
                            max_minutes=self.a.budget_minutes, seq_len=self.a.seq_len, batch_size=self.a.batch_size,
-                           eval_tokens=0, save_every=20,
-                           resume=started(folder) and not (folder / "ecomla_train.json").is_file())
-        if self.announce("distill", args, done=(folder / "ecomla_train.json").is_file(), folder=folder):
+                           eval_tokens=0, save_every=20, resume=started(folder) and not done)
+        if self.announce("distill", args, done=done, folder=folder):
             distill(args)
         return folder
 
@@ -181,9 +180,10 @@ class Demo:
         if not self.a.dpo:
             return None
         folder = self.out / "student-dpo"
+        done = finished(folder, "dpo")
         args = cpu_args(str(student), str(folder), max_minutes=self.a.dpo_minutes, chat_data=self.a.data,
-                        pairs=self.a.dpo_pairs, resume=started(folder) and not (folder / "ecomla_dpo.json").is_file())
-        if self.announce("dpo", args, done=(folder / "ecomla_dpo.json").is_file(), folder=folder):
+                        pairs=self.a.dpo_pairs, resume=started(folder) and not done)
+        if self.announce("dpo", args, done=done, folder=folder):
             run_dpo(args, log=self.log)
         return folder
 
@@ -196,9 +196,9 @@ class Demo:
         args = EvalArgs(models=paths, names=names, teacher=self.a.model, tasks=self.a.tasks, limit=limit,
                         max_tokens=self.a.eval_tokens, data=self.a.data, text=self.a.text, tasks_for=trained,
                         out=str(folder))
-        res = self._load("eval/results.json")
-        done = bool(res) and [m["name"] for m in res["models"]][1:] == list(models)
-        return evaluate(args, log=self.log) if self.announce("eval", args, done, folder / "results.json") else res
+        done = finished(folder, "eval")  # the demo's settings fix its models: a finished eval has them all
+        return evaluate(args, log=self.log) if self.announce("eval", args, done, folder / "results.json") else \
+            self._load("eval/results.json")
 
     def chat(self, models: dict[str, str]) -> dict:
         cached = self._load("chat.json")
@@ -220,8 +220,8 @@ class Demo:
         folder = self.out / "bench"
         args = BenchArgs(model=str(student), contexts=self.a.bench_contexts, batches=str(self.a.bench_batch),
                          runs=BENCH_RUNS, steps=6, warmup=2, out=str(folder))
-        cached = self._load("bench/results.json")
-        return bench(args) if self.announce("bench", args, bool(cached), folder) else cached["rows"]
+        done = finished(folder, "bench")
+        return bench(args) if self.announce("bench", args, done, folder) else self._load("bench/results.json")["rows"]
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> dict:

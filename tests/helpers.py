@@ -64,23 +64,24 @@ def make_source(family: str, out: Path, seed: int = 0, **kw) -> Path:
     return Path(out)
 
 
-def snapshot(*roots: Path) -> dict[str, str]:
-    """{path: sha256 of its bytes (or '<dir>')} of everything under `roots`: pre-existing files must come out of
-    a refused command byte-identical, and nothing may appear or vanish."""
+def snapshot(*roots: Path) -> dict[str, str | tuple]:
+    """{path: '<dir>' or (sha256 of its bytes, mtime in ns)} of everything under `roots`, hidden files (the run
+    lock) included: pre-existing files must come out of a refused command byte-identical and unwritten (a rewrite
+    with the same bytes moves the mtime), and nothing may appear or vanish."""
     import hashlib
 
     out = {}
     for root in roots:
         root = Path(root)
         for p in [root, *sorted(root.rglob("*"))] if root.exists() else []:
-            out[str(p)] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            out[str(p)] = "<dir>" if p.is_dir() else (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
     return out
 
 
 def assert_refused(argv: list[str], capsys, monkeypatch, says: str, roots: tuple = ()) -> str:
     """`ecomla ARGV` is a user error: exit 2, one line `ecomla STAGE: error: ...` matching the regex `says` on
-    stderr, no traceback, no model forward pass before the refusal (heavy compute), every file under `roots`
-    unchanged. Returns the message."""
+    stderr, no traceback, no model forward pass before the refusal (heavy compute), every file and folder under
+    `roots` unchanged in bytes and mtime (`snapshot`), the run lock included. Returns the message."""
     import re
 
     from ecomla.cli import main
@@ -98,7 +99,9 @@ def assert_refused(argv: list[str], capsys, monkeypatch, says: str, roots: tuple
     assert rc == 2, f"exit {rc}, stderr:\n{err}"
     assert len(errors) == 1 and "Traceback" not in err, err
     assert re.search(says, errors[0]), errors[0]
-    assert snapshot(*roots) == before, "a refused command changed files"
+    after = snapshot(*roots)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a refused command changed {changed}"
     if os.environ.get("ECOMLA_REFUSALS"):  # tools/refusal_table.py collects the messages for the docs
         import json
 

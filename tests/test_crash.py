@@ -22,6 +22,7 @@ CHILD = r"""
 import json, os, signal, sys
 from ecomla.distill import DistillArgs, Trainer
 import ecomla.distill.trainer as T
+import ecomla.outputs as O
 
 moment, args = sys.argv[1], DistillArgs(**json.loads(sys.argv[2]))
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -46,12 +47,12 @@ if moment == "ild-step":        # step 1 of 2 ILD steps, before any checkpoint
     wrap(Trainer, "ild_step", before=lambda n, self, step: step == 1)
 elif moment == "kd-step":       # step 7, one step after the step-6 checkpoint
     wrap(Trainer, "kd_step", before=lambda n, self, step: step == 7)
-elif moment == "mid-checkpoint":  # accelerate wrote step 6's state into step-0000006.tmp, not yet renamed
-    wrap(T.Accelerator, "save_state", after=lambda n, self, path: path.endswith("step-0000006.tmp"))
+elif moment == "mid-checkpoint":  # accelerate wrote step 6's state into step-0000006.tmp-PID, not yet renamed
+    wrap(T.Accelerator, "save_state", after=lambda n, self, path: path.endswith(f"step-0000006.tmp-{os.getpid()}"))
 elif moment == "mid-prune":     # removing the checkpoint that step 6's one replaces
     wrap(T.shutil, "rmtree", before=lambda n, path, **k: str(path).endswith("step-0000003"))
 elif moment == "mid-final-save":  # some files of the final checkpoint moved into OUT, config.json not yet
-    wrap(T.os, "replace", before=lambda n, src, dst: ".final.tmp" in str(src) and str(dst).endswith("config.json"))
+    wrap(O.os, "replace", before=lambda n, src, dst: ".final.tmp-" in str(src) and str(dst).endswith("config.json"))
 elif moment == "after-final-save":  # the final checkpoint is in OUT; the held-out check and summary are not
     wrap(Trainer, "heldout_check", before=lambda n, self: True)
 Trainer(args).run()
@@ -92,4 +93,4 @@ def test_kill_9_then_resume_is_bit_identical_to_the_uninterrupted_run(full, tmp_
     assert untimed(out) == untimed(full / "crash-full")
     a, b = load_file(str(full / "crash-full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), "final weights differ"
-    assert not list(out.glob(".final.tmp")) and not list((out / "checkpoints").glob("*.tmp"))
+    assert not list(out.glob("*.tmp-*")) and not list((out / "checkpoints").glob("*.tmp-*"))  # the dead one's too

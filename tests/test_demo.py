@@ -47,6 +47,45 @@ def test_demo_with_dpo_adds_a_stage_2_row(tmp_path):
     assert "dpo" in res["demo"]["commands"]
 
 
+def test_a_stage_is_reused_when_its_manifest_says_finished(tmp_path, monkeypatch):
+    """The demo asks outputs.finished, not file names: a run without the stamp is resumed, a stamped one reused."""
+    from ecomla import demo as D
+    from ecomla.outputs import claim_run, mark_finished
+
+    src = make_source("llama", tmp_path / "src")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows(20)))
+    (tmp_path / "text.txt").write_text(" ".join(WORDS))
+    d = D.Demo(D.DemoArgs(model=str(src), data=str(tmp_path / "chat.jsonl"), text=str(tmp_path / "text.txt"),
+                          out=str(tmp_path / "demo")), log=lambda *a: None)
+    ran = []
+    monkeypatch.setattr(D, "distill", ran.append)
+    kd = tmp_path / "demo" / "student-kd"
+    try:
+        lock = claim_run(kd, "distill", settings={})
+        (kd / "ecomla_train.json").write_text("{}")  # what the demo used to look for
+        lock.release()
+        d.distill(tmp_path / "demo" / "student-0tok")
+        assert len(ran) == 1 and ran[0].resume  # not finished: continued
+        mark_finished(kd)
+        assert d.distill(tmp_path / "demo" / "student-0tok") == kd and len(ran) == 1  # finished: reused
+    finally:
+        d.lock.release()
+
+
+def test_stage_help_says_what_the_stage_does_today(capsys):
+    from ecomla.cli import COMMANDS, main
+    from ecomla.demo import DemoArgs
+
+    assert "SVD init" not in COMMANDS["convert"].help and "--init" in COMMANDS["convert"].help  # several inits
+    assert DemoArgs(ratio="3x").compression == 3.0  # so --ratio's help may not offer only 2x, 4x and 8x
+    try:
+        main(["demo", "--help"])
+    except SystemExit:
+        pass
+    text = " ".join(capsys.readouterr().out.split())
+    assert "2x, 4x or 8x" not in text and "after layer-wise alignment when --ild-tokens > 0" in text  # default: 0
+
+
 def test_recorded_commands_rebuild_the_arguments_the_demo_ran_with():
     """`command_line` (what the demo's report prints) parsed by the CLI gives back the same arguments."""
     import shlex

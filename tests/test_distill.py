@@ -135,8 +135,15 @@ def losses(out):
     return [r["loss"] for r in rows if "loss" in r], rows
 
 
-def test_twenty_steps_lower_the_kl_and_write_a_loadable_checkpoint(setup, tmp_path):
+def test_twenty_steps_lower_the_kl_and_write_a_loadable_checkpoint(setup, tmp_path, monkeypatch):
+    import ecomla.distill.trainer as T
+    from ecomla import outputs
+
+    published = []  # the final model enters OUT through the one publish of outputs.py
+    monkeypatch.setattr(T, "publish", lambda *a: (published.append(a), outputs.publish(*a)))
     res = Trainer(args(setup, tmp_path / "run", stage="kd", eval_tokens=200)).run()
+    assert [(a[1], Path(a[2]).resolve()) for a in published] == [(tmp_path / "run", (setup / "mla").resolve())]
+    assert outputs.finished(tmp_path / "run", "distill")
     curve, rows = losses(tmp_path / "run")
     assert len(curve) == 20 and sum(curve[-5:]) < sum(curve[:5])
     assert res["heldout"]["kl_to_teacher"] is not None
@@ -197,7 +204,7 @@ def test_text_data_puts_a_share_of_plain_text_blocks_in_every_batch(setup, tmp_p
 
 def test_rerun_without_resume_refuses_and_stale_tmp_is_ignored(setup, tmp_path):
     Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 6)).run()
-    (tmp_path / "r" / "checkpoints" / "step-0000099.tmp").mkdir()  # a save that died half-way
+    (tmp_path / "r" / "checkpoints" / "step-0000099.tmp-1").mkdir()  # a save that died half-way (PID 1 lives on)
     with pytest.raises(UserError, match="--resume"):
         Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 6)).run()
     t = Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 6, resume=True))
@@ -264,6 +271,10 @@ def test_two_cpu_processes_match_one_process(setup, tmp_path):
     assert json.loads((tmp_path / "ddp" / "ecomla_train.json").read_text())["world_size"] == 2
     assert len(ddp) == len(one) == 8
     assert ddp == pytest.approx(one, rel=1e-4, abs=1e-6)
+    # both processes saved into the one checkpoint folder the main process named (its PID), none left beside it
+    ckpt = sorted((tmp_path / "ddp" / "checkpoints").iterdir())
+    assert [p.name for p in ckpt] == ["step-0000008"], ckpt
+    assert sorted(p.name for p in ckpt[0].glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

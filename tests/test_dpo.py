@@ -139,7 +139,12 @@ def test_max_steps_time_budget_and_resume_match_an_uninterrupted_run(setup, tmp_
         load_cached(tmp_path / "cut", PairSpec(**{**settings, "max_new_tokens": 7}))
 
 
-def test_cli_takes_positional_data_and_checks_the_summary(setup, tmp_path):
+def test_cli_takes_positional_data_and_checks_the_summary(setup, tmp_path, monkeypatch):
+    import ecomla.dpo.trainer as T
+    from ecomla import outputs
+
+    published = []  # the final model enters OUT through the one publish of outputs.py
+    monkeypatch.setattr(T, "publish", lambda *a: (published.append(a), outputs.publish(*a)))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"the cat {w}", "chosen": "yes good",
                                                           "rejected": "no bad"}) + "\n" for w in ("sat", "is", "red")))
     rc = main(["dpo", str(setup / "mla"), str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o"), "--max-steps", "1",
@@ -149,6 +154,7 @@ def test_cli_takes_positional_data_and_checks_the_summary(setup, tmp_path):
     summary = json.loads((tmp_path / "o" / "ecomla_dpo.json").read_text())
     assert summary["train"]["steps"] == 1 and summary["data"]["rows"] == 3 and summary["data"]["layout"] == "plain"
     assert summary["heldout"]["before"]["kl"] is not None and summary["heldout"]["after"]["ppl"] > 1
+    assert [a[1] for a in published] == [tmp_path / "o"] and outputs.finished(tmp_path / "o", "dpo")
 
 
 @pytest.mark.parametrize("content, says", [

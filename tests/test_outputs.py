@@ -1,9 +1,13 @@
 """The one rule for output folders (ecomla/outputs.py): nothing the tool did not write is deleted or replaced,
 OUT stays apart from the inputs, --overwrite takes only an earlier output of the same stage, a run folder has one
-process at a time, a resume keeps the run's settings, and stale temporary folders are cleaned up."""
+process at a time, a resume keeps the run's settings (and a refused one leaves even the lock file unwritten),
+temporary names carry the PID and stale ones are cleaned up, a final model is published in one way, and whether a
+stage finished is read from its manifest."""
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +18,9 @@ import pytest
 from ecomla.cli import main
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.distill import DistillArgs, distill
-from ecomla.outputs import MANIFEST, RunLock, atomic_dir, claim_run, clean_stale, run_dir
+from ecomla.common import cache_dir
+from ecomla.outputs import (MANIFEST, RunLock, atomic_dir, claim_run, clean_stale, finished, mark_finished, publish,
+                            run_dir, temp_path)
 from tests.helpers import assert_refused, make_source, snapshot
 from tests.test_data_eval import chat_rows
 
@@ -218,9 +224,14 @@ def test_a_killed_convert_leaves_a_temporary_folder_the_next_write_removes(world
     assert not left[0].exists() and (mine / "notes.txt").is_file() and (out / "config.json").is_file()
 
 
+def dead_pid() -> int:
+    """The PID of a process that has exited."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
 def test_stale_cleanup_touches_only_our_folders_of_dead_processes(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)
+    pid = dead_pid()
     ours = tmp_path / f"x.tmp-{pid}"
     ours.mkdir()
     (ours / MANIFEST).write_text(json.dumps({"stage": "convert"}))
@@ -303,6 +314,99 @@ def test_snapshot_sees_a_one_byte_change(tmp_path):
     before = snapshot(tmp_path)
     (tmp_path / "f").write_bytes(b"abd")
     assert snapshot(tmp_path) != before
+
+
+def test_snapshot_sees_a_rewrite_with_the_same_bytes(tmp_path):
+    (tmp_path / ".ecomla.lock").write_bytes(b"123\n")
+    os.utime(tmp_path / ".ecomla.lock", ns=(10**18, 10**18))
+    before = snapshot(tmp_path)
+    (tmp_path / ".ecomla.lock").write_bytes(b"123\n")
+    assert snapshot(tmp_path) != before
+
+
+def test_a_refused_resume_leaves_the_lock_file_as_another_process_left_it(world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(world / "run", out)
+    lock = out / ".ecomla.lock"
+    lock.write_text("12345\n")  # the PID of the process that ran it, a day ago
+    os.utime(lock, ns=(10**18, 10**18))
+    for change in (["--seq-len", "32"], ["--lr", "0.5"]):
+        assert_refused(distill_argv(world, out, "--resume", *change), capsys, monkeypatch, change[0],
+                       roots=(tmp_path,))
+    assert lock.read_text() == "12345\n" and lock.stat().st_mtime_ns == 10**18
+
+
+def test_temporary_names_carry_the_pid_and_no_writer_spells_its_own(tmp_path):
+    assert temp_path(tmp_path / "state.json") == tmp_path / f"state.json.tmp-{os.getpid()}"
+    assert temp_path(tmp_path / "o", "old") == tmp_path / f"o.old-{os.getpid()}"
+    mine = temp_path(tmp_path / "x.pt")
+    mine.write_text("left by a failed write of this process")
+    assert temp_path(tmp_path / "x.pt") == mine and not mine.exists()  # handed out free
+    # every atomic write in the package names its temporary through temp_path: no other `.tmp` or PID spelled out
+    own = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in sorted((ROOT / "ecomla").rglob("*.py"))
+           if p.name != "outputs.py" for i, line in enumerate(p.read_text().splitlines(), 1)
+           if re.search(r"\.tmp\b|getpid\(", line)]
+    assert not own
+
+
+def test_stale_temporary_files_are_removed_only_where_ecomla_writes(tmp_path):
+    pid = dead_pid()
+    run = tmp_path / "run"
+    with run_dir(run, "eval", continues=True):
+        (run / "results.json").write_text("{}")
+    left = {name: run / f"{name}.tmp-{pid}" for name in ("state.json", "chat.json")}
+    live = run / "state.json.tmp-1"  # PID 1 is alive
+    users = foreign(tmp_path / "mine") / f"notes.txt.tmp-{pid}"  # no manifest around it: not provably ours
+    cached = cache_dir() / "calibration" / f"x.pt.tmp-{pid}"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    for p in (*left.values(), live, users, cached):
+        p.write_text("half")
+    temp_path(run / "state.json")
+    assert not left["state.json"].exists() and left["chat.json"].exists() and live.exists()  # that name's only
+    temp_path(tmp_path / "mine" / "notes.txt")
+    temp_path(cached.parent / "x.pt")
+    assert users.exists() and not cached.exists()
+    assert clean_stale(run, every=True) == [left["chat.json"]] and live.exists()
+
+
+def test_publish_moves_the_model_in_with_its_record_and_config_last(tmp_path, monkeypatch):
+    model = tmp_path / "mla"
+    model.mkdir()
+    (model / "ecomla_convert.json").write_text('{"init": "fitted"}')
+    out = tmp_path / "run"
+    out.mkdir()
+    stage = temp_path(out / ".final")
+    stage.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (stage / name).write_text(name)
+    moved, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (moved.append(Path(dst).name), replace(src, dst)))
+    publish(stage, out, model)
+    assert moved[-1] == "config.json" and sorted(moved) == ["config.json", "ecomla_convert.json", "model.safetensors",
+                                                            "tokenizer.json"]
+    assert not stage.exists() and (out / "ecomla_convert.json").read_text() == '{"init": "fitted"}'
+
+
+def test_whether_a_stage_finished_is_read_from_its_manifest(tmp_path):
+    with atomic_dir(tmp_path / "c", "convert") as tmp:
+        assert not finished(tmp, "convert")
+    assert finished(tmp_path / "c", "convert") and not finished(tmp_path / "c", "export")
+    e = tmp_path / "e"
+    with pytest.raises(RuntimeError):
+        with run_dir(e, "eval", continues=True):
+            (e / "part.json").write_text("{}")
+            raise RuntimeError("killed half-way")
+    assert not finished(e, "eval")
+    with run_dir(e, "eval", continues=True):
+        pass
+    assert finished(e, "eval")
+    d = tmp_path / "d"
+    lock = claim_run(d, "distill", settings={})
+    (d / "ecomla_train.json").write_text("{}")  # a file name alone says nothing
+    assert not finished(d, "distill")
+    mark_finished(d)
+    lock.release()
+    assert finished(d, "distill") and json.loads((d / MANIFEST).read_text())["stage"] == "distill"
 
 
 def test_resume_of_a_student_reconverted_with_another_rank_is_refused(world, tmp_path, capsys, monkeypatch):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..common import cache_dir
 from ..data.chat import load_chat, split_chat
 from ..data.packing import PackedChat
+from ..outputs import temp_path
 
 
 def _cache_path(source_id: str, data: str, n_seqs: int, seq_len: int, seed: int) -> Path:
@@ -65,7 +66,7 @@ def layer_input_stats(source, tok, source_id: str, data: str = "default", n_seqs
             h.remove()
     stats = {i: {"cov": a["cov"] / a["n"], "mean": a["mean"] / a["n"], "tokens": a["n"]} for i, a in acc.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = temp_path(path)
     torch.save(stats, tmp)
     tmp.replace(path)
     return stats

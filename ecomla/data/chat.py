@@ -19,6 +19,7 @@ import datasets
 
 from ..assets.sharegpt import iter_json_array, sharegpt_json
 from ..common import UserError, cache_dir
+from ..outputs import temp_path
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
          "bard": "assistant", "assistant": "assistant", "model": "assistant", "system": "system"}
@@ -73,7 +74,7 @@ def _sharegpt_default() -> datasets.Dataset:
                 yield {"id": str(obj.get("id")), "messages": msgs}
 
     ds = datasets.Dataset.from_list(list(rows()))  # ~100 MB; from_generator would cache stale results
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = temp_path(out)
     ds.save_to_disk(str(tmp))
     tmp.rename(out)
     return datasets.load_from_disk(str(out))

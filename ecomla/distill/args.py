@@ -1,7 +1,7 @@
 """`ecomla distill STUDENT --teacher T --data D --out DIR`: stage 1, layer-wise alignment then end-to-end KD.
 
     ecomla distill out/student-4x --teacher default --data default --out runs/kd-4x --max-minutes 30
-    accelerate launch --num_processes 2 --cpu -m ecomla distill out/student-4x --out runs/kd-4x-ddp
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m ecomla distill out/student-4x --out runs/ddp
     accelerate launch --config_file fsdp.yaml -m ecomla distill ...   # same script on GPUs (DDP/FSDP/DeepSpeed)
 
 The output folder is a loadable checkpoint (config.json + safetensors + tokenizer) plus metrics.jsonl and

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..outputs import clean_stale, temp_path
+
 
 @torch.no_grad()
 def attention_io(source, input_ids: torch.Tensor, layers: list[int]) -> tuple[dict, dict]:
@@ -84,6 +86,7 @@ class TopKCache:
     @torch.no_grad()
     def fill(self, teacher, packed, blocks: range, batch_size: int, device) -> None:
         missing = [b for b in blocks if not self.path(b).is_file()]
+        clean_stale(self.dir, every=True)  # once for the folder, not once a block
         for lo in range(0, len(missing), batch_size):
             chunk = missing[lo : lo + batch_size]
             ids = torch.stack([packed.block(b)[0] for b in chunk]).long().to(device)
@@ -92,7 +95,7 @@ class TopKCache:
             for j, b in enumerate(chunk):
                 logp = torch.log_softmax(teacher.get_output_embeddings()(h[j, :-1][mask[j, 1:]]).float(), -1)
                 v, i = logp.topk(self.k, dim=-1)
-                tmp = self.path(b).with_suffix(".tmp")
+                tmp = temp_path(self.path(b), clean=False)  # several runs may fill one cache at once
                 torch.save({"values": v.to(torch.bfloat16).cpu(), "indices": i.to(torch.int32).cpu()}, tmp)
                 tmp.replace(self.path(b))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import nullcontext
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from ..args import run_settings
@@ -33,7 +32,7 @@ from ..data.text import load_texts
 from ..eval.fidelity import fidelity
 from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolve
 from ..mla.attention import MLAAttention
-from ..outputs import claim_run
+from ..outputs import claim_run, mark_finished, publish, temp_path
 from .args import RESUMABLE, DistillArgs
 from .objective import ILDBatch, KDBatch, Objective
 from .teacher import TeacherLogits, TopKCache, attention_io
@@ -106,9 +105,19 @@ class Trainer:
         if self.acc.is_main_process:
             settings = {**run_settings(a), "student shapes": mla_shapes(a.student)}  # a folder may be re-converted
             inputs = [a.student, None if a.teacher == "source" else a.teacher, a.data, a.text_data]
+            if a.resume:
+                self._newest_checkpoint()  # refused before the claim, which writes the lock file
             lock = claim_run(self.out, "distill", inputs, resume=a.resume, settings=settings, may_change=RESUMABLE)
         self.acc.wait_for_everyone()
         return lock
+
+    def _newest_checkpoint(self) -> Path | None:
+        """OUT's newest checkpoint, if any; one holding pickled state (from an older ecomla) is refused."""
+        ckpts = sorted(self.ckpt_root.glob("step-???????"))
+        if ckpts and list(ckpts[-1].glob("custom_checkpoint_*")):
+            raise UserError(f"--resume: {ckpts[-1]} holds pickled state (written by an older ecomla), which is "
+                            "not loaded; start a new --out")
+        return ckpts[-1] if ckpts else None
 
     def _load_models(self):
         a = self.args
@@ -238,12 +247,13 @@ class Trainer:
         return TeacherLogits(self.teacher, b["input_ids"], b["loss_mask"])
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def shared_temp(self, path: Path) -> Path:
+        """PATH's `temp_path` for a folder every process writes into: the main process's name, sent to all."""
+        return broadcast_object_list([temp_path(path) if self.acc.is_main_process else None])[0]
+
     def save_checkpoint(self, elapsed: float) -> Path:
         final = self.ckpt_root / f"step-{self.step:07d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.acc.wait_for_everyone()
+        tmp = self.shared_temp(final)  # every process writes its RNG state into it
         self.acc.save_state(str(tmp))
         if self.acc.is_main_process:
             (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "elapsed_s": elapsed,
@@ -259,13 +269,10 @@ class Trainer:
     def resume(self) -> None:
         """Restore the newest checkpoint (none yet: start at step 0). Nothing in it is unpickled: tensors load
         with weights_only=True and the schedule's state is JSON in trainer.json."""
-        ckpts = sorted(self.ckpt_root.glob("step-???????"))
-        if ckpts:
-            if list(ckpts[-1].glob("custom_checkpoint_*")):
-                raise UserError(f"--resume: {ckpts[-1]} holds pickled state (written by an older ecomla), which is "
-                                "not loaded; start a new --out")
-            self.acc.load_state(str(ckpts[-1]), load_kwargs={"weights_only": True})
-            state = json.loads((ckpts[-1] / "trainer.json").read_text())
+        ckpt = self._newest_checkpoint()
+        if ckpt is not None:
+            self.acc.load_state(str(ckpt), load_kwargs={"weights_only": True})
+            state = json.loads((ckpt / "trainer.json").read_text())
             self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.elapsed_before = state["step"], state["elapsed_s"]
         metrics = self.out / "metrics.jsonl"
@@ -348,22 +355,15 @@ class Trainer:
 
     # ---- finish -----------------------------------------------------------------------------
     def save_final(self) -> None:
-        """Write the student as a loadable HF folder into OUT (files staged, then renamed into place)."""
+        """Write the student as a loadable HF folder into OUT (staged, then published into place)."""
         student = self.acc.unwrap_model(self.model).student
         state = self.acc.get_state_dict(self.model)
         if not self.acc.is_main_process:
             return
-        stage = self.out / ".final.tmp"
-        shutil.rmtree(stage, ignore_errors=True)
+        stage = temp_path(self.out / ".final")
         student.save_pretrained(stage, state_dict={k.removeprefix("student."): v for k, v in state.items()})
         self.tok.save_pretrained(stage)
-        convert_record = Path(self.student_path) / "ecomla_convert.json"
-        if convert_record.is_file():
-            shutil.copy(convert_record, stage / "ecomla_convert.json")
-        # the weights land before config.json, so a reader never sees a config without its weights
-        for name in sorted(os.listdir(stage), key=lambda n: n == "config.json"):
-            os.replace(stage / name, self.out / name)
-        stage.rmdir()
+        publish(stage, self.out, self.student_path)
 
     def heldout_check(self) -> dict | None:
         """KL to the teacher, top-1 agreement and perplexities on --eval-tokens held-out chat tokens."""
@@ -391,6 +391,7 @@ class Trainer:
             self.log({"final": summary})
             args = {k: getattr(self.args, k) for k in self.args.__dataclass_fields__}
             (self.out / "ecomla_train.json").write_text(json.dumps({"args": args, **summary}, indent=2))
+            mark_finished(self.out)
             print(f"distill: {stopped} after {self.step} steps ({summary['tokens']:,} tokens, {summary['minutes']} "
                   f"min); held-out: {check}")
         if self.tensorboard is not None:

@@ -24,6 +24,7 @@ import torch
 
 from ..generate.generate import encode
 from ..common import UserError
+from ..outputs import temp_path
 from .data import prompt_lengths
 
 
@@ -136,7 +137,7 @@ def save_pairs(out: Path, pairs: list[dict], stats: dict, spec: PairSpec) -> Non
     """OUT/pairs.jsonl (one pair a line) and OUT/pairs.json (settings + counts); each written then renamed."""
     for name, text in (("pairs.jsonl", "".join(json.dumps(p) + "\n" for p in pairs)),
                        ("pairs.json", json.dumps({"settings": asdict(spec), "stats": stats}, indent=2))):
-        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp = temp_path(out / name)
         tmp.write_text(text)
         os.replace(tmp, out / name)
 

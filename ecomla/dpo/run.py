@@ -31,7 +31,7 @@ from ..eval.fidelity import fidelity
 from ..generate.generate import prepared
 from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolve
 from ..mla import EcoMLAForCausalLM
-from ..outputs import claim_run
+from ..outputs import claim_run, mark_finished
 from .data import COLUMNS, drop_long_prompts, load_preferences
 from .pairs import PairSpec, build_pairs, load_cached, save_pairs, show
 from .trainer import make_config, train
@@ -229,6 +229,7 @@ def _run(args: DPOArgs, config, state, out: Path, t0: float, log) -> dict:
                            "total": round((time.time() - t0) / 60, 2)}}
     if state.is_main_process:
         (out / "ecomla_dpo.json").write_text(json.dumps({"args": asdict(args), **summary}, indent=2))
+        mark_finished(out)
         log(f"dpo: {result['stopped']} after {result['steps']}/{result['max_steps']} steps on {data_info['rows']} "
             f"pairs ({summary['minutes']['total']} min); {_describe(result['metrics'])}")
         if check:

@@ -13,9 +13,7 @@ restored by transformers' Trainer, and metrics rows logged after that checkpoint
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import threading
 import time
@@ -23,9 +21,12 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
+
+from ..outputs import publish, temp_path
 
 SHOWN = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc"}
 
@@ -150,21 +151,14 @@ def resume_point(out: Path, log=print) -> tuple[str | None, float]:
 
 
 def save_final(trainer, out: Path, model_path: str) -> None:
-    """The trained policy as a loadable HF folder in OUT (gathered under DeepSpeed / FSDP by save_model),
-    with MODEL's ecomla_convert.json so provenance survives; config.json lands last."""
-    stage = out / ".final.tmp"
-    if trainer.is_world_process_zero():
-        shutil.rmtree(stage, ignore_errors=True)
-    trainer.accelerator.wait_for_everyone()
+    """The trained policy as a loadable HF folder in OUT (gathered under DeepSpeed / FSDP by save_model, which
+    every process calls with the main process's staging folder), published with MODEL's ecomla_convert.json."""
+    main = trainer.is_world_process_zero()
+    stage = broadcast_object_list([temp_path(out / ".final") if main else None])[0]
     trainer.save_model(str(stage))
-    if trainer.is_world_process_zero():
+    if main:
         (stage / "training_args.bin").unlink(missing_ok=True)
-        meta = Path(model_path) / "ecomla_convert.json"
-        if meta.is_file():
-            shutil.copy(meta, stage / "ecomla_convert.json")
-        for name in sorted(os.listdir(stage), key=lambda n: n == "config.json"):
-            os.replace(stage / name, out / name)
-        stage.rmdir()
+        publish(stage, out, model_path)
     trainer.accelerator.wait_for_everyone()
 
 
