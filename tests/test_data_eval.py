@@ -248,3 +248,29 @@ def test_mixed_blocks_take_their_share_evenly_and_in_order():
     with pytest.raises(ValueError):
         MixedBlocks(Tagged(0), Tagged(1), share=1.0)
 
+
+
+def test_default_chat_cache_survives_a_second_builder(tmp_path, monkeypatch):
+    """Two processes may build the default chat cache at once: the one that finishes second keeps the first's folder
+    instead of failing on the rename (seen when tests ran beside a conversion)."""
+    import json
+
+    import datasets
+
+    from ecomla.data import chat
+
+    src = tmp_path / "sharegpt.json"
+    src.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "Hello there, how are you?"},
+                                                            {"from": "gpt", "value": "I am fine, thank you."}]}]))
+    monkeypatch.setenv("ECOMLA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(chat, "sharegpt_json", lambda: src)
+    save = datasets.Dataset.save_to_disk
+
+    def save_and_race(self, path, *a, **k):  # the other process finishes first, into the final folder
+        save(self, str(tmp_path / "cache" / "datasets" / "sharegpt-en-v2"))
+        return save(self, path, *a, **k)
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_and_race)
+    ds = chat._sharegpt_default()
+    assert len(ds) == 1
+    assert [p.name for p in (tmp_path / "cache" / "datasets").iterdir()] == ["sharegpt-en-v2"]

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from ..common import UserError, cache_dir
+from ..outputs import temp_path
 
 
 @dataclass(frozen=True)
@@ -162,12 +163,12 @@ def _matches(path: Path, want: tuple[str, int | None]) -> bool:
 
 
 def _extract(zf: zipfile.ZipFile, members: dict[str, Path], hashes: dict, wheel: Path, desc: str) -> None:
-    """Write each member to its target via a `.part` file, verified against RECORD before it replaces the target."""
+    """Write each member to its target via a temporary sibling, verified against RECORD before it replaces the target."""
     total = sum(zf.getinfo(m).file_size for m in members)
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
         for m, target in members.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
+            tmp = temp_path(target)
             with zf.open(m) as src, open(tmp, "wb") as dst:
                 for chunk in iter(lambda: src.read(1 << 20), b""):
                     dst.write(chunk)

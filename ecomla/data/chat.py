@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import datasets
@@ -76,7 +77,12 @@ def _sharegpt_default() -> datasets.Dataset:
     ds = datasets.Dataset.from_list(list(rows()))  # ~100 MB; from_generator would cache stale results
     tmp = temp_path(out)
     ds.save_to_disk(str(tmp))
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process built the same cache first: keep theirs
+        if not (out / "dataset_info.json").is_file():
+            raise
+        shutil.rmtree(tmp)
     return datasets.load_from_disk(str(out))
 
 
