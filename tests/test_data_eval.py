@@ -193,6 +193,8 @@ def test_eval_cli_writes_results_and_report(llama_dir, tmp_path):
     mla = res["models"][1]
     assert mla["kv_bytes_per_token"] == 3 * 16 * 4 and mla["compression"] == pytest.approx(64 / 16)
     assert res["models"][0]["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and mla["kl_to_teacher"] > 0
+    assert res["models"][0]["kl_text"] == pytest.approx(0, abs=1e-6) and 0 < mla["kl_text"] != mla["kl_to_teacher"]
+    assert "KL text" in (out / "report.md").read_text()
     assert set(mla["ppl"]) == {"chat", "text"} and (out / "report.md").is_file() and (out / "quality_vs_kv.png").is_file()
     assert run.default_teacher([str(tmp_path / "mla")]) == str(llama_dir)
 
