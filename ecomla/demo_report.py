@@ -77,8 +77,9 @@ def write_report(demo, results: dict, chat: dict, bench: list[dict], models: dic
                        "commands": demo.commands}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"# ecomla demo: {demo.a.model} -> MLA at {demo.a.ratio}", "",
-             f"Init `{demo.a.init}`; {train['tokens']:,} training tokens in {train['minutes']} min "
-             f"({train['stopped']}); stage minutes: {demo.state.get('minutes')}.", "", *table(results), "",
+             f"Init `{demo.a.init}`; {train['tokens']:,} training tokens in {train['minutes']} of "
+             f"{demo.a.budget_minutes} training minutes (stopped: {train['stopped']}); stage minutes: "
+             f"{demo.state.get('minutes')}.", "", *table(results), "",
              "KV B/token is read from the live cache of a generate() call (float32); KL and top-1 agreement are "
              "against the teacher on held-out chat; task cells are % ± stderr on fixed seeded subsets "
              f"(documents per task: {json.dumps({t: r.get('n') for t, r in results['models'][-1]['tasks'].items()})}).", ""]
