@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ecomla.args import from_namespace
+from ecomla.args import from_namespace, load_yaml_defaults
 from ecomla.cli import COMMANDS, build_parser
 from ecomla.common import UserError
 from ecomla.eval.report import plot_quality_vs_kv, table
@@ -66,12 +66,13 @@ class Variant:
 
 
 def stage_args(stage: str, argv: list[str], who: str):
-    """The arguments dataclass of `ecomla STAGE ARGV...`, validated: a bad flag is refused before any work."""
+    """The arguments dataclass of `ecomla STAGE ARGV...` (a `--config` recipe included, as the CLI reads it),
+    validated: a bad flag is refused before any work."""
     try:
         ns = build_parser().parse_args([stage, *argv])
     except SystemExit:  # argparse printed what is wrong
         raise UserError(f"{who}: `ecomla {stage}` refuses {shlex.join(argv)}") from None
-    return from_namespace(COMMANDS[stage].args, ns)
+    return from_namespace(COMMANDS[stage].args, ns, load_yaml_defaults(ns.config))
 
 
 def folder(work: Path, stage: str, *inputs) -> Path:

@@ -48,8 +48,8 @@ class DemoArgs:
     out: str = arg("output folder; rerunning with the same settings continues an interrupted run",
                    default="runs/demo")
     ratio: str = arg("KV-cache compression above 1, written like 4x (r_kv = 2*G*d_h/ratio - d_rope)", default="4x")
-    budget_minutes: float = arg("training minutes: end-to-end KD, after layer-wise alignment when --ild-tokens > 0",
-                                default=12.0)
+    budget_minutes: float = arg("training minutes: end-to-end KD, after layer-wise alignment when --ild-tokens > 0; "
+                                "the KD schedule is sized to fill them on this machine", default=12.0)
     init: str = arg("conversion init (see `ecomla convert --help`; why fitted: docs/RESULTS.md)", default="fitted")
     model: str = arg("source model", default="default")
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
@@ -167,9 +167,8 @@ class Demo:
     def distill(self, student: Path) -> Path:
         folder = self.out / "student-kd"
         done = finished(folder, "distill")
-        max_tokens = int(self.a.budget_minutes * 60 * 200)  # the LR schedule assumes ~200 tok/s; time stops it
         args = DistillArgs(student=str(student), teacher="source", data=self.a.data, out=str(folder),
-                           stage="both", ild_tokens=self.a.ild_tokens, max_tokens=max_tokens,
+                           stage="both", ild_tokens=self.a.ild_tokens,  # the minutes size the schedule
                            max_minutes=self.a.budget_minutes, seq_len=self.a.seq_len, batch_size=self.a.batch_size,
                            eval_tokens=0, save_every=20, resume=started(folder) and not done)
         if self.announce("distill", args, done=done, folder=folder):

@@ -5,6 +5,7 @@ and the one-screen summary printed at the end."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .bench.report import plot as plot_bench
@@ -21,15 +22,30 @@ def training_info(folder: Path) -> dict:
             "curve": [r for r in rows if "loss" in r]}
 
 
+def points(curve: list[dict], stage: str) -> list[tuple[int, float]]:
+    """(tokens, loss) of `stage`'s steps that have a loss. A missing value is left out rather than drawn as 0, and
+    so is a KD step without target tokens (none since targetless blocks are skipped; an older run logged its loss
+    as exactly 0, which no real KL step gives)."""
+    out = []
+    for r in curve:
+        loss = r.get("loss")
+        if r["stage"] != stage or loss is None or not math.isfinite(loss) or r.get("targets") == 0:
+            continue
+        if stage == "kd" and loss == 0:
+            continue
+        out.append((r["tokens"], loss))
+    return out
+
+
 def plot_training(curve: list[dict], path: Path) -> bool:
     plt = pyplot()
-    if not curve:
+    stages = [s for s in ("ild", "kd") if points(curve, s)]
+    if not stages:
         return False
-    stages = [s for s in ("ild", "kd") if any(r["stage"] == s for r in curve)]
     fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
     labels = {"ild": "layer-wise alignment: relative attention error", "kd": "end-to-end KD: KL(teacher || student)"}
     for ax, s in zip(axes[0], stages):
-        pts = [(r["tokens"], r["loss"]) for r in curve if r["stage"] == s]
+        pts = points(curve, s)
         ax.plot([p[0] for p in pts], [p[1] for p in pts])
         ax.set_xlabel("training tokens")
         ax.set_title(labels[s], fontsize=9)
@@ -61,8 +77,9 @@ def write_report(demo, results: dict, chat: dict, bench: list[dict], models: dic
                        "commands": demo.commands}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [f"# ecomla demo: {demo.a.model} -> MLA at {demo.a.ratio}", "",
-             f"Init `{demo.a.init}`; {train['tokens']:,} training tokens in {train['minutes']} min "
-             f"({train['stopped']}); stage minutes: {demo.state.get('minutes')}.", "", *table(results), "",
+             f"Init `{demo.a.init}`; {train['tokens']:,} training tokens in {train['minutes']} of "
+             f"{demo.a.budget_minutes} training minutes (stopped: {train['stopped']}); stage minutes: "
+             f"{demo.state.get('minutes')}.", "", *table(results), "",
              "KV B/token is read from the live cache of a generate() call (float32); KL and top-1 agreement are "
              "against the teacher on held-out chat; task cells are % ± stderr on fixed seeded subsets "
              f"(documents per task: {json.dumps({t: r.get('n') for t, r in results['models'][-1]['tasks'].items()})}).", ""]
@@ -87,13 +104,15 @@ def summary(results, chat, bench, train, out, minutes) -> str:
     rows = []
     for m in results["models"]:
         ppl = m.get("ppl") or {}
-        avg = m.get("average")
+        avg, kl_text = m.get("average"), m.get("kl_text")
         rows.append(f"  {m['name']:<14} KV {m['kv_bytes_per_token']:>6} B/tok ({m['compression']:.1f}x)  "
-                    f"KL {m['kl_to_teacher']:.3f}  ppl chat {ppl.get('chat', float('nan')):8.2f}  "
+                    f"KL chat {m['kl_to_teacher']:.3f} text {float('nan') if kl_text is None else kl_text:.3f}  "
+                    f"ppl chat {ppl.get('chat', float('nan')):8.2f}  "
                     f"tasks {'-' if avg is None else f'{100 * avg:.1f}'}")
     speed = {r["run"]: r["tokens_per_s"] for r in bench if r.get("kind") == "decode" and r.get("tokens_per_s")
              and r["context"] == max(b["context"] for b in bench if b.get("kind") == "decode")}
-    lines = ["", "=" * 78, f"ecomla demo finished in {minutes:.1f} min; trained {train['tokens']:,} tokens", *rows]
+    lines = ["", "=" * 78, f"ecomla demo finished in {minutes:.1f} min; trained {train['tokens']:,} tokens in "
+             f"{train['minutes']} min (stopped: {train['stopped']})", *rows]
     if speed:
         lines.append("  decode tokens/s at the longest context: " + ", ".join(f"{k} {v:.1f}" for k, v in speed.items()))
     first = chat["prompts"][0]

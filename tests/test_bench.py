@@ -293,6 +293,14 @@ def test_both_fair_gqa_runs_report_their_formulation():
     assert "speedup_vs_gqa-fair" in mla and "speedup_vs_gqa-fair-sdpa" in mla
 
 
+def test_study_reads_a_recipe_as_the_cli_does():
+    from benchmarks import study
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "distill-cpu-smollm2-4x.yaml")
+    args = study.stage_args("distill", ["S", "--config", recipe, "--seq-len", "512"], "variant 'v'")
+    assert args.max_minutes == 60 and args.max_tokens is None and args.seq_len == 512  # a flag overrides the recipe
+
+
 def test_study_converts_distills_and_measures_variants_into_one_table_and_a_record(llama_dir, tmp_path, capsys):
     from benchmarks import study
     from tests.helpers import WORDS

@@ -15,10 +15,12 @@ from ecomla.io import UserError, load_model
 from tests.helpers import WORDS, make_tokenizer
 
 
-def chat_rows(n=60, seed=0):
+def chat_rows(n=60, seed=0, prompt_words=6):
+    """n conversations of two turns; a long first prompt (prompt_words) leaves packed blocks without a target."""
     g = torch.Generator().manual_seed(seed)
     pick = lambda k: " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (k,), generator=g))  # noqa: E731
-    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": pick(6)}, {"from": "gpt", "value": pick(9)},
+    return [{"id": f"c{i}", "conversations": [{"from": "human", "value": pick(prompt_words)},
+                                              {"from": "gpt", "value": pick(9)},
                                               {"from": "human", "value": pick(4)}, {"from": "gpt", "value": pick(7)}]}
             for i in range(n)]
 
@@ -84,6 +86,25 @@ def test_packing_is_deterministic_and_resumable(chat_file):
     assert first["input_ids"].shape == (40, 16)
     assert torch.equal(b.batch(30, 10)["input_ids"], first["input_ids"][30:])  # block k does not depend on history
     assert not torch.equal(PackedChat(ds, tok, 16, seed=6).batch(0, 4)["input_ids"], first["input_ids"][:4])
+
+
+def test_a_training_stream_has_no_block_without_targets(tmp_path):
+    """Long prompts leave whole blocks without an assistant token; the training stream leaves them out and stays a
+    pure function of the block index. Every token is a target without --mask-prompt, so nothing is left out."""
+    tok = make_tokenizer()
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in chat_rows(40, prompt_words=40)))
+    ds = load_chat(str(path))
+    targets = lambda p, n=120: [bool(p.block(k)[1][1:].any()) for k in range(n)]  # noqa: E731 (token 0: no target)
+    assert not all(targets(PackedChat(ds, tok, 16, seed=1)))  # the test data has such blocks
+    skipping = PackedChat(ds, tok, 16, seed=1, skip_untargeted=True)
+    assert all(targets(skipping))
+    fresh = PackedChat(ds, tok, 16, seed=1, skip_untargeted=True)
+    assert torch.equal(fresh.batch(90, 10)["input_ids"], skipping.batch(90, 10)["input_ids"])  # no history
+    whole = lambda skip: PackedChat(ds, tok, 16, seed=1, mask_prompt=False, skip_untargeted=skip).batch(0, 60)  # noqa
+    assert all(torch.equal(whole(False)[k], whole(True)[k]) for k in ("input_ids", "loss_mask"))
+    with pytest.raises(UserError, match="--seq-len"):
+        PackedChat(ds, tok, 1, skip_untargeted=True).block(0)  # a 1-token block never has a target
 
 
 def test_perplexity_is_exp_mean_nll_and_teacher_vs_itself(llama_dir):
@@ -172,6 +193,8 @@ def test_eval_cli_writes_results_and_report(llama_dir, tmp_path):
     mla = res["models"][1]
     assert mla["kv_bytes_per_token"] == 3 * 16 * 4 and mla["compression"] == pytest.approx(64 / 16)
     assert res["models"][0]["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and mla["kl_to_teacher"] > 0
+    assert res["models"][0]["kl_text"] == pytest.approx(0, abs=1e-6) and 0 < mla["kl_text"] != mla["kl_to_teacher"]
+    assert "KL text" in (out / "report.md").read_text()
     assert set(mla["ppl"]) == {"chat", "text"} and (out / "report.md").is_file() and (out / "quality_vs_kv.png").is_file()
     assert run.default_teacher([str(tmp_path / "mla")]) == str(llama_dir)
 

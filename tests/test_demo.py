@@ -1,6 +1,7 @@
 """`ecomla demo` end to end on a tiny random model and tiny data: the same code path, smaller inputs."""
 
 import json
+import math
 
 from ecomla.cli import main
 from tests.helpers import WORDS, make_source
@@ -114,3 +115,18 @@ def test_recorded_commands_rebuild_the_arguments_the_demo_ran_with():
         assert argv[:2] == ["ecomla", stage]
         ns = build_parser().parse_args(argv[1:])
         assert from_namespace(COMMANDS[stage].args, ns) == args, line
+
+
+def test_plots_leave_out_what_has_no_value_instead_of_drawing_0():
+    """The training curve skips steps without targets (an older run logged their loss as 0) and missing values;
+    a task a model did not run is no bar rather than a bar at 0."""
+    from ecomla.demo_report import points
+    from ecomla.eval.report import _percent
+
+    curve = [{"stage": "kd", "tokens": 1, "loss": 0.9, "targets": 5},
+             {"stage": "kd", "tokens": 2, "loss": 0.0, "targets": 0},
+             {"stage": "kd", "tokens": 3, "loss": 0.0}, {"stage": "kd", "tokens": 4, "loss": None},
+             {"stage": "kd", "tokens": 5, "loss": float("nan")}, {"stage": "ild", "tokens": 1, "loss": 0.5},
+             {"stage": "kd", "tokens": 6, "loss": 0.8, "targets": 7}]
+    assert points(curve, "kd") == [(1, 0.9), (6, 0.8)] and points(curve, "ild") == [(1, 0.5)]
+    assert math.isnan(_percent(None)) and _percent({"acc": 0.25, "average_metric": "acc"}) == 25.0

@@ -1,6 +1,7 @@
 """Stage-1 distillation: loss identities, learning, resume, DDP over 2 CPU processes, clear errors."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from ecomla.cli import main
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.common import UserError
 from ecomla.distill import DistillArgs, Trainer, distill
-from ecomla.distill.trainer import schedule
+from ecomla.distill.budget import CALIBRATION, MARGIN, schedule, steps_to_fill, warmup_steps
 from ecomla.losses import chunked_loss, masked_mean, token_kl
 from tests.helpers import WORDS, make_source
 from tests.test_data_eval import chat_rows
@@ -107,9 +108,19 @@ def test_chunked_equals_full_including_gradients(kind, ce):
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    lrs = [schedule(s, 100, 0.1, 0.1) for s in range(100)]
+    lrs = [schedule(s, 100, warmup_steps(100, 0.1), 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    # a time budget: the peak held while the length is unknown, then cosine from the hold's end to the floor
+    assert [schedule(s, None, 2, 0.1, hold=6) for s in range(8)] == [0.5, 1.0] + [1.0] * 6
+    timed = [schedule(s, 20, 2, 0.1, hold=6) for s in range(20)]
+    assert timed[:7] == [0.5] + [1.0] * 6 and timed[-1] == pytest.approx(0.1) and timed[7] < 1.0
+
+
+def test_steps_to_fill_keeps_the_margin_and_pays_for_checkpoints():
+    assert steps_to_fill(100.0, 10.0, 0.0, 5) == math.floor(100 * (1 - MARGIN) / 10)
+    assert steps_to_fill(100.0, 9.0, 5.0, 5) == math.floor((100 * (1 - MARGIN) - 5) / (9 + 5 / 5))
+    assert steps_to_fill(3.0, 10.0, 5.0, 5) == 0 and steps_to_fill(-4.0, 1.0, 0.0, 5) == 0
 
 
 @pytest.fixture(scope="module")
@@ -289,6 +300,8 @@ def test_recipes_parse_and_start_with_their_command(recipe):
     assert lines[0].startswith("# ecomla convert ") and "ecomla distill" in "\n".join(lines[1:3])
     args = DistillArgs(student="STUDENT", **load_yaml_defaults(str(path)))  # unknown keys or bad values raise
     assert args.loss == "forward" and args.beta_pair == (0.9, 0.98)
+    if "-cpu-" in recipe:  # an hour on a laptop: the minutes size the schedule
+        assert args.max_minutes == 60 and args.max_tokens is None and args.kd_tokens is None
 
 
 def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypatch):
@@ -301,3 +314,93 @@ def test_auto_precision_is_bf16_only_where_the_hardware_has_bf16_units(monkeypat
         assert DistillArgs(student="s", out="o").precision == want  # resolved once, in the arguments
     assert common.resolve_precision("bf16") == "bf16" and common.resolve_precision("fp32") == "fp32"
     assert isinstance(common.fast_bf16("cpu"), bool)
+
+
+def fake_clock(trainer, slower_after=None, seconds=10.0, slower=13.0):
+    """Time as a function of the step: every step takes `seconds` (then `slower` from step `slower_after` on);
+    checkpoints and the rest take none. A resumed run sees the same clock, so it can be bit-identical."""
+    def clock():
+        s = trainer.step
+        if slower_after is None or s <= slower_after:
+            return seconds * s
+        return seconds * slower_after + slower * (s - slower_after)
+    trainer.clock = clock
+    return trainer
+
+
+@pytest.mark.parametrize("case", ["fills the minutes", "machine slows down", "max-tokens ends first"])
+def test_a_time_budget_sizes_the_schedule_to_end_at_its_floor(setup, tmp_path, case):
+    """10 s a step, 105 s: the length is fixed after CALIBRATION steps (60 s spent) at CALIBRATION + 4 steps (the
+    45 s left, less MARGIN, hold 4 steps), stored in the checkpoint saved then and in the summary; the LR is at its
+    floor on the last step. A machine that gets slower after the measurement is stopped by the clock, before the
+    floor. Given both flags, a smaller --max-tokens ends the run, its schedule at the floor too."""
+    cap = 64 * 8 if case == "max-tokens ends first" else None  # 8 steps
+    trainer = Trainer(args(setup, tmp_path / "t", stage="kd", max_tokens=cap, max_minutes=105 / 60, save_every=4,
+                           keep_last=9))
+    fake_clock(trainer, slower_after=CALIBRATION if case == "machine slows down" else None)
+    res = trainer.run()
+    curve, rows = losses(tmp_path / "t")
+    want = {"fills the minutes": (10, "max-minutes", 10), "machine slows down": (10, "clock", 9),
+            "max-tokens ends first": (8, "max-tokens", 8)}[case]
+    assert (res["kd_steps"], res["stopped"], len(curve)) == want
+    kd = json.loads((tmp_path / "t" / "checkpoints" / f"step-{CALIBRATION:07d}" / "trainer.json").read_text())["kd"]
+    assert kd["steps"] == res["kd_steps"] and kd["step_s"] == [10.0] * (CALIBRATION - 2)  # the first two: not timed
+    assert json.loads((tmp_path / "t" / "ecomla_train.json").read_text())["kd_steps"] == res["kd_steps"]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[:CALIBRATION] == [1.5e-3] + [3e-3] * (CALIBRATION - 1)  # 2 warmup steps, the peak held
+    if case != "machine slows down":
+        assert lrs[-1] == pytest.approx(3e-3 * 0.1) and lrs[-2] > lrs[-1]  # the floor, on the last step
+    else:
+        assert lrs[-1] > 3e-3 * 0.1
+
+
+def test_a_changed_budget_kind_is_refused_on_resume(setup, tmp_path):
+    Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 2)).run()
+    with pytest.raises(UserError, match="--max-minutes given"):  # the schedule's kind is part of the run
+        Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 2, max_minutes=5.0, resume=True))
+
+
+@pytest.mark.parametrize("mask_prompt", [True, False], ids=["assistant-only", "every-token"])
+def test_no_step_without_targets(setup, tmp_path, mask_prompt):
+    """Long prompts: one-block steps from the plain stream would have had no target; the trainer's have one each."""
+    from ecomla.data.packing import PackedChat
+
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in chat_rows(200, prompt_words=40)))
+    t = Trainer(args(setup, tmp_path / "run", data=str(data), stage="kd", batch_size=1, max_tokens=16 * 24,
+                     mask_prompt=mask_prompt))
+    plain = PackedChat(t.split["train"], t.tok, 16, seed=0, mask_prompt=mask_prompt)
+    empty = sum(not plain.block(k)[1][1:].any() for k in range(24))
+    assert empty > 0 if mask_prompt else empty == 0
+    t.run()
+    _, rows = losses(tmp_path / "run")
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 24 and all(r["targets"] > 0 and r["loss"] > 0 and r["grad_norm"] > 0 for r in steps)
+
+
+def test_a_checkpoint_of_a_tied_model_warns_nothing_and_one_bar_is_drawn(setup, tmp_path, caplog, capsys):
+    """accelerate would save both names of the tied lm_head / embed_tokens, drop one and warn that the checkpoint
+    may be broken; the libraries' own bars (loading weights, map, writing shards) stay off during the run."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(setup / "mla").config.tie_word_embeddings  # the fixture is tied
+    caplog.set_level(logging.WARNING)
+    capsys.readouterr()
+    Trainer(args(setup, tmp_path / "tied", stage="kd", max_tokens=64 * 2, save_every=1, progress=True)).run()
+    err = capsys.readouterr().err
+    assert "Removed shared tensor" not in caplog.text + err
+    assert "distill" in err and not any(bar in err for bar in ("Loading weights", "Map", "Writing model shards"))
+
+
+def test_a_time_budget_fills_the_topk_cache_as_it_goes(setup, tmp_path):
+    """Alone, --max-minutes cannot fill the cache before training (its length is unknown): the blocks are added as
+    steps need them. With --max-tokens too, the cache is filled up to it first, outside the minutes."""
+    t = fake_clock(Trainer(args(setup, tmp_path / "k", stage="kd", max_tokens=None, max_minutes=105 / 60,
+                                teacher_topk=8, save_every=4)))
+    res = t.run()
+    assert res["stopped"] == "max-minutes" and len(list(t.topk.dir.glob("block-*.pt"))) == res["kd_steps"] * 4
+    t = fake_clock(Trainer(args(setup, tmp_path / "k2", stage="kd", max_tokens=64 * 12, max_minutes=0.001,
+                                teacher_topk=8)))
+    assert t.run()["stopped"] == "clock" and len(list(t.topk.dir.glob("block-*.pt"))) == 12 * 4

@@ -285,7 +285,7 @@ def test_resume_loads_no_pickled_state(world, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     distill(run_args(world, out))
     ckpt = sorted((out / "checkpoints").glob("step-*"))[-1]
-    assert not list(ckpt.glob("custom_checkpoint_*")) and "scheduler" in json.loads((ckpt / "trainer.json").read_text())
+    assert not list(ckpt.glob("custom_checkpoint_*")) and "kd" in json.loads((ckpt / "trainer.json").read_text())
     (ckpt / "custom_checkpoint_0.pkl").write_bytes(b"\x80\x04 not loaded")
     assert_refused(distill_argv(world, out, "--resume"), capsys, monkeypatch, "pickled", roots=(tmp_path,))
 

@@ -6,8 +6,10 @@
 
 A block is `seq_len` consecutive tokens of concatenated conversations (visited in a seeded order, then
 again in a new order for the next epoch). `loss_mask[t]` marks tokens that are targets: assistant
-turns (content and end-of-turn) when `mask_prompt`, every token otherwise. Block k is a pure
-function of (dataset, tokenizer, seq_len, seed, k), which is what makes training runs resumable. Plain texts pack
+turns (content and end-of-turn) when `mask_prompt`, every token otherwise. A training stream
+(`skip_untargeted`) leaves out the blocks with no target token (the middle of a long prompt): each would cost a
+whole step and teach nothing. Block k is a pure function of (dataset, tokenizer, seq_len, seed, k), which is what
+makes training runs resumable. Plain texts pack
 the same way (`PackedText`: EOS after each, every token a target), and `MixedBlocks` interleaves two streams.
 """
 
@@ -69,10 +71,11 @@ class PackedDocuments(Blocks):
     """Documents concatenated in a seeded order (a new order each epoch) and cut into `seq_len` blocks; subclasses
     say how a document renders into (token ids, target mask)."""
 
-    def __init__(self, docs, tok, seq_len: int, seed: int = 0):
+    def __init__(self, docs, tok, seq_len: int, seed: int = 0, skip_untargeted: bool = False):
         if len(docs) == 0:
             raise UserError("cannot pack an empty dataset: the data has no usable conversation or text")
         self.docs, self.tok, self.seq_len, self.seed = docs, tok, seq_len, seed
+        self.skip_untargeted, self._kept_epoch = skip_untargeted, 0
         self._blocks: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ids: list[int] = []
         self._mask: list[int] = []
@@ -100,17 +103,22 @@ class PackedDocuments(Blocks):
             while len(self._ids) < self.seq_len:
                 self._next_document()
             n = self.seq_len
-            self._blocks.append((torch.tensor(self._ids[:n], dtype=torch.int32),
-                                 torch.tensor(self._mask[:n], dtype=torch.bool)))
+            ids, mask = torch.tensor(self._ids[:n], dtype=torch.int32), torch.tensor(self._mask[:n], dtype=torch.bool)
             self._ids, self._mask = self._ids[n:], self._mask[n:]
+            if self.skip_untargeted and not mask[1:].any():  # token 0 of a block is no target: nothing predicts it
+                if self._epoch > self._kept_epoch + 1:
+                    raise UserError(f"no block of {n} tokens of the data has a target token; use longer --seq-len")
+                continue
+            self._kept_epoch = self._epoch
+            self._blocks.append((ids, mask))
         return self._blocks[k]
 
 
 class PackedChat(PackedDocuments):
     """Conversations (rows with `messages`) rendered with the chat template (see module docstring)."""
 
-    def __init__(self, ds, tok, seq_len: int, seed: int = 0, mask_prompt: bool = True):
-        super().__init__(ds, tok, seq_len, seed)
+    def __init__(self, ds, tok, seq_len: int, seed: int = 0, mask_prompt: bool = True, skip_untargeted: bool = False):
+        super().__init__(ds, tok, seq_len, seed, skip_untargeted)
         self.mask_prompt = mask_prompt
 
     def render(self, doc) -> tuple[list[int], list[int]]:

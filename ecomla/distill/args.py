@@ -1,6 +1,7 @@
 """`ecomla distill STUDENT --teacher T --data D --out DIR`: stage 1, layer-wise alignment then end-to-end KD.
 
     ecomla distill out/student-4x --teacher default --data default --out runs/kd-4x --max-minutes 30
+    ecomla distill out/student-4x --out runs/kd-4x-1m --max-tokens 1000000    # a token budget instead
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m ecomla distill out/student-4x --out runs/ddp
     accelerate launch --config_file fsdp.yaml -m ecomla distill ...   # same script on GPUs (DDP/FSDP/DeepSpeed)
 
@@ -20,7 +21,9 @@ from ..losses import KINDS
 STAGES = ("ild", "kd", "both")
 TRAINABLE = ("all", "attention", "mla")
 PRECISIONS = ("auto", "bf16", "fp32")
-# what a --resume may change: none of them shapes the data stream, the schedule or the model
+DEFAULT_MAX_TOKENS = 1_000_000  # the KD budget when neither --max-tokens nor --max-minutes is given
+# what a --resume may change: none of them shapes the data stream, the schedule or the model (--max-minutes moves
+# the clock's stop, and sizes the schedule only when the run stopped before its length was fixed)
 RESUMABLE = ("max_minutes", "save_every", "keep_last", "eval_tokens", "compile_loss", "chunk", "progress")
 
 
@@ -36,10 +39,13 @@ class DistillArgs:
     text_share: float = arg("share of the training blocks taken from --text-data", default=0.25)
     out: str = arg("output folder", default="runs/distill")
     stage: str = arg("ild (layer-wise alignment only), kd (end-to-end only) or both", default="both", choices=STAGES)
-    max_tokens: int = arg("KD token budget; also sets the length of the LR schedule", default=1_000_000)
+    max_tokens: int | None = arg("KD token budget; also sets the length of the LR schedule; unset: "
+                                 f"{DEFAULT_MAX_TOKENS:,}, or with --max-minutes the tokens that fill the minutes",
+                                 default=None)
     ild_tokens: int = arg("ILD token budget", default=65_536)
-    max_minutes: float | None = arg("stop cleanly (with a checkpoint) after this many minutes of training, "
-                                    "counted over resumed runs too", default=None)
+    max_minutes: float | None = arg("training minutes, counted over resumed runs too; the KD schedule is sized to "
+                                    "fill them from the speed measured on its first steps, and ends at its floor; "
+                                    "with --max-tokens, whichever ends first", default=None)
     resume: bool = arg("continue from the newest checkpoint in OUT/checkpoints; every other setting must match the "
                        "first run except " + flag_list(RESUMABLE),
                        default=False)
@@ -49,7 +55,8 @@ class DistillArgs:
     lr: float = arg("KD peak learning rate (the paper's 1B recipe: 8e-5)", default=1e-4)
     ild_lr: float = arg("ILD peak learning rate", default=1e-3)
     min_lr_ratio: float = arg("cosine floor as a fraction of the peak", default=0.1)
-    warmup_ratio: float = arg("warmup share of each stage (paper: 0.01)", default=0.01)
+    warmup_ratio: float = arg("warmup share of each stage (paper: 0.01); a KD stage sized by --max-minutes warms up "
+                              "over 2 steps", default=0.01)
     weight_decay: float = arg("AdamW weight decay", default=0.0)
     betas: str = arg("AdamW betas (paper: 0.9,0.98)", default="0.9,0.98")
     grad_clip: float = arg("max gradient norm (0 = off)", default=1.0)
@@ -58,7 +65,8 @@ class DistillArgs:
     temperature: float = arg("KD temperature (loss scaled by T^2)", default=1.0)
     kl_weight: float = arg("weight of the divergence", default=1.0)
     ce_weight: float = arg("weight of plain cross-entropy on the data (paper default 0)", default=0.0)
-    mask_prompt: bool = arg("train on assistant tokens only (padding is always masked)", default=True)
+    mask_prompt: bool = arg("KD on assistant tokens only (the default); --no-mask-prompt: on every token (the "
+                            "teacher gives a distribution at every position)", default=True)
     trainable: str = arg("KD trainable set: all (paper), attention, mla", default="all", choices=TRAINABLE)
     precision: str = arg("bf16 (autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU has bf16 units, "
                          "else fp32 (emulated bf16 is slower); one precision per process",
@@ -72,7 +80,7 @@ class DistillArgs:
                              "to eager where compiling fails)", default=True)
     chunk: int = arg("target rows per full-vocabulary logits chunk", default=1024)
     seed: int = arg("seed (data order, init of nothing else)", default=0)
-    progress: bool = arg("show a progress bar", default=True)
+    progress: bool = arg("show a progress bar: each step's own loss, tokens/s and learning rate", default=True)
 
     def __post_init__(self):
         for name, choices in (("stage", STAGES), ("loss", KINDS), ("trainable", TRAINABLE), ("precision", PRECISIONS)):
@@ -83,9 +91,11 @@ class DistillArgs:
             assert len(self.beta_pair) == 2 and all(0 <= x < 1 for x in self.beta_pair)
         except (ValueError, AssertionError):
             raise UserError(f"--betas must be two numbers in [0, 1) like 0.9,0.98, got {self.betas!r}") from None
-        for name in ("max_tokens", "seq_len", "batch_size", "grad_accum", "save_every", "keep_last", "chunk"):
-            if getattr(self, name) < 1:
+        for name in ("max_tokens", "batch_size", "grad_accum", "save_every", "keep_last", "chunk"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.seq_len < 2:
+            raise UserError(f"--seq-len must be >= 2 (a block's first token is no target), got {self.seq_len}")
         if self.ild_tokens < 0 or self.lr <= 0 or self.ild_lr <= 0:
             raise UserError("--ild-tokens must be >= 0 and learning rates > 0")
         if self.kl_weight == 0 and self.ce_weight == 0:
@@ -101,6 +111,13 @@ class DistillArgs:
             raise UserError("--teacher-topk caches the teacher on the chat stream only; drop it or --text-data")
         if self.max_minutes is not None and self.max_minutes <= 0 or self.temperature <= 0:
             raise UserError("--max-minutes and --temperature must be > 0")
+
+    @property
+    def kd_tokens(self) -> int | None:
+        """The KD token budget; None: sized by --max-minutes."""
+        if self.max_tokens is not None or self.max_minutes is not None:
+            return self.max_tokens
+        return DEFAULT_MAX_TOKENS
 
     @property
     def beta_pair(self) -> tuple[float, float]:

@@ -74,11 +74,13 @@ class TopKCache:
 
     def __init__(self, root: Path, teacher_id: str, data_id: str, seq_len: int, seed: int, k: int,
                  mask_prompt: bool):
-        key = json.dumps([teacher_id, data_id, seq_len, seed, k, mask_prompt])
+        # "targeted": blocks without a target token are left out of the stream (a cache of the earlier stream,
+        # with them, has other blocks under the same numbers)
+        key = json.dumps([teacher_id, data_id, seq_len, seed, k, mask_prompt, "targeted"])
         self.dir = Path(root) / hashlib.sha1(key.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "key.json").write_text(key)
-        self.k = k
+        self.k, self.cleaned = k, False
 
     def path(self, block: int) -> Path:
         return self.dir / f"block-{block:07d}.pt"
@@ -86,7 +88,9 @@ class TopKCache:
     @torch.no_grad()
     def fill(self, teacher, packed, blocks: range, batch_size: int, device) -> None:
         missing = [b for b in blocks if not self.path(b).is_file()]
-        clean_stale(self.dir, every=True)  # once for the folder, not once a block
+        if missing and not self.cleaned:  # once for the folder, not once a block or a step
+            clean_stale(self.dir, every=True)
+            self.cleaned = True
         for lo in range(0, len(missing), batch_size):
             chunk = missing[lo : lo + batch_size]
             ids = torch.stack([packed.block(b)[0] for b in chunk]).long().to(device)

@@ -6,8 +6,11 @@ so the data position is just the step counter: a resumed run (model, optimizer, 
 by accelerate) continues on exactly the blocks the uninterrupted run would have seen.
 
 Steps [0, S_ild) are layer-wise alignment (MLA parameters only, lr `ild_lr`), then [S_ild, S_ild+S_kd)
-are end-to-end KD (the `trainable` set, lr `lr`); each stage has its own warmup + cosine. The run ends
-with the final HF checkpoint in OUT/ and a held-out KL / perplexity check.
+are end-to-end KD (the `trainable` set, lr `lr`); each stage has its own warmup + cosine. S_kd comes from
+--max-tokens, or from the speed measured on the first KD steps when --max-minutes sizes it (budget.py); it is
+stored in every checkpoint. Every block the trainer sees has a target token (data/packing.py). The run ends with
+the final HF checkpoint in OUT/ and a held-out KL / perplexity check. `clock` (time.monotonic unless a test
+injects another) is the one source of time: the budget, the step times, the calibration.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolv
 from ..mla.attention import MLAAttention
 from ..outputs import claim_run, mark_finished, publish, temp_path
 from .args import RESUMABLE, DistillArgs
+from .budget import ENDINGS, Budget, schedule, warmup_steps
 from .objective import ILDBatch, KDBatch, Objective
+from .quiet import drop_tied_aliases, library_bars_off, show
 from .teacher import TeacherLogits, TopKCache, attention_io
 
 
@@ -52,16 +57,6 @@ def param_groups(student) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
-def schedule(step: int, steps: int, warmup_ratio: float, floor: float) -> float:
-    """Multiplier for step `step` of a `steps`-step stage: linear warmup over max(1, warmup_ratio*steps)
-    steps (the first step already moves), then cosine from 1 down to `floor` at the last step."""
-    warm = max(1, round(warmup_ratio * steps))
-    if step < warm:
-        return (step + 1) / warm
-    p = (step - warm) / max(1, steps - 1 - warm)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-
-
 def accelerator(precision: str, find_unused_parameters: bool) -> Accelerator:
     """An Accelerator; accelerate keeps one mixed precision per process, so asking another is a clear error."""
     ddp = DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)
@@ -75,8 +70,9 @@ def accelerator(precision: str, find_unused_parameters: bool) -> Accelerator:
 
 
 class Trainer:
-    def __init__(self, args: DistillArgs):
+    def __init__(self, args: DistillArgs, clock=time.monotonic):
         self.args = a = args
+        self.clock = clock
         self.out = Path(a.out)
         self.ckpt_root = self.out / "checkpoints"
         self.acc = accelerator(a.precision, find_unused_parameters=a.stage != "kd" and a.trainable != "mla")
@@ -84,10 +80,11 @@ class Trainer:
         try:
             set_seed(a.seed)
             self.world = self.acc.num_processes
-            self._load_models()
-            self._setup_data()
+            with library_bars_off():  # one bar: the training's own
+                self._load_models()
+                self._setup_data()
             self._setup_optim()
-            self.step, self.elapsed_before = 0, 0.0
+            self.step, self.elapsed_before, self.kd_here = 0, 0.0, 0
         except BaseException:
             self.release()
             raise
@@ -103,7 +100,8 @@ class Trainer:
         """The main process takes OUT (locked; a resume must keep the stored run's settings) before any load."""
         a, lock = self.args, None
         if self.acc.is_main_process:
-            settings = {**run_settings(a), "student shapes": mla_shapes(a.student)}  # a folder may be re-converted
+            settings = {**run_settings(a), "student shapes": mla_shapes(a.student),  # a folder may be re-converted
+                        "--max-minutes given": a.max_minutes is not None}  # its value may change, not whether
             inputs = [a.student, None if a.teacher == "source" else a.teacher, a.data, a.text_data]
             if a.resume:
                 self._newest_checkpoint()  # refused before the claim, which writes the lock file
@@ -148,24 +146,26 @@ class Trainer:
         a = self.args
         self.tok = load_tokenizer(self.student_path)
         self.split = split_chat(load_chat(a.data))
-        self.packed = PackedChat(self.split["train"], self.tok, a.seq_len, seed=a.seed, mask_prompt=a.mask_prompt)
+        self.packed = PackedChat(self.split["train"], self.tok, a.seq_len, seed=a.seed, mask_prompt=a.mask_prompt,
+                                 skip_untargeted=True)
         if a.text_data is not None:  # a share of the blocks from plain text (every token a target)
             text = PackedText(load_texts(a.text_data), self.tok, a.seq_len, seed=a.seed)
             self.packed = MixedBlocks(self.packed, text, a.text_share)
         self.tokens_per_step = self.world * a.batch_size * a.grad_accum * a.seq_len
         self.ild_steps = math.ceil(a.ild_tokens / self.tokens_per_step) if (a.stage != "kd" and a.ild_tokens > 0) else 0
-        self.kd_steps = math.ceil(a.max_tokens / self.tokens_per_step) if a.stage != "ild" else 0
-        self.total_steps = self.ild_steps + self.kd_steps
+        self.has_kd = a.stage != "ild"
+        cap = (None if a.kd_tokens is None else math.ceil(a.kd_tokens / self.tokens_per_step)) if self.has_kd else 0
+        self.budget = Budget(cap=cap, minutes=a.max_minutes if self.has_kd else None, save_every=a.save_every)
         self.topk = None
-        if a.teacher_topk > 0 and self.kd_steps:
+        if a.teacher_topk > 0 and self.has_kd:
             self.topk = TopKCache(cache_dir() / "teacher_topk", str(resolve(self.teacher_spec)), a.data, a.seq_len,
                                   a.seed, a.teacher_topk, a.mask_prompt)
 
     def _setup_optim(self):
         a = self.args
         groups = param_groups(self.student)
-        trained = {"mla"} | ({"attn"} if a.trainable in ("all", "attention") and self.kd_steps else set()) | (
-            {"rest"} if a.trainable == "all" and self.kd_steps else set())
+        trained = {"mla"} | ({"attn"} if a.trainable in ("all", "attention") and self.has_kd else set()) | (
+            {"rest"} if a.trainable == "all" and self.has_kd else set())
         for name, ps in groups.items():
             for p in ps:
                 p.requires_grad_(name in trained)
@@ -174,17 +174,23 @@ class Trainer:
         opt_groups = [{"params": [p for p in groups[n] if p.requires_grad], "lr": 1.0, "name": n}
                       for n in sorted(trained)]
         self.optimizer = torch.optim.AdamW(opt_groups, lr=1.0, betas=a.beta_pair, weight_decay=a.weight_decay)
-        lambdas = [lambda s, n=g["name"]: self.lr_at(s, n) for g in opt_groups]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
         self.model, self.optimizer = self.acc.prepare(self.objective, self.optimizer)
+        self.acc.register_save_state_pre_hook(drop_tied_aliases)
+
+    @property
+    def total_steps(self) -> int | None:
+        """ILD + KD steps; None while a time budget has not fixed the KD stage's length."""
+        return None if self.budget.steps is None else self.ild_steps + self.budget.steps
 
     def lr_at(self, step: int, group: str) -> float:
+        """The learning rate of `group` at `step`: a pure function of the step and the stored KD length."""
         a = self.args
         if step < self.ild_steps:
-            return a.ild_lr * schedule(step, self.ild_steps, a.warmup_ratio, a.min_lr_ratio) if group == "mla" else 0.0
+            warm = warmup_steps(self.ild_steps, a.warmup_ratio)
+            return a.ild_lr * schedule(step, self.ild_steps, warm, a.min_lr_ratio) if group == "mla" else 0.0
         if group == "attn" and a.trainable == "mla" or group == "rest" and a.trainable != "all":
             return 0.0
-        return a.lr * schedule(step - self.ild_steps, self.kd_steps, a.warmup_ratio, a.min_lr_ratio)
+        return a.lr * self.budget.multiplier(step - self.ild_steps, a.warmup_ratio, a.min_lr_ratio)
 
     # ---- one optimizer step ------------------------------------------------------------------
     def blocks(self, step: int, micro: int) -> list[int]:
@@ -210,12 +216,13 @@ class Trainer:
         """End-to-end KD: the loss is the mean per target token over ranks and micro-batches."""
         blocks = [self.blocks(step, m) for m in range(self.args.grad_accum)]
         batches = [self.batch(b) for b in blocks]
-        count = max(self._sum_over_ranks(sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)), 1.0)
+        targets = self._sum_over_ranks(sum(int(b["loss_mask"][:, 1:].sum()) for b in batches))
+        count = max(targets, 1.0)
         total = 0.0
         for m, (blk, b) in enumerate(zip(blocks, batches)):
             teacher = self._teacher_logits(b, blk)
             total += self._backward(m, KDBatch(b["input_ids"], b["loss_mask"], teacher, scale=self.world / count))
-        return {"stage": "kd", "loss": self._sum_over_ranks(total) / count, **self._update()}
+        return {"stage": "kd", "loss": self._sum_over_ranks(total) / count, "targets": int(targets), **self._update()}
 
     def _backward(self, micro: int, batch: ILDBatch | KDBatch) -> float:
         """Forward + backward of one micro-batch (gradients synchronised on the last); its local loss sum."""
@@ -226,13 +233,14 @@ class Trainer:
         return float(part)
 
     def _update(self) -> dict:
-        """Clip, optimizer step, schedule step, zero grads; the gradient norm and the rate this step used."""
+        """Clip, set this step's rates, optimizer step, zero grads; the gradient norm and the rate this step used."""
         a = self.args
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = self.acc.clip_grad_norm_(params, a.grad_clip) if a.grad_clip > 0 else None
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step, g["name"])
         lr = max(g["lr"] for g in self.optimizer.param_groups)
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": None if norm is None else float(norm), "lr": lr}
 
@@ -242,7 +250,8 @@ class Trainer:
     def _teacher_logits(self, b: dict, blocks: list[int]):
         if self.args.kl_weight == 0:
             return None
-        if self.topk is not None:
+        if self.topk is not None:  # blocks past the cache's end (a time budget fills it as it goes) are added first
+            self.topk.fill(self.teacher, self.packed, blocks, len(blocks), self.acc.device)
             return self.topk.load(blocks, self.student.config.vocab_size, self.acc.device)
         return TeacherLogits(self.teacher, b["input_ids"], b["loss_mask"])
 
@@ -251,14 +260,20 @@ class Trainer:
         """PATH's `temp_path` for a folder every process writes into: the main process's name, sent to all."""
         return broadcast_object_list([temp_path(path) if self.acc.is_main_process else None])[0]
 
-    def save_checkpoint(self, elapsed: float) -> Path:
+    def save_checkpoint(self, elapsed: float, fix_length: bool = False) -> Path:
+        """Model, optimizer and RNG states, and trainer.json (step, minutes, the KD length and its measurements).
+        fix_length: a time budget fixes the KD stage's length now, from what this save cost, and stores it here."""
         final = self.ckpt_root / f"step-{self.step:07d}"
         tmp = self.shared_temp(final)  # every process writes its RNG state into it
+        t = self.clock()
         self.acc.save_state(str(tmp))
+        if fix_length:
+            save_s = self.clock() - t
+            self._fix_length(elapsed + save_s, save_s)
         if self.acc.is_main_process:
             (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "elapsed_s": elapsed,
                                                           "tokens": self.step * self.tokens_per_step,
-                                                          "scheduler": self.scheduler.state_dict()}))
+                                                          "kd": self.budget.state()}))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(self.ckpt_root.glob("step-???????"))[: -self.args.keep_last]:
@@ -266,15 +281,21 @@ class Trainer:
         self.acc.wait_for_everyone()
         return final
 
+    def _fix_length(self, spent: float, save_s: float) -> None:
+        """The KD stage's length from the main process's measurements, the same on every process."""
+        steps = self.budget.fix(spent, save_s) if self.acc.is_main_process else None
+        self.budget.steps = broadcast_object_list([steps])[0]
+
     def resume(self) -> None:
         """Restore the newest checkpoint (none yet: start at step 0). Nothing in it is unpickled: tensors load
-        with weights_only=True and the schedule's state is JSON in trainer.json."""
+        with weights_only=True and the KD length is JSON in trainer.json."""
         ckpt = self._newest_checkpoint()
         if ckpt is not None:
             self.acc.load_state(str(ckpt), load_kwargs={"weights_only": True})
             state = json.loads((ckpt / "trainer.json").read_text())
-            self.scheduler.load_state_dict(state["scheduler"])
             self.step, self.elapsed_before = state["step"], state["elapsed_s"]
+            if self.budget.timed:
+                self.budget.load(state["kd"])
         metrics = self.out / "metrics.jsonl"
         if self.acc.is_main_process and metrics.is_file():  # drop steps (and a final row) logged after it
             rows = [line for line in metrics.read_text().splitlines() if line]
@@ -293,7 +314,8 @@ class Trainer:
                     self.tensorboard.add_scalar(f"{row['stage']}/{key}", row[key], row["step"])
 
     def _start(self) -> None:
-        """Resume an earlier run, open TensorBoard, fill the top-k teacher cache."""
+        """Resume an earlier run, open TensorBoard, fill the top-k teacher cache up to the KD length, or the
+        --max-tokens steps while a time budget has not fixed it (blocks past the fill are added as they come)."""
         a = self.args
         if a.resume:
             self.resume()
@@ -305,10 +327,12 @@ class Trainer:
                 self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 pass
-        if self.topk is not None and self.acc.is_main_process:
+        kd_steps = self.budget.cap if self.budget.steps is None else self.budget.steps
+        if self.topk is not None and self.acc.is_main_process and kd_steps is not None:
             per_step = self.world * a.batch_size * a.grad_accum
-            self.topk.fill(self.teacher, self.packed, range(self.ild_steps * per_step, self.total_steps * per_step),
-                           a.batch_size, self.acc.device)
+            end = (self.ild_steps + kd_steps) * per_step
+            self.topk.fill(self.teacher, self.packed, range(self.ild_steps * per_step, end), a.batch_size,
+                           self.acc.device)
         self.acc.wait_for_everyone()
 
     def run(self) -> dict:
@@ -318,40 +342,65 @@ class Trainer:
         finally:
             self.release()
 
+    def _more(self) -> bool:
+        return self.total_steps is None or self.step < self.total_steps
+
+    def _out_of_time(self, spent: float, times: list[float]) -> bool:
+        """Whether the next step and the final checkpoint would pass --max-minutes (the main process decides)."""
+        a = self.args
+        if a.max_minutes is None or not times:
+            return False
+        late = spent + sum(times[-5:]) / len(times[-5:]) + (self.budget.save_s or 0.0) > a.max_minutes * 60
+        return broadcast_object_list([late])[0] if self.world > 1 else late
+
+    def _train_step(self) -> dict:
+        """One optimizer step; its metrics row, with the step's own tokens/s."""
+        k = self.step - self.ild_steps  # KD step index, negative during ILD
+        ts = self.clock()
+        row = self.ild_step(self.step) if k < 0 else self.kd_step(self.step)
+        self.step += 1
+        seconds = self.clock() - ts
+        if k >= 0:
+            self.kd_here += 1  # KD steps run by this process: its first ones are not timed
+        return {**row, "step": self.step - 1, "tokens": self.step * self.tokens_per_step,
+                "tokens_per_s": self.tokens_per_step / seconds if seconds > 0 else None}
+
     def _run(self) -> dict:
         a = self.args
         self._start()
-        t0 = time.time()
+        t0 = self.clock()
+        spent = lambda: self.elapsed_before + self.clock() - t0  # noqa: E731  (resumes included)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (a.progress and self.acc.is_main_process),
                    desc="distill", unit="step")
-        step_times, stopped = [], "done"
+        times, stopped = [], None  # each step's whole cycle: the step, its log row and the bar; not checkpoints
         self.model.train()
         try:
-            while self.step < self.total_steps:
-                if a.max_minutes is not None and step_times:  # a budget for the whole run, resumes included
-                    spent = self.elapsed_before + time.time() - t0
-                    if spent + sum(step_times[-5:]) / len(step_times[-5:]) > a.max_minutes * 60:
-                        stopped = "time budget"
-                        break
-                ts = time.time()
-                row = self.ild_step(self.step) if self.step < self.ild_steps else self.kd_step(self.step)
-                self.step += 1
-                step_times.append(time.time() - ts)
-                row.update(step=self.step - 1, tokens=self.step * self.tokens_per_step,
-                           tokens_per_s=self.tokens_per_step / step_times[-1],
-                           elapsed_s=round(self.elapsed_before + time.time() - t0, 2))
-                self.log(row)
-                bar.set_postfix(stage=row["stage"], loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-                bar.update(1)
-                if self.step % a.save_every == 0 and self.step < self.total_steps:
-                    self.save_checkpoint(self.elapsed_before + time.time() - t0)
+            while self._more():
+                start = self.clock()
+                if self._out_of_time(spent(), times):
+                    stopped = "clock"
+                    break
+                measured = self.budget.measuring(self.step - self.ild_steps, self.kd_here)
+                row = self._train_step()
+                self.log({**row, "elapsed_s": round(spent(), 2)})
+                show(bar, row)
+                times.append(self.clock() - start)
+                if measured:
+                    self.budget.step_s.append(times[-1])
+                if self.budget.due(self.step - self.ild_steps):
+                    self.save_checkpoint(spent(), fix_length=True)
+                    bar.total = self.total_steps
+                    bar.refresh()
+                elif self.step % a.save_every == 0 and self._more():
+                    self.save_checkpoint(spent())
         except KeyboardInterrupt:
             stopped = "interrupted"
         bar.close()
-        self.save_checkpoint(self.elapsed_before + time.time() - t0)
+        self.save_checkpoint(spent())
         if stopped == "interrupted":
             raise KeyboardInterrupt
-        return self.finish(stopped, self.elapsed_before + time.time() - t0)
+        stopped = stopped or (self.budget.ended_by() if self.has_kd else "ild-tokens")
+        return self.finish(stopped, spent())
 
     # ---- finish -----------------------------------------------------------------------------
     def save_final(self) -> None:
@@ -361,7 +410,8 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         stage = temp_path(self.out / ".final")
-        student.save_pretrained(stage, state_dict={k.removeprefix("student."): v for k, v in state.items()})
+        with library_bars_off():
+            student.save_pretrained(stage, state_dict={k.removeprefix("student."): v for k, v in state.items()})
         self.tok.save_pretrained(stage)
         publish(stage, self.out, self.student_path)
 
@@ -385,15 +435,16 @@ class Trainer:
         self.acc.wait_for_everyone()
         check = self.heldout_check()
         summary = {"stopped": stopped, "steps": self.step, "tokens": self.step * self.tokens_per_step,
-                   "ild_steps": self.ild_steps, "kd_steps": self.kd_steps, "minutes": round(elapsed / 60, 2),
-                   "teacher": self.teacher_spec, "heldout": check, "world_size": self.world}
+                   "ild_steps": self.ild_steps, "kd_steps": self.budget.steps, "kd_length": self.budget.summary(),
+                   "minutes": round(elapsed / 60, 2), "teacher": self.teacher_spec, "heldout": check,
+                   "world_size": self.world}
         if self.acc.is_main_process:
             self.log({"final": summary})
             args = {k: getattr(self.args, k) for k in self.args.__dataclass_fields__}
             (self.out / "ecomla_train.json").write_text(json.dumps({"args": args, **summary}, indent=2))
             mark_finished(self.out)
-            print(f"distill: {stopped} after {self.step} steps ({summary['tokens']:,} tokens, {summary['minutes']} "
-                  f"min); held-out: {check}")
+            print(f"distill: {ENDINGS[stopped]} after {self.step} steps ({summary['tokens']:,} tokens, "
+                  f"{summary['minutes']} min); held-out: {check}")
         if self.tensorboard is not None:
             self.tensorboard.close()
         return summary

@@ -29,17 +29,25 @@ def table(results: dict) -> list[str]:
     models = results["models"]
     tasks = [t for t in TASK_ORDER if any(t in m["tasks"] for m in models)]
     tasks += sorted({t for m in models for t in m["tasks"]} - set(tasks))
-    head = ["model", "KV B/token", "smaller", "KL to teacher", "top-1 agree", "ppl chat", "ppl text", *tasks, "avg"]
+    head = ["model", "KV B/token", "smaller", "KL to teacher", "top-1 agree", "KL text", "ppl chat", "ppl text", *tasks,
+            "avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
         ppl = m.get("ppl") or {}
         cells = [m["name"], str(m.get("kv_bytes_per_token")), f"{m.get('compression', 1):.2f}x",
-                 _fmt(m.get("kl_to_teacher")), _fmt(m.get("top1_agreement")), _fmt(ppl.get("chat"), digits=2),
+                 _fmt(m.get("kl_to_teacher")), _fmt(m.get("top1_agreement")), _fmt(m.get("kl_text")),
+                 _fmt(ppl.get("chat"), digits=2),
                  _fmt(ppl.get("text"), digits=2)]
         cells += [_score(m["tasks"][t]) if t in m["tasks"] else "-" for t in tasks]
         cells.append(_fmt(m.get("average"), True))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _percent(task: dict | None) -> float:
+    """A task's score in %, NaN (no bar; not a bar at 0) when the model did not run it."""
+    value = task.get(task.get("average_metric", "acc")) if task else None
+    return float("nan") if value is None else 100 * value
 
 
 def plot_tasks(results: dict, path: Path) -> bool:
@@ -51,8 +59,7 @@ def plot_tasks(results: dict, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(models)) / 2), 4))
     width = 0.8 / len(models)
     for i, m in enumerate(models):
-        vals = [100 * (m["tasks"].get(t, {}).get(m["tasks"].get(t, {}).get("average_metric", "acc")) or 0)
-                for t in tasks]
+        vals = [_percent(m["tasks"].get(t)) for t in tasks]
         ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=m["name"])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=20)
     ax.set_ylabel("score (%): acc_norm or acc")

