@@ -1,4 +1,4 @@
-"""The fitted init (`--init fitted`): its metric, its closed-form refits and its sequential calibration."""
+"""The fitted init (`--init fitted`): its metric, its closed-form refits, its layer pass and what it records."""
 
 import dataclasses
 import json
@@ -75,13 +75,13 @@ def test_o_proj_refit_lowers_the_attention_output_error_it_targets(tmp_path):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_o_proj_refit_errors_from_moments_equal_the_direct_errors(bias):
-    from ecomla.convert.sequential import refit_o
+    from ecomla.convert.layer_pass import refit_o
 
     g = torch.Generator().manual_seed(0)
     o_proj = torch.nn.Linear(12, 6, bias=bias)
     z = [torch.randn(50, 12, generator=g) for _ in range(3)]
     targets = [zk @ torch.randn(12, 6, generator=g) * 0.1 + o_proj(zk).detach() for zk in z]
-    with torch.no_grad():  # as fit_sequentially calls it
+    with torch.no_grad():  # as the fitting pass calls it
         w, b, row = refit_o(o_proj, z, targets, FitChoice(ridge=1e-3))
 
     def direct(weight, bias_):
@@ -175,16 +175,14 @@ def final_hidden_path(model, x, path):
 
 def test_fitted_flags_map_to_the_fit_choice_and_are_refused_elsewhere():
     base = dict(src="s", out="o", kv_rank=8)
-    args = ConvertArgs(**base, init="fitted", key_weight="2,6", o_refit="none", sequential=True, o_ridge=0.5,
-                       attention_metric="up")
-    assert args.method.fit == FitChoice(key_weights=(2.0, 6.0), o_target="none", sequential=True, ridge=0.5,
-                                        attention_metric="up")
+    args = ConvertArgs(**base, init="fitted", key_weight="2.5", o_ridge=0.5, attention_metric="up")
+    assert args.method.fit == FitChoice(key_weight=2.5, ridge=0.5, attention_metric="up")
     assert ConvertArgs(**base, init="fitted").method.fit == FitChoice()
     for bad, flag in ((dict(init="rope-whitened", key_weight="4"), "--key-weight"),
-                      (dict(init="whitened", sequential=True), "--sequential"),
                       (dict(init="rope-whitened", attention_metric="none"), "--attention-metric"),
                       (dict(init="fitted", key_weight="0"), "--key-weight"),
-                      (dict(init="fitted", key_weight="a,b"), "--key-weight"),
+                      (dict(init="fitted", key_weight="a"), "--key-weight"),
+                      (dict(init="fitted", key_weight="2,6"), "--key-weight '2,6': give one number"),
                       (dict(init="fitted", o_ridge=-1.0), "--o-ridge")):
         with pytest.raises(UserError, match=flag):
             ConvertArgs(**base, **bad)
@@ -210,7 +208,7 @@ def test_attention_moments_give_the_teachers_head_outputs():
     """att_v is the second moment of the attention mixtures xbar_i = sum_j p_ij x_j: a head's output before
     o_proj is W_v xbar_i exactly, so W_v att_v W_v^T is the second moment of the teacher's head outputs; att_k is
     what the keys receive less that (positive semi-definite)."""
-    from ecomla.convert.sequential import attention_moments
+    from ecomla.convert.layer_pass import attention_moments
     from ecomla.mla.attention import GQAAttention, build_mask
     from ecomla.mla.config import EcoMLAConfig
 
