@@ -11,7 +11,7 @@ import ecomla  # noqa: F401
 from ecomla.common import UserError
 from ecomla.convert import fit, svd
 from ecomla.convert.convert import ConvertArgs, convert
-from ecomla.convert.inits import INITS, FitChoice, RopeChoice
+from ecomla.convert.inits import INITS, FitChoice, InitMethod, RopeChoice
 from ecomla.eval.fidelity import final_hidden
 from ecomla.losses import token_kl
 from tests.helpers import make_source
@@ -46,6 +46,28 @@ def test_full_rank_reproduces_an_mqa_model(tmp_path):
     x = torch.randint(4, 100, (2, 12))
     with torch.no_grad():
         assert torch.allclose(a(x).logits, b(x).logits, atol=1e-3)
+
+
+def test_one_shot_fit_reads_the_source_weights_unmapped(tmp_path):
+    """One-shot calibration fits each layer on the teacher's own inputs (x_s = x_t), so no input map applies and at
+    full rank the fitted model is the source whatever the damping. Through the map C (C + damping)^-1 (what
+    sequential calibration reads the weights through) a large damping would shrink every projection."""
+    src = make_source("llama", tmp_path / "src", num_key_value_heads=1)
+    _convert(src, tmp_path / "out", _data(tmp_path), kv_rank=16, rope_dim=16, q_rank="none", damp=0.5)
+    a = AutoModelForCausalLM.from_pretrained(src).eval()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(4, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(a(x).logits, b(x).logits, atol=1e-3)
+
+
+def test_convert_json_records_the_init_the_flags_resolve_to(tmp_path):
+    src = make_source("llama", tmp_path / "src")
+    _convert(src, tmp_path / "out", _data(tmp_path), calib_seqs=8, kv_rank=4, rope_dim=8, rope_select="high",
+             key_weight="2", attention_metric="up")
+    meta = json.loads((tmp_path / "out" / "ecomla_convert.json").read_text())
+    want = InitMethod(whiten=True, rope=RopeChoice(select="high"), fit=FitChoice(key_weight=2.0, attention_metric="up"))
+    assert meta["method"] == json.loads(json.dumps(dataclasses.asdict(want))) and meta["q_rank"] == "auto"
 
 
 def _output_kl(src, student, x) -> float:

@@ -67,5 +67,8 @@ def teacher_model(source: SourceModel, seed: int):
 
 
 def layer_weights(source: SourceModel, i: int, moments: dict, choice: FitChoice, damp: float) -> svd.Source:
-    """Layer i's source projections, read through the input map A = C_ts C_ss^-1 (fit.input_map)."""
+    """Layer i's source projections; with sequential calibration read through the input map A = C_ts C_ss^-1
+    (fit.input_map). One-shot, the student's inputs are the teacher's (x_s = x_t): no map."""
+    if not choice.sequential:
+        return source.layer(i)
     return source.layer(i).reading(fit.input_map(moments["cov_ts"], moments["cov"], damp))

@@ -46,7 +46,7 @@ class LayerInputs:
 
     def moments(self, choice: FitChoice) -> dict[str, torch.Tensor]:
         """_moments, and with choice.attention_metric what the teacher's attention does (attention_moments)."""
-        m = _moments(self.x_s, self.x_t)
+        m = _moments(self.x_s, self.x_t if choice.sequential else None)
         if choice.attention_metric != "none":
             m |= attention_moments(self.teacher_attn, self.x_t, self.x_s, self.ropes_t, self.mask)
         return m
@@ -97,20 +97,21 @@ def layer_pass(teacher: EcoMLAForCausalLM, student: EcoMLAForCausalLM, batches: 
                 h_s[k] = h_t[k]
 
 
-def _moments(x_s: list[torch.Tensor], x_t: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{"cov": E[x_s x_s^T], "cov_ts": E[x_t x_s^T], "mean": E[x_s]} over all tokens, float64."""
+def _moments(x_s: list[torch.Tensor], x_t: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """{"cov": E[x_s x_s^T], "mean": E[x_s]} over all tokens, float64, and with x_t (sequential calibration)
+    "cov_ts": E[x_t x_s^T]."""
     D = x_s[0].shape[-1]
-    c_ss = torch.zeros(D, D, dtype=torch.float64)
-    c_ts = torch.zeros(D, D, dtype=torch.float64)
+    c_ss, c_ts = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
     mu = torch.zeros(D, dtype=torch.float64)
     n = 0
-    for xs, xt in zip(x_s, x_t):
-        xs, xt = xs.reshape(-1, D).double(), xt.reshape(-1, D).double()
+    for k, xs in enumerate(x_s):
+        xs = xs.reshape(-1, D).double()
         c_ss += xs.T @ xs
-        c_ts += xt.T @ xs
+        if x_t is not None:
+            c_ts += x_t[k].reshape(-1, D).double().T @ xs
         mu += xs.sum(0)
         n += xs.shape[0]
-    return {"cov": c_ss / n, "cov_ts": c_ts / n, "mean": mu / n}
+    return {"cov": c_ss / n, "mean": mu / n} | ({"cov_ts": c_ts / n} if x_t is not None else {})
 
 
 def attention_moments(attn: GQAAttention, x_t: list[torch.Tensor], x_s: list[torch.Tensor], ropes,
