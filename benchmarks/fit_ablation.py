@@ -66,8 +66,7 @@ def main() -> None:
     for name in a.variants.split(","):
         rows.append(measure(name, a, kv_rank, teacher, batches))
         print(json.dumps(rows[-1]), flush=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        (out / "results.json").write_text(json.dumps(rows, indent=2))  # the first convert made OUT
     lines = ["| variant | changed | KL | top-1 | ppl chat |", "|---|---|---|---|---|"]
     for r in rows:
         changed = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or ("--init " + r["init"])

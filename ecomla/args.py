@@ -5,10 +5,9 @@
         src: str = arg("folder, hub id or 'default'", positional=True)
         kv_rank: int | None = arg("latent rank r_kv", default=None)
 
-`add_dataclass_args(parser, ConvertArgs)` adds `SRC` and `--kv-rank` (fields with `advanced=True` under an
-"advanced" heading of `--help`); `from_namespace` builds the dataclass (running its `__post_init__` validation). A
-flag that was removed stays known: the dataclass's `RETIRED` maps its field name to why and what replaced it, and
-passing it (or its recipe key) is refused with that line. `load_yaml_defaults` lets a recipe YAML supply
+`add_dataclass_args(parser, ConvertArgs)` adds `SRC` and `--kv-rank` (`advanced=True` fields under their own
+heading); `from_namespace` builds the dataclass (running its `__post_init__` validation) and refuses a removed flag
+or recipe key with its line in the dataclass's `RETIRED` table. `load_yaml_defaults` lets a recipe YAML supply
 values that command-line flags then override. `command_line("convert", args)` is the way back: the exact
 `ecomla convert ...` command that builds `args`.
 """
@@ -80,13 +79,11 @@ def _flag(f: dataclasses.Field) -> str:
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
-    advanced = None
+    advanced = parser.add_argument_group("advanced (most runs leave these at their defaults)")  # shown if not empty
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if "help" not in meta:
             continue
-        if meta.get("advanced") and advanced is None:
-            advanced = parser.add_argument_group("advanced", "options most runs leave at their defaults")
         target = advanced if meta.get("advanced") else parser
         tp = _base_type(hints[f.name])
         default = _default(f)

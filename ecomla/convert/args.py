@@ -1,8 +1,7 @@
 """`ecomla convert`'s flags (`ConvertArgs`) and every check that needs no weights (`check_shapes`, `parse_layers`).
 
-Validation derives `args.method` (the InitMethod of --init with the --rope-*, --damp and fitted-init settings,
-inits.py) and `args.q_rank_choice` (an int, "auto" or None). Flags most runs leave alone are `advanced` (their own
-heading in `--help`); removed flags are `RETIRED`, each refused with one line saying why and what replaced it.
+Flags most runs leave alone are `advanced` (their own heading in `--help`); removed flags are `RETIRED`, each
+refused with one line saying why and what replaced it.
 """
 
 from __future__ import annotations
@@ -161,8 +160,8 @@ class ConvertArgs:
 
 def _key_weight(text: str) -> float:
     if "," in text:
-        raise UserError(f"--key-weight {text!r}: give one number; a key weight per layer chosen by its attention-output "
-                        "error " + LOST.format("one for all layers", FIT_ABLATION, "drop the list"))
+        raise UserError(f"--key-weight {text!r}: give one number; a key weight per layer chosen by its attention-"
+                        "output error " + LOST.format("one for all layers", FIT_ABLATION, "drop the list"))
     try:
         alpha = float(text)
     except ValueError:

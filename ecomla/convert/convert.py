@@ -28,8 +28,6 @@ from .layers import (SourceModel, build_state_dict, calibration_stats, materiali
                      plan_layers)
 from .norms import fit_latent_norms
 
-__all__ = ["ConvertArgs", "convert", "materialise"]
-
 
 def convert(args: ConvertArgs, log=print) -> dict:
     t0 = time.time()

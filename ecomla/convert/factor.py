@@ -4,9 +4,8 @@
     tensors, report = factor_layer(plan, r_q, r_kv, sigma)             # MLA weights by nn.Linear name
 
 Every factored init takes the same path; the `InitMethod` (inits.py) only decides the rows (Algorithm 1's
-layout or the rope-aware one) and the metric (weights, or whitened activations). The fitted init plans its layers
-here too (their rotary pairs and, for --rank-energy, their spectra), then factors each in the metric of its own
-fitting pass (fitted.py); both assemble the MLA tensors with `q_tensors` and `kv_tensors`.
+layout or the rope-aware one) and the metric (weights, or whitened activations). The fitted init plans here too
+(rotary pairs; spectra for --rank-energy) but factors in its own pass (fitted.py), with `q_tensors`, `kv_tensors`.
 """
 
 from __future__ import annotations

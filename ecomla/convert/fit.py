@@ -17,14 +17,11 @@ C_ts = E[x_t x_s^T]. In one-shot calibration (the default) x_s = x_t.
   Each of the two parts is scaled so its weighted energy equals its plain activation energy: the metric reshapes
   the errors within K and within V but keeps the K/V balance of the whitened factorisation, and alpha
   (`FitChoice.key_weight`) moves that balance.
-- **Attention metric** (`fit_metric`, `attention_fit_metric`): keys judged by the attention they receive, values on
-  the mixtures attention forms (layer_pass.attention_moments): the K / V up-projections are fitted per KV group in
-  those metrics, and with attention_metric 'all' the latent is chosen in their mean.
-- **Key mean** (`split_mean`; attention_metric 'none' and, for the latent, 'up'): a NoPE key component that is the
-  same for every token (W_k E[x]) adds the same logit to every key of a query, and softmax ignores it. Most of
-  SmolLM2's key energy is that mean (`benchmarks/fit_inspect.py`), so the latent is chosen in the covariance C_c
-  (mu = E[x] removed) and the K up-projection is fitted in it; the V up-projection, whose mean does pass through
-  attention, in C.
+- **Attention metric** (`fit_metric`): keys judged by the attention they receive, values on the mixtures attention
+  forms (layer_pass.attention_moments): the K / V up-projections are fitted per KV group in those metrics, and with
+  attention_metric 'all' the latent is chosen in their mean. Without it (`split_mean`): a NoPE key component shared
+  by every token (W_k E[x]) adds the same logit to every key of a query, which softmax ignores, so the latent and
+  the K up-projection are fitted in the covariance C - mu mu^T; V, whose mean does pass through attention, in C.
 - **Refits** (`least_squares_up`, `ridge_solve`): once the latent (the down-projection) is fixed, the up-projection
   and o_proj are linear least-squares problems, solved in closed form.
 """
@@ -51,10 +48,7 @@ def _damped(c: torch.Tensor, damp: float) -> torch.Tensor:
 
 def split_mean(cov: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     """The covariance C - mu mu^T (the second moment itself when the mean is unknown)."""
-    if mean is None:
-        return cov.double()
-    mu = mean.double()
-    return cov.double() - mu[:, None] * mu[None, :]
+    return cov.double() if mean is None else cov.double() - mean.double()[:, None] * mean.double()[None, :]
 
 
 def input_map(c_ts: torch.Tensor, c_ss: torch.Tensor, damp: float = 1e-4) -> torch.Tensor:
@@ -62,14 +56,14 @@ def input_map(c_ts: torch.Tensor, c_ss: torch.Tensor, damp: float = 1e-4) -> tor
     return torch.linalg.solve(_damped(c_ss.double(), damp), c_ts.double().T).T
 
 
-def row_metric(rows: LayerRows, src: Source, cov: torch.Tensor, fit: FitChoice, scale: float, alpha: float,
+def row_metric(rows: LayerRows, src: Source, cov: torch.Tensor, fit: FitChoice,
                energy_cov: torch.Tensor | None = None) -> torch.Tensor:
-    """M [G*d_k + G*d_h, same]: block-diagonal weights of the K/V rows (module docstring). `scale` is the
-    softmax scale of the logits; `alpha` the key weight; `cov` the second moment (queries' energy); `energy_cov`
-    the metric the K and V energies are balanced in (default `cov`)."""
+    """M [G*d_k + G*d_h, same]: block-diagonal weights of the K/V rows (module docstring), logits at the softmax scale
+    d_h^-0.5, alpha = fit.key_weight; `cov` the second moment (queries' energy); `energy_cov` the metric the K and V
+    energies are balanced in (default `cov`)."""
     if rows.d_k != rows.d_nope:
         raise ValueError("the fitted metric needs the rope-aware layout (only NoPE key dims in the K/V rows)")
-    G, H, d_h, d_q = src.G, src.H, src.d_h, rows.d_q
+    G, H, d_h, d_q, scale, alpha = src.G, src.H, src.d_h, rows.d_q, src.d_h**-0.5, fit.key_weight
     per_group = H // G
     c = cov.double()
     ce = c if energy_cov is None else energy_cov.double()
@@ -119,9 +113,10 @@ def fit_metric(rows: LayerRows, src: Source, moments: dict, fit: FitChoice, damp
     cov_v = cov
     if fit.attention_metric != "none" and "att_k" in moments:
         cov_k, cov_v = moments["att_k"].double(), moments["att_v"].double()  # [G, D, D]
-        if fit.attention_metric == "all":
-            c_fit = attention_fit_metric(moments)
-    M = row_metric(rows, src, cov, fit, src.d_h**-0.5, fit.key_weight, energy_cov=c_fit)
+        if fit.attention_metric == "all":  # the mean of the two over groups, each scaled to unit trace
+            k, v = cov_k.mean(0), cov_v.mean(0)
+            c_fit = k / k.trace() + v / v.trace()
+    M = row_metric(rows, src, cov, fit, energy_cov=c_fit)
     return FitMetric(M, whitening(c_fit, damp), cov_k, cov_v)
 
 
@@ -153,13 +148,6 @@ def grouped_up(w: torch.Tensor, down: torch.Tensor, cov: torch.Tensor) -> torch.
     if cov.dim() == 2:
         return least_squares_up(w, down, cov)
     return torch.cat([least_squares_up(b, down, c) for b, c in zip(w.chunk(cov.shape[0]), cov)])
-
-
-def attention_fit_metric(stats: dict) -> torch.Tensor:
-    """[D, D]: the metric the latent is chosen in with attention_metric 'all': the key and value metrics of
-    `layer_pass.attention_moments`, averaged over groups, each scaled to unit trace."""
-    k, v = stats["att_k"].double().mean(0), stats["att_v"].double().mean(0)
-    return k / k.trace() + v / v.trace()
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float,

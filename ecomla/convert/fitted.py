@@ -14,6 +14,8 @@ Why each step, and the choices that lost: docs/DESIGN-NOTES.md ("fitted"), `benc
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..io import load_tokenizer
@@ -40,7 +42,7 @@ def fitted_init(args: ConvertArgs, source: SourceModel, log) -> tuple[EcoMLAConf
                                   args.calib_seed)
     log(f"fitting {len(plans)} layers in turn on {args.calib_seqs} x {args.calib_len} calibration tokens")
     for layer in layer_pass(teacher_model(source, args.seed), student, batches, choice):  # 1. calibrate, in turn
-        spec, moments = config.mla_spec(layer.index), layer.moments(choice)
+        spec, moments = config.mla_spec(layer.index), layer.moments
         src = layer_weights(source, layer.index, moments, choice, damp)
         rows = rope_aware_rows(src, spec.rope_pairs, svd.whitening(moments["cov"], damp),
                                args.method.rope.key_fit)  # 2. rotary pairs and shared key
@@ -67,8 +69,10 @@ def teacher_model(source: SourceModel, seed: int):
 
 
 def layer_weights(source: SourceModel, i: int, moments: dict, choice: FitChoice, damp: float) -> svd.Source:
-    """Layer i's source projections; with sequential calibration read through the input map A = C_ts C_ss^-1
+    """Layer i's source projections; with sequential calibration W A for Q, K and V, A = C_ts C_ss^-1 the input map
     (fit.input_map). One-shot, the student's inputs are the teacher's (x_s = x_t): no map."""
+    src = source.layer(i)
     if not choice.sequential:
-        return source.layer(i)
-    return source.layer(i).reading(fit.input_map(moments["cov_ts"], moments["cov"], damp))
+        return src
+    a = fit.input_map(moments["cov_ts"], moments["cov"], damp)
+    return dataclasses.replace(src, w_q=src.w_q.double() @ a, w_k=src.w_k.double() @ a, w_v=src.w_v.double() @ a)

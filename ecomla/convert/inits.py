@@ -51,15 +51,11 @@ class FitChoice:
     key_weight: float = 4.0  # alpha, the weight of key errors (logits) against value errors (through o_proj)
     query_aware: bool = True  # K rows judged by the logits they give with the layer's queries
     output_aware: bool = True  # V rows judged through o_proj
-    sequential: bool = False  # layer l is fitted on inputs produced by the converted layers below it (through the
-    #                           input map, fit.input_map); off: every layer on the teacher's own inputs (one-shot)
-    o_target: str = "output"  # o_proj refit target: 'output' (teacher's attention output), 'residual' (teacher's
-    #                           stream after attention, with `sequential`) or 'none' (no refit)
-    ridge: float = 0.1  # ridge of the o_proj refit (towards the source o_proj), a fraction of the mean diagonal of
-    #                     the gram; why not weaker: DESIGN-NOTES.md, "fitted"
-    attention_metric: str = "all"  # judge keys / values on what the teacher's attention does with them
-    #                                (layer_pass.attention_moments): 'up' refits the K / V up-projections per KV
-    #                                group in those metrics, 'all' also chooses the latent in their mean; 'none' off
+    sequential: bool = False  # fit layer l on the converted layers' outputs (fit.input_map); off: one-shot
+    o_target: str = "output"  # o_proj refit towards the teacher's attention 'output', its stream after attention
+    #                           ('residual', with `sequential`), or 'none' (no refit)
+    ridge: float = 0.1  # o_proj refit's pull towards the source o_proj, a fraction of its gram's mean diagonal
+    attention_metric: str = "all"  # the teacher's attention judges the up-projections ('up'), the latent too ('all')
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,13 @@
 """The fitted init's pass over calibration data: teacher and student side by side, one decoder layer at a time.
 
     for layer in layer_pass(teacher, student, batches, choice):
-        moments = layer.moments(choice)  # the layer's input moments (and what the teacher's attention does)
-        layer.load(tensors)              # the layer's fitted tensors, into the student (fitted.py)
+        layer.moments       # the layer's input moments, and what the teacher's attention does with them
+        layer.load(tensors)  # the layer's fitted tensors, into the student (fitted.py), before the pass moves on
 
-`teacher` is the source as an all-GQA EcoMLAForCausalLM, `student` the converted model (both float32). Both keep
-every sequence's residual stream (h_t, h_s [B, T, D]); at each MLA layer the pass hands over the layer's inputs, and
-when resumed both streams advance through the layer. One-shot calibration (`FitChoice.sequential` off, the default):
-h_s = h_t at every layer; sequential: the student's stream runs through the converted layers below. `refit_o`: ridge
-least squares on the student's per-head attention outputs, towards the teacher's attention output ('output') or
-the teacher's stream after attention ('residual', which would also cancel the error arriving from below).
+`teacher` is the source as an all-GQA EcoMLAForCausalLM, `student` the converted model (both float32); each keeps
+every sequence's residual stream (h_t, h_s [B, T, D]), advanced through a layer once the caller has loaded it.
+One-shot calibration (the default): h_s = h_t at every layer; `FitChoice.sequential`: the student's stream runs
+through the converted layers below. `refit_o`: ridge least squares on the student's per-head attention outputs.
 """
 
 from __future__ import annotations
@@ -32,24 +30,16 @@ MIN_TOKENS_PER_INPUT = 8
 
 @dataclass
 class LayerInputs:
-    """One MLA layer as the pass reaches it: lists hold one entry per calibration batch."""
+    """One MLA layer as the pass reaches it (lists: one entry per calibration batch)."""
 
     index: int
+    moments: dict[str, torch.Tensor]  # of its inputs (`_moments`), and what the teacher's attention does with them
+    #                                   (`attention_moments`) unless FitChoice.attention_metric is 'none'
     attn: MLAAttention  # the student's layer, which the fitted tensors are loaded into
-    teacher_attn: GQAAttention
     x_s: list[torch.Tensor]  # the student's normed attention inputs [B, T, D]
-    x_t: list[torch.Tensor]  # the teacher's
     targets: list[torch.Tensor]  # what o_proj is refitted towards [B, T, D] (FitChoice.o_target)
-    ropes_s: list  # (cos, sin) of this layer, the student's
-    ropes_t: list
+    ropes: list  # the student's (cos, sin) at this layer
     mask: torch.Tensor | None
-
-    def moments(self, choice: FitChoice) -> dict[str, torch.Tensor]:
-        """_moments, and with choice.attention_metric what the teacher's attention does (attention_moments)."""
-        m = _moments(self.x_s, self.x_t if choice.sequential else None)
-        if choice.attention_metric != "none":
-            m |= attention_moments(self.teacher_attn, self.x_t, self.x_s, self.ropes_t, self.mask)
-        return m
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         params = dict(self.attn.named_parameters())
@@ -57,9 +47,15 @@ class LayerInputs:
             params[name].data.copy_(t.to(params[name].dtype))
 
     def refit_o(self, choice: FitChoice) -> tuple[dict[str, torch.Tensor], dict]:
-        """o_proj refitted on the student's attention outputs with the tensors loaded so far (`refit_o`): its
-        tensors by name, and the errors before and after."""
-        z = _o_proj_inputs(self.attn, self.x_s, self.ropes_s, self.mask)
+        """o_proj refitted on the per-head attention outputs z_s [B*T, H*d_v] of the tensors loaded so far
+        (`refit_o`): its tensors by name, and the errors before and after."""
+        z = []
+        hook = self.attn.o_proj.register_forward_pre_hook(lambda _m, a: z.append(a[0].reshape(-1, a[0].shape[-1])))
+        try:
+            for x, rope in zip(self.x_s, self.ropes):
+                self.attn(x, rope=rope, attention_mask=self.mask, mla_path="decompressed")
+        finally:
+            hook.remove()
         w, b, row = refit_o(self.attn.o_proj, z, self.targets, choice)
         return {"o_proj.weight": w} | ({"o_proj.bias": b} if b is not None else {}), row
 
@@ -81,10 +77,12 @@ def layer_pass(teacher: EcoMLAForCausalLM, student: EcoMLAForCausalLM, batches: 
                for h, r in zip(h_t, ropes_t)]  # teacher attention outputs [B, T, D]
         attn = s_layer.self_attn
         if isinstance(attn, MLAAttention):
+            x_s, x_t = [s_layer.input_layernorm(h) for h in h_s], [t_layer.input_layernorm(h) for h in h_t]
+            moments = _moments(x_s, x_t if choice.sequential else None)
+            if choice.attention_metric != "none":
+                moments |= attention_moments(t_layer.self_attn, x_t, x_s, [r[i] for r in ropes_t], mask)
             targets = [y + (a - b) if choice.o_target == "residual" else y for y, a, b in zip(y_t, h_t, h_s)]
-            yield LayerInputs(i, attn, t_layer.self_attn, [s_layer.input_layernorm(h) for h in h_s],
-                              [t_layer.input_layernorm(h) for h in h_t], targets, [r[i] for r in ropes_s],
-                              [r[i] for r in ropes_t], mask)
+            yield LayerInputs(i, moments, attn, x_s, targets, [r[i] for r in ropes_s], mask)
         for k in range(len(batches)):
             if choice.sequential:
                 y_s = attn(s_layer.input_layernorm(h_s[k]), rope=ropes_s[k][i], attention_mask=mask)
@@ -142,18 +140,6 @@ def attention_moments(attn: GQAAttention, x_t: list[torch.Tensor], x_s: list[tor
         n += B * T
     mix = (mix + mix.transpose(1, 2)) / 2
     return {"att_k": (recv - mix) / n, "att_v": mix / n}
-
-
-def _o_proj_inputs(attn: MLAAttention, x_s: list[torch.Tensor], ropes, mask) -> list[torch.Tensor]:
-    """The per-head attention outputs z_s [B*T, H*d_v] that o_proj reads, one per batch."""
-    z = []
-    hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: z.append(args[0].reshape(-1, args[0].shape[-1])))
-    try:
-        for x, rope in zip(x_s, ropes):
-            attn(x, rope=rope, attention_mask=mask, mla_path="decompressed")
-    finally:
-        hook.remove()
-    return z
 
 
 def refit_o(o_proj: torch.nn.Linear, z: list[torch.Tensor], targets: list[torch.Tensor], choice: FitChoice):

@@ -118,10 +118,9 @@ def mla_config(args: ConvertArgs, source: SourceModel, plans: dict[int, LayerPla
         q_rank = args.q_rank_choice
         if q_rank is not None and args.q_rank_energy is not None:
             q_rank = svd.energy_rank(plan.q_spectrum(), args.q_rank_energy)
-        rope_aware = plan.rows.pairs is not None  # the source's frequencies, so the source's softmax scale
-        specs[i] = MLASpec.for_source(shape, r_kv, args.rope_dim, q_rank, nope_dim=plan.rows.d_nope,
-                                      latent_norm=args.latent_norm, rope_pairs=plan.rows.pairs,
-                                      softmax_scale=shape.head_dim**-0.5 if rope_aware else None)
+        specs[i] = MLASpec.for_source(shape, r_kv, args.rope_dim, q_rank, nope_dim=plan.rows.d_nope,  # the source's
+                                      latent_norm=args.latent_norm, rope_pairs=plan.rows.pairs,  # pairs: its scale
+                                      softmax_scale=None if plan.rows.pairs is None else shape.head_dim**-0.5)
         if specs[i].cache_elements >= shape.kv_elements_per_layer:
             log(f"warning: layer {i} caches {specs[i].cache_elements} elements per token, not fewer than the "
                 f"source's {shape.kv_elements_per_layer}")
