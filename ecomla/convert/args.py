@@ -16,9 +16,8 @@ from ..mla.config import MLASpec, SourceShape, parse_q_rank
 from . import svd
 from .inits import INITS, FitChoice, RopeChoice
 
-LOST = "lost to {} ({}); {}"
-FIT_ABLATION = "docs/RESULTS.md, fit ablation"
-BUDGET = LOST.format("uniform ranks at 4x and 8x", "docs/RESULTS.md, 'Where should a fixed KV budget go?'", "{}")
+LOST = "lost to {} (docs/RESULTS.md); {}"
+BUDGET = LOST.format("uniform ranks at 4x and 8x", "{}")
 
 
 @dataclass
@@ -31,12 +30,12 @@ class ConvertArgs:
         "kv_budget": "allocating r_kv per layer from a total budget " + BUDGET.format("use --kv-rank R"),
         "allow_hybrid": "--kv-budget " + BUDGET.format("choose the layers that stay GQA with --layers"),
         "budget_norm": "--kv-budget " + BUDGET.format("use --kv-rank R"),
-        "kv_balance": "scaling K to V's energy before the joint factorisation did not lower the KL "
-                      "(docs/RESULTS.md, init choices); drop it",
-        "sequential": "fitting each layer on the converted layers below " + LOST.format(
-            "one-shot calibration", FIT_ABLATION, "drop it"),
+        "kv_balance": "scaling K to V's energy before the joint factorisation did not lower the KL (docs/RESULTS.md); "
+                      "drop it",
+        "sequential": "fitting each layer on the converted layers below " + LOST.format("one-shot calibration",
+                                                                                        "drop it"),
         "o_refit": "no refit and the 'residual' target " + LOST.format(
-            "the refit towards the teacher's attention output", FIT_ABLATION, "drop it (--o-ridge sets its pull)"),
+            "the refit towards the teacher's attention output", "drop it (--o-ridge sets its pull)"),
     }
 
     src: str = arg("source checkpoint: a folder, a hub id, or 'default' (SmolLM2-135M-Instruct)", positional=True)
@@ -161,7 +160,7 @@ class ConvertArgs:
 def _key_weight(text: str) -> float:
     if "," in text:
         raise UserError(f"--key-weight {text!r}: give one number; a key weight per layer chosen by its attention-"
-                        "output error " + LOST.format("one for all layers", FIT_ABLATION, "drop the list"))
+                        "output error " + LOST.format("one for all layers", "drop the list"))
     try:
         alpha = float(text)
     except ValueError:
