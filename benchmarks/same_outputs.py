@@ -3,8 +3,9 @@
     git worktree add /tmp/ecomla-before <rev>
     python benchmarks/same_outputs.py --old /tmp/ecomla-before --new . --work /tmp/same-outputs
 
-For a change meant to keep behaviour (a refactor). Conversions: every --init and most flags on the default model,
-and tiny Qwen2 (biases), Mistral and Llama-3-scaled sources (tests/helpers.py); each checkpoint's
+For a change meant to keep behaviour (a refactor). Conversions: every --init (fitted on small calibration sets) and
+most flags on the default model, and tiny Qwen2 (biases), Mistral and Llama-3-scaled sources (tests/helpers.py),
+all with flags both checkouts know (a flag removed by the change cannot be compared); each checkpoint's
 model.safetensors and config.json are compared by sha256. Distillation: a tiny student and tiny chat data,
 several settings, eager loss; metrics.jsonl rows (timing fields left out) and ecomla_train.json are compared.
 Every run is `python -m ecomla ...` in a fresh process with that checkout first on PYTHONPATH; finished outputs
@@ -29,31 +30,38 @@ from tests.test_data_eval import chat_rows  # noqa: E402
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
 CALIB = "--calib-seqs 8 --calib-len 32"
+FIT = "--calib-seqs 24 --calib-len 32"  # enough tokens for the tiny sources' o_proj refit (8 per input)
 CONVERSIONS = {  # name: (source, flags)
     "xecomla": ("default", "--kv-rank 64 --rope-dim 32"),
     "random": ("default", "--kv-rank 64 --init random"),
     "whitened": ("default", "--kv-rank 64 --init whitened"),
     "rope-aware": ("default", "--kv-rank 64 --init rope-aware"),
     "rope-whitened": ("default", "--kv-rank 64 --init rope-whitened"),
+    "fitted": ("default", "--kv-rank 64 --init fitted --calib-seqs 20"),
+    "fitted-energy-up-alpha": ("default", "--rank-energy 0.9 --init fitted --attention-metric up --key-weight 2 "
+                                          "--calib-seqs 4 --calib-len 64"),
     "xecomla-qnone-nope16": ("default", "--kv-rank 16 --q-rank none --nope-dim 16"),
-    "whitened-budget-hybrid": ("default", "--kv-budget 4x --allow-hybrid --init whitened"),
+    "whitened-layers": ("default", "--kv-rank 32 --layers every:3 --init whitened"),
     "xecomla-energy": ("default", "--rank-energy 0.9 --q-rank-energy 0.9"),
-    "rope-whitened-balance": ("default", "--kv-rank 16 --init rope-whitened --kv-balance"),
     "xecomla-sigma-norm-layers": ("default", "--kv-rank 32 --sigma down --latent-norm --layers every:2"),
     "rope-aware-magnitude-mean": ("default", "--kv-rank 32 --init rope-aware --rope-select magnitude "
                                              "--rope-key-fit mean"),
-    "random-budget": ("default", "--kv-budget 4x --init random"),
-    "rope-whitened-budget-relative": ("default", "--kv-budget 8x --budget-norm relative --init rope-whitened"),
+    "random-energy": ("default", "--rank-energy 0.8 --init random"),
+    "rope-whitened-energy": ("default", "--rank-energy 0.8 --init rope-whitened"),
     "whitened-nope16": ("default", "--kv-rank 64 --nope-dim 16 --init whitened"),
     "xecomla-bf16": ("default", "--kv-rank 64 --dtype bfloat16"),
     "rope-whitened-qrank-high": ("default", "--kv-rank 48 --q-rank 200 --init rope-whitened --rope-select high"),
     "qwen2-xecomla": ("qwen2", "--kv-rank 8 --rope-dim 4"),
     "qwen2-whitened": ("qwen2", f"--kv-rank 8 --rope-dim 4 --init whitened {CALIB}"),
-    "qwen2-rope-whitened-balance": ("qwen2", f"--kv-rank 8 --rope-dim 4 --init rope-whitened --kv-balance {CALIB}"),
+    "qwen2-rope-whitened": ("qwen2", f"--kv-rank 8 --rope-dim 4 --init rope-whitened {CALIB}"),
     "qwen2-rope-aware-qnone": ("qwen2", f"--kv-rank 6 --rope-dim 4 --init rope-aware --q-rank none {CALIB}"),
+    "qwen2-fitted": ("qwen2", f"--kv-rank 8 --rope-dim 4 --init fitted {FIT}"),
     "llama3-yarn": ("llama3", "--kv-rank 8 --rope-dim 4 --mla-rope yarn"),
     "llama3-rope-aware": ("llama3", f"--kv-rank 8 --rope-dim 4 --init rope-aware {CALIB}"),
+    "llama3-fitted-norm-none": ("llama3", f"--kv-rank 8 --rope-dim 4 --init fitted --latent-norm "
+                                          f"--attention-metric none {FIT}"),
     "mistral-layers": ("mistral", "--kv-rank 12 --rope-dim 8 --layers 0,2"),
+    "mistral-fitted-layers": ("mistral", f"--kv-rank 12 --rope-dim 8 --init fitted --layers 0,2 {FIT}"),
 }
 DISTILL = ("--seq-len 16 --batch-size 4 --max-tokens 1280 --ild-tokens 256 --precision fp32 --eval-tokens 200 "
            "--lr 3e-3 --ild-lr 3e-3 --save-every 5 --no-progress --no-compile-loss")

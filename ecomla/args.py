@@ -5,8 +5,9 @@
         src: str = arg("folder, hub id or 'default'", positional=True)
         kv_rank: int | None = arg("latent rank r_kv", default=None)
 
-`add_dataclass_args(parser, ConvertArgs)` adds `SRC` and `--kv-rank`; `from_namespace` builds the
-dataclass (running its `__post_init__` validation). `load_yaml_defaults` lets a recipe YAML supply
+`add_dataclass_args(parser, ConvertArgs)` adds `SRC` and `--kv-rank` (`advanced=True` fields under their own
+heading); `from_namespace` builds the dataclass (running its `__post_init__` validation) and refuses a removed flag
+or recipe key with its line in the dataclass's `RETIRED` table. `load_yaml_defaults` lets a recipe YAML supply
 values that command-line flags then override. `command_line("convert", args)` is the way back: the exact
 `ecomla convert ...` command that builds `args`.
 """
@@ -26,10 +27,13 @@ import yaml
 from .common import UserError
 
 MISSING = dataclasses.MISSING
+RETIRED_DEST = "retired:"  # namespace prefix of a removed flag (the dataclass's RETIRED)
 
 
-def arg(help: str, *, default=MISSING, positional: bool = False, choices=None, nargs=None, flag: str | None = None):
-    meta = {"help": help, "positional": positional, "choices": choices, "nargs": nargs, "flag": flag}
+def arg(help: str, *, default=MISSING, positional: bool = False, choices=None, nargs=None, flag: str | None = None,
+        advanced: bool = False):
+    meta = {"help": help, "positional": positional, "choices": choices, "nargs": nargs, "flag": flag,
+            "advanced": advanced}
     if default is MISSING:
         return dataclasses.field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -75,10 +79,12 @@ def _flag(f: dataclasses.Field) -> str:
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
+    advanced = parser.add_argument_group("advanced (most runs leave these at their defaults)")  # shown if not empty
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if "help" not in meta:
             continue
+        target = advanced if meta.get("advanced") else parser
         tp = _base_type(hints[f.name])
         default = _default(f)
         kw = {"help": meta["help"]}
@@ -87,16 +93,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         if meta.get("nargs"):
             kw["nargs"] = meta["nargs"]
         if meta["positional"]:
-            parser.add_argument(f.name, metavar=f.name.upper(), type=tp, **kw)
+            target.add_argument(f.name, metavar=f.name.upper(), type=tp, **kw)
             continue
         flag = _flag(f)
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, **kw)
+            target.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, **kw)
         else:
             kw["help"] += f" (default: {default})"
             if _is_list(hints[f.name]):  # a repeated list flag adds to the list (`--prompt A --prompt B`: both)
                 kw["action"] = "extend"
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, **kw)
+            target.add_argument(flag, dest=f.name, type=tp, default=None, **kw)
+    for name in getattr(cls, "RETIRED", {}):  # known, hidden, refused by from_namespace with its line
+        parser.add_argument(flag_name(name), "--no-" + flag_name(name)[2:], dest=RETIRED_DEST + name, nargs="?",
+                            const=True, default=None, help=argparse.SUPPRESS)
 
 
 def _is_list(tp) -> bool:
@@ -125,6 +134,9 @@ def command_line(stage: str, args) -> str:
 def from_namespace(cls, ns: argparse.Namespace, base: dict | None = None):
     """Build `cls` from parsed flags; flags left unset fall back to `base` (e.g. a YAML recipe), then defaults."""
     values = dict(base or {})
+    for name, why in getattr(cls, "RETIRED", {}).items():
+        if name in values or getattr(ns, RETIRED_DEST + name, None) is not None:
+            raise UserError(f"{flag_name(name)} was removed: {why}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - names
     if unknown:

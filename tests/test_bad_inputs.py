@@ -70,7 +70,8 @@ def P(llama_dir, tmp_path_factory):
     yamls = {"binary": weights[:300], "broken": "a: [1\n", "list": "- a\n- b\n", "scalar": "just some text\n",
              "int_keys": "1: 2\n", "unknown_key": "nosuch: 1\n", "int_type": "max_new_tokens: lots\n",
              "bool_type": "chat: 'yes'\n", "bad_choice": "dtype: float8\n", "null_value": "max_new_tokens:\n",
-             "ratio_number": "ratio: 4\n", "float_for_int": "batch_size: 2.5\n", "bad_limit": "limit: nosuch=3\n"}
+             "ratio_number": "ratio: 4\n", "float_for_int": "batch_size: 2.5\n", "bad_limit": "limit: nosuch=3\n",
+             "retired": "kv_balance: true\n"}
     for name, text in yamls.items():
         paths[f"yaml_{name}"] = _write(root / f"{name}.yaml", text)
     paths["file"] = _write(root / "weights.bin", weights[:100])
@@ -99,6 +100,10 @@ def bench(*a):
 
 def demo(*a):
     return lambda P: ["demo", "--model", str(P.src), "--out", str(P.out), *_argv(P, a)]
+
+
+def conv(*a):
+    return lambda P: ["convert", str(P.src), str(P.out), "--kv-rank", "16", "--rope-dim", "8", *_argv(P, a)]
 
 
 def path(name):
@@ -262,11 +267,23 @@ CASES = [
                  id="config-missing-file"),
     pytest.param(lambda P: ["info", str(P.mla), "--config", str(P.root)], r"no such recipe file",
                  id="config-is-a-folder"),
-    # ---- convert's budget parser (its except clause is gone) ------------------------------------------------------
-    pytest.param(lambda P: ["convert", str(P.src), str(P.out), "--rope-dim", "8", "--kv-budget", "0.5x"],
-                 r"--kv-budget '0.5x'", id="convert-kv-budget-below-1x"),
-    pytest.param(lambda P: ["convert", str(P.src), str(P.out), "--rope-dim", "8", "--kv-budget", "nanx"],
-                 r"--kv-budget 'nanx'", id="convert-kv-budget-nan"),
+    # ---- convert's removed flags: one line each, naming what replaced them ------------------------------------------
+    pytest.param(conv("--v-dim", "16"), r"--v-dim was removed: d_v is always the source head dim", id="convert-v-dim"),
+    pytest.param(conv("--kv-budget", "4x"), r"--kv-budget was removed: .* lost to uniform ranks .* use --kv-rank R",
+                 id="convert-kv-budget"),
+    pytest.param(conv("--allow-hybrid"), r"--allow-hybrid was removed: .* with --layers", id="convert-allow-hybrid"),
+    pytest.param(conv("--budget-norm", "relative"), r"--budget-norm was removed: .* use --kv-rank R",
+                 id="convert-budget-norm"),
+    pytest.param(conv("--kv-balance"), r"--kv-balance was removed: .* drop it", id="convert-kv-balance"),
+    pytest.param(conv("--init", "fitted", "--sequential"), r"--sequential was removed: .* one-shot .* drop it",
+                 id="convert-sequential"),
+    pytest.param(conv("--init", "fitted", "--no-sequential"), r"--sequential was removed", id="convert-no-sequential"),
+    pytest.param(conv("--init", "fitted", "--o-refit", "residual"), r"--o-refit was removed: .* drop it \(--o-ridge",
+                 id="convert-o-refit"),
+    pytest.param(conv("--init", "fitted", "--config", path("yaml_retired")), r"--kv-balance was removed",
+                 id="convert-recipe-retired-key"),
+    pytest.param(conv("--init", "fitted", "--key-weight", "1,2,4"), r"--key-weight '1,2,4': give one number; .* lost",
+                 id="convert-key-weight-per-layer"),
 ]
 
 

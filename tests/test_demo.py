@@ -102,7 +102,7 @@ def test_recorded_commands_rebuild_the_arguments_the_demo_ran_with():
 
     cases = {
         "convert": ConvertArgs(src="default", out="out dir/s", kv_rank=64, init="fitted", calib_len=128,
-                               key_weight="3,5", sequential=True, overwrite=True),
+                               key_weight="3", attention_metric="up", overwrite=True),
         "distill": DistillArgs(student="s", out="o", max_minutes=1.5, eval_tokens=0, compile_loss=False, resume=True),
         "dpo": cpu_args("s", "o", max_minutes=2.0, pairs=4),
         "eval": EvalArgs(models=["a", "b"], names="x,y", tasks="none", limit="*=3"),

@@ -172,7 +172,7 @@ def test_export_refuses_a_plain_transformers_model(root, tmp_path):
 
 
 @pytest.mark.parametrize("kw, says", [
-    (dict(kv_rank=None, kv_budget="4x"), "--kv-rank"), (dict(layers="0,2"), "--layers"),
+    (dict(kv_rank=None, rank_energy=0.9), "--kv-rank"), (dict(layers="0,2"), "--layers"),
     (dict(mla_rope="yarn"), "--mla-rope"), (dict(src="qwen2"), "biases"),
     (dict(src="scaled", init="xecomla"), "rope-aware init"),
 ])

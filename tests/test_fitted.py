@@ -1,4 +1,4 @@
-"""The fitted init (`--init fitted`): its metric, its closed-form refits and its sequential calibration."""
+"""The fitted init (`--init fitted`): its metric, its closed-form refits, its layer pass and what it records."""
 
 import dataclasses
 import json
@@ -11,7 +11,7 @@ import ecomla  # noqa: F401
 from ecomla.common import UserError
 from ecomla.convert import fit, svd
 from ecomla.convert.convert import ConvertArgs, convert
-from ecomla.convert.inits import INITS, FitChoice, RopeChoice
+from ecomla.convert.inits import INITS, FitChoice, InitMethod, RopeChoice
 from ecomla.eval.fidelity import final_hidden
 from ecomla.losses import token_kl
 from tests.helpers import make_source
@@ -37,15 +37,29 @@ def test_fitted_is_a_typed_init():
     assert m.whiten and m.rope == RopeChoice() and m.fit == FitChoice() and m.needs_calibration
 
 
-def test_full_rank_reproduces_an_mqa_model(tmp_path):
-    """G = 1, every frequency pair rotary, full latent rank: the fitted model computes what the source does."""
+@pytest.mark.parametrize("metric, damp", [("all", 0.0), ("up", 0.0), ("all", 0.5)], ids=["all", "up", "damped"])
+def test_full_rank_reproduces_an_mqa_model(metric, damp, tmp_path):
+    """G = 1, every frequency pair rotary, full latent rank: the fitted model computes what the source does, with
+    either attention metric, and whatever the damping: one-shot calibration fits each layer on the teacher's own
+    inputs (x_s = x_t), so no input map applies (through the map C (C + damping)^-1, which sequential calibration
+    reads the weights through, a large damping would shrink every projection)."""
     src = make_source("llama", tmp_path / "src", num_key_value_heads=1)
-    _convert(src, tmp_path / "out", _data(tmp_path), kv_rank=16, rope_dim=16, q_rank="none", damp=0.0)
+    _convert(src, tmp_path / "out", _data(tmp_path), FitChoice(attention_metric=metric), kv_rank=16, rope_dim=16,
+             q_rank="none", damp=damp)
     a = AutoModelForCausalLM.from_pretrained(src).eval()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = torch.randint(4, 100, (2, 12))
     with torch.no_grad():
         assert torch.allclose(a(x).logits, b(x).logits, atol=1e-3)
+
+
+def test_convert_json_records_the_init_the_flags_resolve_to(tmp_path):
+    src = make_source("llama", tmp_path / "src")
+    _convert(src, tmp_path / "out", _data(tmp_path), calib_seqs=8, kv_rank=4, rope_dim=8, rope_select="high",
+             key_weight="2", attention_metric="up")
+    meta = json.loads((tmp_path / "out" / "ecomla_convert.json").read_text())
+    want = InitMethod(whiten=True, rope=RopeChoice(select="high"), fit=FitChoice(key_weight=2.0, attention_metric="up"))
+    assert meta["method"] == json.loads(json.dumps(dataclasses.asdict(want))) and meta["q_rank"] == "auto"
 
 
 def _output_kl(src, student, x) -> float:
@@ -75,13 +89,13 @@ def test_o_proj_refit_lowers_the_attention_output_error_it_targets(tmp_path):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_o_proj_refit_errors_from_moments_equal_the_direct_errors(bias):
-    from ecomla.convert.sequential import refit_o
+    from ecomla.convert.layer_pass import refit_o
 
     g = torch.Generator().manual_seed(0)
     o_proj = torch.nn.Linear(12, 6, bias=bias)
     z = [torch.randn(50, 12, generator=g) for _ in range(3)]
     targets = [zk @ torch.randn(12, 6, generator=g) * 0.1 + o_proj(zk).detach() for zk in z]
-    with torch.no_grad():  # as fit_sequentially calls it
+    with torch.no_grad():  # as the fitting pass calls it
         w, b, row = refit_o(o_proj, z, targets, FitChoice(ridge=1e-3))
 
     def direct(weight, bias_):
@@ -175,16 +189,14 @@ def final_hidden_path(model, x, path):
 
 def test_fitted_flags_map_to_the_fit_choice_and_are_refused_elsewhere():
     base = dict(src="s", out="o", kv_rank=8)
-    args = ConvertArgs(**base, init="fitted", key_weight="2,6", o_refit="none", sequential=True, o_ridge=0.5,
-                       attention_metric="up")
-    assert args.method.fit == FitChoice(key_weights=(2.0, 6.0), o_target="none", sequential=True, ridge=0.5,
-                                        attention_metric="up")
+    args = ConvertArgs(**base, init="fitted", key_weight="2.5", o_ridge=0.5, attention_metric="up")
+    assert args.method.fit == FitChoice(key_weight=2.5, ridge=0.5, attention_metric="up")
     assert ConvertArgs(**base, init="fitted").method.fit == FitChoice()
     for bad, flag in ((dict(init="rope-whitened", key_weight="4"), "--key-weight"),
-                      (dict(init="whitened", sequential=True), "--sequential"),
                       (dict(init="rope-whitened", attention_metric="none"), "--attention-metric"),
                       (dict(init="fitted", key_weight="0"), "--key-weight"),
-                      (dict(init="fitted", key_weight="a,b"), "--key-weight"),
+                      (dict(init="fitted", key_weight="a"), "--key-weight"),
+                      (dict(init="fitted", key_weight="2,6"), "--key-weight '2,6': give one number"),
                       (dict(init="fitted", o_ridge=-1.0), "--o-ridge")):
         with pytest.raises(UserError, match=flag):
             ConvertArgs(**base, **bad)
@@ -210,7 +222,7 @@ def test_attention_moments_give_the_teachers_head_outputs():
     """att_v is the second moment of the attention mixtures xbar_i = sum_j p_ij x_j: a head's output before
     o_proj is W_v xbar_i exactly, so W_v att_v W_v^T is the second moment of the teacher's head outputs; att_k is
     what the keys receive less that (positive semi-definite)."""
-    from ecomla.convert.sequential import attention_moments
+    from ecomla.convert.layer_pass import attention_moments
     from ecomla.mla.attention import GQAAttention, build_mask
     from ecomla.mla.config import EcoMLAConfig
 
@@ -238,15 +250,3 @@ def test_attention_moments_give_the_teachers_head_outputs():
         want = sum(z[:, h].T @ z[:, h] for h in (2 * g, 2 * g + 1)) / 2 / z.shape[0]
         assert torch.allclose(wv[g] @ m["att_v"][g] @ wv[g].T, want, atol=1e-10)
         assert torch.linalg.eigvalsh(m["att_k"][g]).min() > -1e-10
-
-
-@pytest.mark.parametrize("metric", ["up", "all"])
-def test_attention_metric_full_rank_reproduces_an_mqa_model(metric, tmp_path):
-    src = make_source("llama", tmp_path / "src", num_key_value_heads=1)
-    _convert(src, tmp_path / "out", _data(tmp_path), FitChoice(attention_metric=metric), kv_rank=16, rope_dim=16,
-             q_rank="none", damp=0.0)
-    a = AutoModelForCausalLM.from_pretrained(src).eval()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    x = torch.randint(4, 100, (2, 12))
-    with torch.no_grad():
-        assert torch.allclose(a(x).logits, b(x).logits, atol=1e-3)

@@ -1,4 +1,4 @@
-"""RoPE-aware and activation-aware inits, calibration, and KV-budget rank allocation."""
+"""RoPE-aware and activation-aware inits, and calibration."""
 
 import json
 
@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 import ecomla  # noqa: F401
 from ecomla.common import UserError
-from ecomla.convert import inits, ranks, svd
+from ecomla.convert import inits, svd
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.convert.inits import INITS, InitMethod, RopeChoice
 from tests.helpers import make_source
@@ -57,12 +57,11 @@ def test_every_init_name_has_a_typed_description():
     assert not ra.whiten and ra.rope == RopeChoice() and ra.needs_calibration
     assert rw.whiten and rw.rope == RopeChoice()
     base = dict(src="s", out="o", kv_rank=8)
-    args = ConvertArgs(**base, init="rope-aware", rope_select="high", rope_distance=64, rope_key_fit="mean",
-                       kv_balance=True, damp=0.1)
-    assert args.method == InitMethod(rope=RopeChoice("high", 64, "mean"), kv_balance=True, damp=0.1)
+    args = ConvertArgs(**base, init="rope-aware", rope_select="high", rope_distance=64, rope_key_fit="mean", damp=0.1)
+    assert args.method == InitMethod(rope=RopeChoice("high", 64, "mean"), damp=0.1)
     assert ConvertArgs(**base, init="whitened", rope_select="high").method == InitMethod(whiten=True)
-    for bad, flag in ((dict(init="bogus"), "--init"), (dict(kv_balance=True), "--kv-balance"),
-                      (dict(init="rope-whitened", nope_dim=4), "--nope-dim"), (dict(q_rank="many"), "--q-rank")):
+    for bad, flag in ((dict(init="bogus"), "--init"), (dict(init="rope-whitened", nope_dim=4), "--nope-dim"),
+                      (dict(q_rank="many"), "--q-rank")):
         with pytest.raises(UserError, match=flag):
             ConvertArgs(**base, **bad)
 
@@ -214,46 +213,6 @@ def test_rope_aware_gqa_score_error_is_bounded_and_below_the_head_mean(tmp_path)
             m = AutoModelForCausalLM.from_pretrained(tmp_path / n).eval()
             err[n] = ((_scores(m, 1, x, mla=True) - ref).norm() / ref.norm()).item()
     assert err["pca"] < err["mean"] and err["pca"] < 0.8, err
-
-
-def test_allocation_spends_exactly_the_budget_within_limits():
-    torch.manual_seed(0)
-    spectra = [torch.rand(n).sort(descending=True).values * s for n, s in ((40, 1.0), (40, 5.0), (10, 2.0))]
-    r, spare = ranks.allocate(spectra, budget=3 * 8 + 50, d_rope=8, limits=[40, 40, 10])
-    assert spare == 0 and sum(x + 8 for x in r) == 3 * 8 + 50 and all(1 <= x <= lim for x, lim in zip(r, [40, 40, 10]))
-    r, spare = ranks.allocate(spectra, budget=3 * 8 + 200, d_rope=8, limits=[40, 40, 10])
-    assert r == [40, 40, 10] and spare == 200 - 90  # never above a limit
-    with pytest.raises(UserError, match="below the minimum"):
-        ranks.allocate(spectra, budget=10, d_rope=8, limits=[40, 40, 10])
-
-
-def test_allocation_is_optimal_against_brute_force():
-    torch.manual_seed(1)
-    spectra = [torch.rand(6).sort(descending=True).values * s for s in (1.0, 3.0, 0.5)]
-    r, _ = ranks.allocate(spectra, budget=3 * 2 + 9, d_rope=2, limits=[6, 6, 6])
-    best = min((ranks.total_error(spectra, [a, b, c]), (a, b, c)) for a in range(1, 7) for b in range(1, 7)
-               for c in range(1, 7) if a + b + c == 9)
-    assert ranks.total_error(spectra, r) == pytest.approx(best[0])
-
-
-def test_hybrid_allocation_keeps_the_hardest_layers_as_attention():
-    easy = torch.tensor([1.0] + [0.001] * 15)
-    hard = torch.ones(16) * 5
-    r, _ = ranks.allocate([easy, hard, easy], budget=(2 + 2) * 2 + 16, d_rope=2, limits=[16] * 3, gqa_cost=16)
-    assert r[1] is None and r[0] is not None and r[2] is not None
-
-
-def test_budget_conversion_on_a_tiny_model(tmp_path):
-    src, data = _calibrated(tmp_path)
-    meta = convert(ConvertArgs(src=str(src), out=str(tmp_path / "b"), kv_budget="4x", rope_dim=4,
-                               init="rope-whitened", calib_data=str(data), calib_seqs=8, calib_len=16),
-                   log=lambda *a: None)
-    assert meta["summary"]["kv_elements_per_token"] == 3 * 64 // 4  # exactly the budget
-    rows = [r for r in meta["layers"] if r["type"] == "mla"]
-    assert all(r["metric"] == "activations" and len(r["rope_pairs"]) == 2 for r in rows)
-    hyb = convert(ConvertArgs(src=str(src), out=str(tmp_path / "h"), kv_budget="2x", rope_dim=4, allow_hybrid=True,
-                              init="whitened", calib_data=str(data), calib_seqs=8, calib_len=16), log=lambda *a: None)
-    assert hyb["summary"]["kv_elements_per_token"] <= 3 * 64 // 2
 
 
 def test_calibration_reads_only_the_train_split(tmp_path, monkeypatch):

@@ -45,24 +45,17 @@ class RopeChoice:
 
 @dataclass(frozen=True)
 class FitChoice:
-    """Fit each layer to what it computes, not to its weights (the 'fitted' init; fit.py, sequential.py)."""
+    """Fit each layer to what it computes, not to its weights (the 'fitted' init; fitted.py). Fields without a
+    flag are choices that lost; benchmarks/fit_ablation.py still measures them against the default."""
 
-    key_weights: tuple[float, ...] = (4.0,)  # alpha, the weight of key errors (logits) against value errors
-    #                                (through o_proj); with several, each layer takes the one whose attention output
-    #                                is closest to the teacher's (sequential.py)
+    key_weight: float = 4.0  # alpha, the weight of key errors (logits) against value errors (through o_proj)
     query_aware: bool = True  # K rows judged by the logits they give with the layer's queries
     output_aware: bool = True  # V rows judged through o_proj
-    sequential: bool = False  # layer l is fitted on inputs produced by the converted layers below it (off: it was
-    #                           worse on SmolLM2 in development runs, DESIGN-NOTES.md)
-    o_target: str = "output"  # o_proj refit target: 'residual' (teacher's stream after attention), 'output'
-    #                             (teacher's attention output) or 'none' (no refit)
-    ridge: float = 0.1  # ridge of the o_proj refit (towards the source o_proj), a fraction of the mean diagonal of
-    #                     the gram; why not weaker: DESIGN-NOTES.md, "fitted"
-    attention_metric: str = "all"  # judge keys / values on what the teacher's attention does with them
-    #                                (sequential.attention_moments): 'up' refits the K / V up-projections per KV
-    #                                group in those metrics, 'all' also chooses the latent in their mean; 'none' off
-    mean_weight: float = 0.0  # beta: weight of the input mean E[x] in the metric that chooses the latent (1 = the
-    #                           second moment, as whitening); NoPE keys are judged without it (fit.py)
+    sequential: bool = False  # fit layer l on the converted layers' outputs (fit.input_map); off: one-shot
+    o_target: str = "output"  # o_proj refit towards the teacher's attention 'output', its stream after attention
+    #                           ('residual', with `sequential`), or 'none' (no refit)
+    ridge: float = 0.1  # o_proj refit's pull towards the source o_proj, a fraction of its gram's mean diagonal
+    attention_metric: str = "all"  # the teacher's attention judges the up-projections ('up'), the latent too ('all')
 
 
 @dataclass(frozen=True)
@@ -72,7 +65,6 @@ class InitMethod:
     factored: bool = True  # False: MLA attention weights drawn at random (an ablation)
     whiten: bool = False  # factorisations minimise the error on calibration activations, not on weights
     rope: RopeChoice | None = None  # None: Algorithm 1's rotary layout
-    kv_balance: bool = False  # scale K to V's energy before the joint K/V factorisation (TransMLA's BKV)
     damp: float = 1e-4  # whitening damping, a fraction of the mean diagonal of C
     fit: FitChoice | None = None  # None: the factorisation's metric is the activations (or weights) alone
 

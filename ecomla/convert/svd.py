@@ -20,7 +20,6 @@ against the paper's literal repeated SVD.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -54,12 +53,6 @@ class Source:
     @property
     def w_kv(self) -> torch.Tensor:
         return torch.cat([self.w_k, self.w_v], dim=0)  # [2*G*d_h, D]
-
-    def reading(self, a: torch.Tensor) -> "Source":
-        """The same projections applied to a x instead of x: W -> W a for Q, K and V ([D, D]; fit.input_map)."""
-        a = a.double()
-        return dataclasses.replace(self, w_q=self.w_q.double() @ a, w_k=self.w_k.double() @ a,
-                                   w_v=self.w_v.double() @ a)
 
 
 @contextlib.contextmanager

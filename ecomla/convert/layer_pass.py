@@ -1,26 +1,19 @@
-"""Sequential calibration: convert layer by layer, each fitted on the inputs the converted layers below produce.
+"""The fitted init's pass over calibration data: teacher and student side by side, one decoder layer at a time.
 
-    tensors, reports = fit_sequentially(teacher, student, batches, fit_qkv, choice)
+    for layer in layer_pass(teacher, student, batches, choice):
+        layer.moments       # the layer's input moments, and what the teacher's attention does with them
+        layer.load(tensors)  # the layer's fitted tensors, into the student (fitted.py), before the pass moves on
 
-`teacher` is the source as an all-GQA EcoMLAForCausalLM, `student` the converted model (both float32, same
-config but for `mla_layers`). Both run side by side over the calibration batches, one decoder layer at a time,
-keeping every sequence's residual stream (h_t, h_s [B, T, D]); with `FitChoice.sequential` off (one-shot, the
-default) the student's stream is the teacher's at every layer. At each MLA layer:
-1. moments of the normed attention inputs: {"cov": C_ss = E[x_s x_s^T], "cov_ts": C_ts = E[x_t x_s^T],
-   "mean": E[x_s]} (and the teacher's attention output y_t); with `FitChoice.attention_metric`, also what the
-   teacher's attention does with the inputs ("att_k", "att_v", `attention_moments`);
-2. `fit_qkv(layer, moments, alpha)` returns the layer's new Q/K/V tensors (factor.py with fit.input_map), loaded
-   into the student; with several key weights alpha, the one with the smallest error after step 3 is kept;
-3. o_proj is refitted by ridge least squares on the student's per-head attention outputs z_s: towards y_t
-   ('output') or towards y_t + h_t - h_s ('residual': the stream after attention, so the layer also cancels
-   the error that arrived from below);
-4. both streams advance through the layer's MLP.
-Kept GQA layers are copied from the source and just advance.
+`teacher` is the source as an all-GQA EcoMLAForCausalLM, `student` the converted model (both float32); each keeps
+every sequence's residual stream (h_t, h_s [B, T, D]), advanced through a layer once the caller has loaded it.
+One-shot calibration (the default): h_s = h_t at every layer; `FitChoice.sequential`: the student's stream runs
+through the converted layers below. `refit_o`: ridge least squares on the student's per-head attention outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -35,80 +28,88 @@ from .inits import FitChoice
 MIN_TOKENS_PER_INPUT = 8
 
 
-def _load(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(module.named_parameters())
-    for name, t in tensors.items():
-        params[name].data.copy_(t.to(params[name].dtype))
+@dataclass
+class LayerInputs:
+    """One MLA layer as the pass reaches it (lists: one entry per calibration batch)."""
+
+    index: int
+    moments: dict[str, torch.Tensor]  # of its inputs (`_moments`), and what the teacher's attention does with them
+    #                                   (`attention_moments`) unless FitChoice.attention_metric is 'none'
+    attn: MLAAttention  # the student's layer, which the fitted tensors are loaded into
+    x_s: list[torch.Tensor]  # the student's normed attention inputs [B, T, D]
+    targets: list[torch.Tensor]  # what o_proj is refitted towards [B, T, D] (FitChoice.o_target)
+    ropes: list  # the student's (cos, sin) at this layer
+    mask: torch.Tensor | None
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        params = dict(self.attn.named_parameters())
+        for name, t in tensors.items():
+            params[name].data.copy_(t.to(params[name].dtype))
+
+    def refit_o(self, choice: FitChoice) -> tuple[dict[str, torch.Tensor], dict]:
+        """o_proj refitted on the per-head attention outputs z_s [B*T, H*d_v] of the tensors loaded so far
+        (`refit_o`): its tensors by name, and the errors before and after."""
+        z = []
+        hook = self.attn.o_proj.register_forward_pre_hook(lambda _m, a: z.append(a[0].reshape(-1, a[0].shape[-1])))
+        try:
+            for x, rope in zip(self.x_s, self.ropes):
+                self.attn(x, rope=rope, attention_mask=self.mask, mla_path="decompressed")
+        finally:
+            hook.remove()
+        w, b, row = refit_o(self.attn.o_proj, z, self.targets, choice)
+        return {"o_proj.weight": w} | ({"o_proj.bias": b} if b is not None else {}), row
 
 
 @torch.no_grad()
-def fit_sequentially(teacher: EcoMLAForCausalLM, student: EcoMLAForCausalLM, batches: list[torch.Tensor],
-                     fit_qkv: Callable[[int, dict[str, torch.Tensor], float], dict[str, torch.Tensor]],
-                     choice: FitChoice) -> tuple[dict[int, dict[str, torch.Tensor]], list[dict]]:
-    """New attention tensors {layer: {name relative to self_attn: float64 tensor}} and a report per MLA layer."""
-    B, T = batches[0].shape
+def layer_pass(teacher: EcoMLAForCausalLM, student: EcoMLAForCausalLM, batches: list[torch.Tensor],
+               choice: FitChoice) -> Iterator[LayerInputs]:
+    """Hand over each MLA layer's inputs in turn (module docstring); the caller loads the layer before resuming."""
+    T = batches[0].shape[1]
     pos = [torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1) for ids in batches]
     ropes_t = [teacher.model.rotary(p, torch.float32) for p in pos]
     ropes_s = [student.model.rotary(p, torch.float32) for p in pos]
     h_t = [teacher.model.embed_tokens(ids) for ids in batches]  # [B, T, D] each
     h_s = [h.clone() for h in h_t]
-    out, reports = {}, []
     layers = list(zip(teacher.model.layers, student.model.layers))
     for i, (t_layer, s_layer) in enumerate(tqdm(layers, desc="fitting layers", leave=False)):
         mask = build_mask(None, T, 0, student.config.layer_window(i), h_t[0].device)
-        t_attn = lambda k: t_layer.self_attn(t_layer.input_layernorm(h_t[k]), rope=ropes_t[k][i],  # noqa: E731
-                                              attention_mask=mask)
-        y_t = [t_attn(k) for k in range(len(batches))]  # teacher attention outputs [B, T, D]
+        y_t = [t_layer.self_attn(t_layer.input_layernorm(h), rope=r[i], attention_mask=mask)
+               for h, r in zip(h_t, ropes_t)]  # teacher attention outputs [B, T, D]
         attn = s_layer.self_attn
         if isinstance(attn, MLAAttention):
-            x_s = [s_layer.input_layernorm(h) for h in h_s]
-            x_t = [t_layer.input_layernorm(h) for h in h_t]
-            moments = _moments(x_s, x_t)
+            x_s, x_t = [s_layer.input_layernorm(h) for h in h_s], [t_layer.input_layernorm(h) for h in h_t]
+            moments = _moments(x_s, x_t if choice.sequential else None)
             if choice.attention_metric != "none":
                 moments |= attention_moments(t_layer.self_attn, x_t, x_s, [r[i] for r in ropes_t], mask)
-            targets = [y + (ht - hs) if choice.o_target == "residual" else y for y, ht, hs in zip(y_t, h_t, h_s)]
-            best = None
-            for alpha in choice.key_weights:  # the key weight whose attention output is closest to the target
-                tensors = fit_qkv(i, moments, alpha)
-                _load(attn, tensors)
-                z = _o_proj_inputs(attn, x_s, [r[i] for r in ropes_s], mask)
-                o_w, o_b, err = refit_o(attn.o_proj, z, targets, choice)
-                if best is None or err["o_error_after"] < best[0]["o_error_after"]:
-                    o = {"o_proj.weight": o_w} | ({"o_proj.bias": o_b} if o_b is not None else {})
-                    best = err, alpha, {**tensors, **o}, z
-            err, alpha, tensors, z = best
-            _load(attn, tensors)
-            out[i] = tensors
-            reports.append({"layer": i, "key_weight": alpha, **err})
-            y_s = [attn.o_proj(zk).reshape(h_s[k].shape) for k, zk in enumerate(z)] if choice.sequential else None
-        elif choice.sequential:
-            y_s = [attn(s_layer.input_layernorm(h_s[k]), rope=ropes_s[k][i], attention_mask=mask)
-                   for k in range(len(batches))]
+            targets = [y + (a - b) if choice.o_target == "residual" else y for y, a, b in zip(y_t, h_t, h_s)]
+            yield LayerInputs(i, moments, attn, x_s, targets, [r[i] for r in ropes_s], mask)
         for k in range(len(batches)):
+            if choice.sequential:
+                y_s = attn(s_layer.input_layernorm(h_s[k]), rope=ropes_s[k][i], attention_mask=mask)
             h_t[k] = h_t[k] + y_t[k]
             h_t[k] = h_t[k] + t_layer.mlp(t_layer.post_attention_layernorm(h_t[k]))
             if choice.sequential:
-                h_s[k] = h_s[k] + y_s[k]
+                h_s[k] = h_s[k] + y_s
                 h_s[k] = h_s[k] + s_layer.mlp(s_layer.post_attention_layernorm(h_s[k]))
             else:  # one-shot: every layer is fitted on the teacher's inputs
                 h_s[k] = h_t[k]
-    return out, reports
 
 
-def _moments(x_s: list[torch.Tensor], x_t: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{"cov": E[x_s x_s^T], "cov_ts": E[x_t x_s^T], "mean": E[x_s]} over all tokens, float64."""
+def _moments(x_s: list[torch.Tensor], x_t: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """{"cov": E[x_s x_s^T], "mean": E[x_s]} over all tokens, float64, and with x_t (sequential calibration)
+    "cov_ts": E[x_t x_s^T]."""
     D = x_s[0].shape[-1]
-    c_ss = torch.zeros(D, D, dtype=torch.float64)
-    c_ts = torch.zeros(D, D, dtype=torch.float64)
+    c_ss, c_ts = torch.zeros(D, D, dtype=torch.float64), torch.zeros(D, D, dtype=torch.float64)
     mu = torch.zeros(D, dtype=torch.float64)
     n = 0
-    for xs, xt in zip(x_s, x_t):
-        xs, xt = xs.reshape(-1, D).double(), xt.reshape(-1, D).double()
+    for k, xs in enumerate(x_s):
+        xs = xs.reshape(-1, D).double()
         c_ss += xs.T @ xs
-        c_ts += xt.T @ xs
+        if x_t is not None:
+            c_ts += x_t[k].reshape(-1, D).double().T @ xs
         mu += xs.sum(0)
         n += xs.shape[0]
-    return {"cov": c_ss / n, "cov_ts": c_ts / n, "mean": mu / n}
+    return {"cov": c_ss / n, "mean": mu / n} | ({"cov_ts": c_ts / n} if x_t is not None else {})
 
 
 def attention_moments(attn: GQAAttention, x_t: list[torch.Tensor], x_s: list[torch.Tensor], ropes,
@@ -141,21 +142,9 @@ def attention_moments(attn: GQAAttention, x_t: list[torch.Tensor], x_s: list[tor
     return {"att_k": (recv - mix) / n, "att_v": mix / n}
 
 
-def _o_proj_inputs(attn: MLAAttention, x_s: list[torch.Tensor], ropes, mask) -> list[torch.Tensor]:
-    """The per-head attention outputs z_s [B*T, H*d_v] that o_proj reads, one per batch."""
-    z = []
-    hook = attn.o_proj.register_forward_pre_hook(lambda _m, args: z.append(args[0].reshape(-1, args[0].shape[-1])))
-    try:
-        for x, rope in zip(x_s, ropes):
-            attn(x, rope=rope, attention_mask=mask, mla_path="decompressed")
-    finally:
-        hook.remove()
-    return z
-
-
 def refit_o(o_proj: torch.nn.Linear, z: list[torch.Tensor], targets: list[torch.Tensor], choice: FitChoice):
     """o_proj by ridge least squares (pulled towards the current o_proj): z_s [N, H*d_v] -> target [N, D] (module
-    docstring, step 3); returns the weight, the bias (or None) and the relative errors before and after (equal
+    docstring); returns the weight, the bias (or None) and the relative errors before and after (equal
     with o_target 'none')."""
     D = o_proj.weight.shape[0]
     has_bias = o_proj.bias is not None
