@@ -1,7 +1,8 @@
-"""docs/RESULTS.md, generated: its prose from docs/results/RESULTS.md.in, its tables from the records.
+"""docs/RESULTS.md and the README's results table, generated: prose from docs/results/RESULTS.md.in, tables from
+the records docs/results/*.json.
 
-    python tools/results_page.py                            # render docs/RESULTS.md from docs/results/*.json
-    python tools/results_page.py --check                    # exit 1 when docs/RESULTS.md is not what they give
+    python tools/results_page.py                            # render both from the records
+    python tools/results_page.py --check                    # exit 1 when either is not what the records give
     python tools/results_page.py --rerun zero-4x demo-4x    # rerun those records' commands, then render
     python tools/results_page.py --rerun teacher --work /tmp/w   # the commands' out/ folders go under /tmp/w
 
