@@ -122,3 +122,11 @@ def test_rerun_refuses_a_used_out_folder_and_runs_nothing(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="out/teacher exists"):
         rp.rerun(["zero-2x", "teacher"], tmp_path)
     assert ran == []
+
+
+def test_an_exact_export_of_a_broken_model_is_called_broken():
+    recs = full_records()
+    assert "broken" not in rp.render(recs)
+    model_row = recs["export"]["result"]["models"][0]
+    model_row["ppl"]["chat"] = 11 * recs["teacher"]["result"]["models"][0]["ppl"]["chat"]
+    assert "**The model exported here is broken**" in rp.render(recs)

@@ -284,14 +284,21 @@ def speedup(row: dict, base: str) -> str:
 
 def export_table(recs: dict) -> list[str]:
     head = ["DeepSeek-V3 export vs the ecomla model", "KL per token", "top-1 agreement", "held-out tokens",
-            "command", "CPU"]
+            "export's ppl chat", "ppl text", "command", "CPU"]
     rec = recs["export"]
     if rec is None:
-        return table(head, [["4x, fitted", missing("export"), "", "", "", "-"]])
+        return table(head, [["4x, fitted", missing("export"), "", "", "", "", "", "-"]])
     m = model_row(rec, "export")
     tokens = rec["result"]["settings"]["fidelity_tokens"]["chat"]
-    return table(head, [["4x, fitted, `--target deepseek-v3`", f"{m['kl_to_teacher']:.1e}",
-                         f"{m['top1_agreement']:.4f}", f"{tokens:,}", *cite(recs, "export", pick="ecomla export")]])
+    rows = table(head, [["4x, fitted, `--target deepseek-v3`", f"{m['kl_to_teacher']:.1e}",
+                         f"{m['top1_agreement']:.4f}", f"{tokens:,}", *fidelity_cells(m)[2:],
+                         *cite(recs, "export", pick="ecomla export")]])
+    teacher = recs["teacher"] and model_row(recs["teacher"], "teacher")["ppl"]["chat"]
+    if teacher and m["ppl"]["chat"] > 10 * teacher:  # exact, but of a model far from the teacher (section 1)
+        rows += ["", f"**The model exported here is broken**: its chat perplexity is over ten times the teacher's "
+                     f"(section 1, same tokens) at commit {rec['commit']}. The export is exact; the constrained "
+                     f"conversion before it is what fails."]
+    return rows
 
 
 def kl_of(recs: dict, name: str, who: str) -> float:
