@@ -371,7 +371,7 @@ def targets_table(recs: dict) -> list[str]:
     rows = []
     for target, names, measure in TARGETS:
         gone = [n for n in names if recs.get(n) is None]
-        where = cite(recs, names[0]) if len(names) == 1 else cite_many(recs, names)
+        where = cite(recs, names[0], pick="ecomla export") if len(names) == 1 else cite_many(recs, names)
         if gone:
             rows.append([target, f"not measured yet: {rerun_line(*gone)}", "-", *where])
             continue
