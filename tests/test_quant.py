@@ -116,6 +116,8 @@ def test_live_cache_bytes_equal_the_formula(bits):
     assert stats["live_bytes"] == 3 * 7 * stats["bytes_per_token"]
     info = kv_info(model.config)
     assert info["kv_bytes_per_token"] == model.config.kv_bytes_per_token(2) and info["cache_bits"] == bits
+    assert kv_info(tiny(HYBRID).config, bits) == info  # `ecomla info --cache-bits` on a 16-bit checkpoint
+    assert info["source_kv_bytes_per_token"] == 3 * 2 * 2 * 16 * 2  # the source's K/V in bf16
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -127,3 +129,16 @@ def test_cache_bits_are_saved_and_decode_after_a_load(tmp_path, bits):
     x = torch.randint(3, 97, (2, 5))
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None, num_beams=2)
     assert torch.equal(loaded.generate(x, **kw), model.generate(x, use_cache=False, **kw))  # beams reorder byte rows
+
+
+def test_training_reads_the_fake_quantized_latent_and_gradients_reach_the_latent_projection():
+    """What distill --cache-bits trains: the uncached forward in train mode reads the quantized latent."""
+    x = torch.randint(3, 97, (2, 8))
+    losses, grads = {}, {}
+    for bits in (16, 4):
+        model = tiny(HYBRID).set_cache_bits(bits).train()
+        loss = model(x, labels=x, use_cache=False).loss
+        loss.backward()
+        losses[bits], grads[bits] = loss.item(), model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.grad
+    assert losses[4] != losses[16]
+    assert grads[4] is not None and grads[4].abs().sum() > 0 and not torch.equal(grads[4], grads[16])

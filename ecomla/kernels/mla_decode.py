@@ -30,7 +30,7 @@ import importlib.util
 
 import torch
 
-DEQUANT_CHUNK_BYTES = 4 << 20  # fp32 rows dequantized at once: about an L2/L3 share
+DEQUANT_CHUNK_BYTES = 8 << 20  # fp32 rows dequantized at once: held in the CPU's last-level cache
 
 
 def mla_decode_torch(
@@ -47,8 +47,8 @@ def mla_decode_torch(
     latent = _rows(latent)
     keep = _keep(latent, lengths, key_mask)
     if fmt is None:
-        return _attend(q_lat, q_rope, latent, scale, keep)
-    out = [_attend(q_lat[i], q_rope[i], fmt.dequantize(latent[i], torch.float32), scale,
+        return _attend(q_lat, q_rope, latent, None, scale, keep)
+    out = [_attend(q_lat[i], q_rope[i], *fmt.dequantize_parts(latent[i], torch.float32), scale,
                    None if keep is None else keep[i]) for i in _chunks(latent, fmt)]
     return torch.cat(out) if len(out) > 1 else out[0]
 
@@ -71,14 +71,20 @@ def _chunks(latent: torch.Tensor, fmt) -> list[slice]:
     return [slice(i, min(B, i + step)) for i in range(0, B, step)]
 
 
-def _attend(q_lat, q_rope, latent, scale: float, keep) -> torch.Tensor:
-    """The two GEMMs with an fp32 softmax over latent [B, S, W]; keep [B, S] bool or None."""
+def _attend(q_lat, q_rope, latent, k_rope, scale: float, keep) -> torch.Tensor:
+    """The two GEMMs with an fp32 softmax over latent [B, S, W] (k_rope None), or over c_kv = latent [B, S, r_kv]
+    and k_rope [B, S, d_rope] apart (a dequantized cache: no copy joins them); keep [B, S] bool or None."""
     r_kv = q_lat.shape[-1]
     out_dtype = q_lat.dtype
     if latent.dtype != torch.float32:
         q_lat, q_rope, latent = q_lat.float(), q_rope.float(), latent.float()
-    q = torch.cat([q_lat, q_rope], dim=-1) * scale  # [B, H, W]
-    scores = torch.bmm(q, latent.transpose(1, 2))  # [B, H, S]
+        k_rope = None if k_rope is None else k_rope.float()
+    if k_rope is None:
+        q = torch.cat([q_lat, q_rope], dim=-1) * scale  # [B, H, W]
+        scores = torch.bmm(q, latent.transpose(1, 2))  # [B, H, S]
+    else:
+        scores = torch.baddbmm(torch.bmm(q_rope * scale, k_rope.transpose(1, 2)), q_lat * scale,
+                               latent.transpose(1, 2))  # [B, H, S]
     if keep is not None:
         scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
     if torch.is_grad_enabled():

@@ -279,12 +279,10 @@ class EcoMLAConfig(PreTrainedConfig):
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         """Cache bytes per token summed over layers: quantized rows (scales included) for MLA layers when cache_bits
         < 16, else elements x `bytes_per_value` (2: a 16-bit cache)."""
-        total = 0
+        gqa, total = SourceShape.of(self).kv_elements_per_layer * bytes_per_value, 0
         for i, spec in enumerate(self.mla_layers):
             fmt = self.latent_format(i)
-            elements = SourceShape.of(self).kv_elements_per_layer if spec is None else MLASpec.from_dict(
-                spec).cache_elements
-            total += fmt.row_bytes if fmt is not None else elements * bytes_per_value
+            total += gqa if spec is None else fmt.row_bytes if fmt else self.mla_spec(i).cache_elements * bytes_per_value
         return total
 
     def kv_elements_per_token(self) -> int:

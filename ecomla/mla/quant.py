@@ -153,17 +153,20 @@ class LatentFormat:
 
     def dequantize(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[.., row_bytes] uint8 -> [.., r_kv + d_rope] in `dtype`."""
+        return torch.cat(self.dequantize_parts(rows, dtype), dim=-1)
+
+    def dequantize_parts(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv [.., r_kv] and k_rope [.., d_rope] in `dtype` from rows [.., row_bytes] (a reader that uses the two
+        parts apart, like the CPU decode GEMMs, skips the copy that joins them)."""
         half = rows[..., : self.head_bytes].view(torch.float16)  # [.., head_bytes / 2]
         n_c = 2 * self.groups(self.r_kv)
         start, (bytes_c, bytes_r) = self.head_bytes, self.codes_bytes
         codes_c = unpack(rows[..., start : start + bytes_c], self.bits, self.r_kv)
         c = dequantize_groups(codes_c, half[..., :n_c].unflatten(-1, (-1, 2)), self.group, dtype)
         if self.rope_bits == 16:
-            r = half[..., n_c : n_c + self.d_rope].to(dtype)
-        else:
-            codes_r = unpack(rows[..., start + bytes_c : start + bytes_c + bytes_r], self.rope_bits, self.d_rope)
-            r = dequantize_groups(codes_r, half[..., n_c:].unflatten(-1, (-1, 2)), self.group, dtype)
-        return torch.cat([c, r], dim=-1)
+            return c, half[..., n_c : n_c + self.d_rope].to(dtype)
+        codes_r = unpack(rows[..., start + bytes_c : start + bytes_c + bytes_r], self.rope_bits, self.d_rope)
+        return c, dequantize_groups(codes_r, half[..., n_c:].unflatten(-1, (-1, 2)), self.group, dtype)
 
     def fake(self, latent: torch.Tensor) -> torch.Tensor:
         """dequantize(quantize(latent)), bit for bit, without packing the row (the uncached forward)."""
