@@ -1,6 +1,7 @@
 """Which quantized latent cache to build: c_kv group size and the rotary part's format, by KL per byte.
 
     OMP_NUM_THREADS=1 python benchmarks/latent_quant.py runs/s2x runs/s4x --out runs/latent-quant
+    python benchmarks/latent_quant.py runs/s8x --variants "16-bit,int8 g32,int4 g32" --max-tokens 8192
 
 For each MLA student, every variant below is applied as the fake quantization an uncached forward reads (which is
 what decoding over that cache reads: tests/test_quant.py), and measured on held-out chat and plain text as
@@ -56,8 +57,8 @@ class StaticRope:
 def variants(r_kv: int, d_rope: int, radius: torch.Tensor) -> dict:
     f = lambda bits, group=32, rope=16: LatentFormat(r_kv, d_rope, bits, rope_bits=rope, group=group)  # noqa: E731
     return {"16-bit": None, "int8 g32": f(8), "int8 g64": f(8, 64), "int4 g32": f(4), "int4 g64": f(4, 64),
-            "int4 g32, rope int8": f(4, rope=8), "int4 g32, rope int4": f(4, rope=4),
-            "int4 g32, rope int4 static": StaticRope(f(4), radius)}
+            "int4 g32 rope8": f(4, rope=8), "int4 g32 rope4": f(4, rope=4),
+            "int4 g32 rope4-static": StaticRope(f(4), radius)}
 
 
 def rope_radius(model, tok, tokens: int) -> dict[int, torch.Tensor]:
@@ -95,9 +96,11 @@ def main() -> None:
     p.add_argument("models", nargs="+")
     p.add_argument("--teacher", default="default")
     p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--calib-tokens", type=int, default=4096)
+    p.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
     p.add_argument("--out", default="runs/latent-quant")
     a = p.parse_args()
+    names = list(variants(1, 2, torch.ones(1))) if a.variants is None else a.variants.split(",")
     teacher, _ = load_model(a.teacher, dtype="float32")
     src_bytes = 2 * SourceShape.of(teacher.config).kv_elements_per_layer
     rows = []
@@ -105,12 +108,12 @@ def main() -> None:
         model, path = load_model(spec, dtype="float32")
         tok = load_tokenizer(path)
         batches = heldout_batches(tok, EvalArgs(models=[spec], tasks="none", max_tokens=a.max_tokens))
-        radius = rope_radius(model, tok, a.calib_tokens)
+        radius = rope_radius(model, tok, a.calib_tokens) if any("static" in n for n in names) else {}
         twins, row_bytes = {}, {}
-        for name in variants(1, 2, torch.ones(1)):
+        for name in names:
             def make(attn, name=name):
                 s = attn.spec
-                return variants(s.kv_lora_rank, s.qk_rope_head_dim, radius[attn.layer_idx])[name]
+                return variants(s.kv_lora_rank, s.qk_rope_head_dim, radius.get(attn.layer_idx))[name]
             twins[name] = with_formats(model, make)
             fmts = [attn.latent_format for attn in twins[name].mla_attention()]
             row_bytes[name] = sum(2 * (a.spec.cache_elements) if f is None else f.row_bytes
