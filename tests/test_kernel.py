@@ -61,12 +61,12 @@ def make_inputs(B, H, r, d_rope, S, dtype=torch.float32, device="cpu", seed=0):
     return cast(q_lat), cast(q_rope), cast(buf)[:, :, :S], lengths.to(device)
 
 
-def quantized(latent, bits):
+def quantized(latent, bits, rope_bits=16):
     """(byte rows [B, 1, S, row_bytes] of a larger buffer, as the cache holds them; the format; the float latent
     [B, S, W] they read back as)."""
     B, _, S, W = latent.shape
     r, d_rope = W - QUANT_ROPE[W], QUANT_ROPE[W]
-    fmt = LatentFormat(r, d_rope, bits)
+    fmt = LatentFormat(r, d_rope, bits, rope_bits=rope_bits)
     buf = torch.zeros(B, 1, S + 3, fmt.row_bytes, dtype=torch.uint8, device=latent.device)
     buf[:, :, :S] = fmt.quantize(latent.float())
     return buf[:, :, :S], fmt, fmt.dequantize(buf[:, 0, :S], torch.float32)
@@ -83,11 +83,11 @@ def left_padding(lengths, S, seed=1):
 
 
 @pytest.mark.parametrize("case", CASES[:3])
-@pytest.mark.parametrize("bits", [8, 4])
-def test_torch_decode_reads_quantized_rows_and_key_masks(case, bits, monkeypatch):
+@pytest.mark.parametrize("bits, rope_bits", [(8, 16), (4, 16), (4, 4)])
+def test_torch_decode_reads_quantized_rows_and_key_masks(case, bits, rope_bits, monkeypatch):
     B, H, r, d_rope, S, _ = case
     q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S)
-    rows, fmt, back = quantized(latent, bits)
+    rows, fmt, back = quantized(latent, bits, rope_bits)
     keys = left_padding(lengths, S)
     for lens, mask in ((None, None), (lengths, keys), (None, keys)):
         want = explicit(q_lat, q_rope, back, 0.3, lens if lens is not None else [S] * B, mask)
@@ -134,7 +134,8 @@ def test_pick_kernel_by_device_and_dtype():
 
 def _interpreter_results() -> list[dict]:
     """Run by the subprocess: every case in fp32 with and without per-sequence lengths, in fp16, over quantized rows
-    (8 and 4 bits) with and without a left-padding key mask, and over fp32 rows with one."""
+    (8 and 4 bits, k_rope in fp16 or quantized too) with and without a left-padding key mask, and over fp32 rows with
+    one."""
     from ecomla.kernels.mla_decode import mla_decode_triton
 
     out = []
@@ -147,12 +148,13 @@ def _interpreter_results() -> list[dict]:
                 out.append({"case": [B, H, r, d_rope, S, splits], "dtype": str(dtype), "lengths": lens is not None,
                             "err": (got.double() - want).abs().max().item(), "shape": list(got.shape)})
         q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S)
-        for bits, lens, keys in ((8, lengths, None), (4, None, None), (4, lengths, left_padding(lengths, S)),
-                                 (8, None, left_padding([S] * B, S)), (16, lengths, left_padding(lengths, S))):
-            rows, fmt, back = quantized(latent, bits) if bits < 16 else (latent, None, latent[:, 0])
+        for bits, rope, lens, keys in ((8, 16, lengths, None), (4, 16, None, None), (4, 4, None, None),
+                                       (4, 16, lengths, left_padding(lengths, S)), (8, 8, None, left_padding([S] * B, S)),
+                                       (16, 16, lengths, left_padding(lengths, S))):
+            rows, fmt, back = quantized(latent, bits, rope) if bits < 16 else (latent, None, latent[:, 0])
             got = mla_decode_triton(q_lat, q_rope, rows, 0.2, lengths=lens, key_mask=keys, fmt=fmt, num_splits=splits)
             want = explicit(q_lat, q_rope, back, 0.2, [S] * B if lens is None else lens, keys)
-            out.append({"case": [B, H, r, d_rope, S, splits], "dtype": f"int{bits}", "mask": keys is not None,
+            out.append({"case": [B, H, r, d_rope, S, splits], "dtype": f"int{bits}/{rope}", "mask": keys is not None,
                         "err": (got.double() - want).abs().max().item(), "shape": list(got.shape)})
     return out
 
@@ -164,7 +166,7 @@ def test_triton_kernel_under_cpu_interpreter():
                           timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == len(CASES) * 8
+    assert len(results) == len(CASES) * 9
     for r in results:
         tol = 2e-3 if r["dtype"] == "torch.float16" else 1e-5  # fp16 output rounding (|o| < 4)
         assert r["err"] < tol, r
@@ -172,9 +174,10 @@ def test_triton_kernel_under_cpu_interpreter():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("cc, r_kv, d_rope, H, bits", [(90, 64, 32, 32, 16), (80, 48, 24, 9, 16), (90, 160, 32, 20, 16),
-                                                      (90, 64, 32, 32, 4), (80, 160, 32, 9, 8)])
-def test_kernel_compiles_to_tensor_core_code_without_a_gpu(cc, r_kv, d_rope, H, bits):
+@pytest.mark.parametrize("cc, r_kv, d_rope, H, bits, rope_bits", [
+    (90, 64, 32, 32, 16, 16), (80, 48, 24, 9, 16, 16), (90, 160, 32, 20, 16, 16), (90, 64, 32, 32, 4, 16),
+    (80, 160, 32, 9, 8, 16), (90, 64, 32, 9, 4, 4)])
+def test_kernel_compiles_to_tensor_core_code_without_a_gpu(cc, r_kv, d_rope, H, bits, rope_bits):
     """Compile mode (not the interpreter) for sm_90 / sm_80 with triton's bundled ptxas: the bf16 dot products
     must become tensor-core MMAs. Catches compile-only errors (layouts, constexpr branches) on a CPU machine."""
     import triton
@@ -184,7 +187,7 @@ def test_kernel_compiles_to_tensor_core_code_without_a_gpu(cc, r_kv, d_rope, H, 
     from ecomla.kernels import triton_mla as K
 
     block_h, block_c, block_r, block_n = K._blocks(H, r_kv, d_rope)
-    fmt = None if bits == 16 else LatentFormat(r_kv, d_rope, bits)
+    fmt = None if bits == 16 else LatentFormat(r_kv, d_rope, bits, rope_bits=rope_bits)
     const = dict(R_KV=r_kv, D_ROPE=d_rope, NUM_SPLITS=3, HAS_LENS=True, HAS_MASK=True, **K._quant_args(fmt, r_kv, d_rope),
                  BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=block_n, DOT_PRECISION=None)
     types = {"Q_lat": "*bf16", "Q_rope": "*bf16", "KV": "*bf16" if fmt is None else "*u8",

@@ -15,9 +15,9 @@ Design (the grouped decode kernel of LightLLM/SGLang/vLLM, specialised to a late
   BLOCK_C = next_pow2(r_kv) and BLOCK_R = next_pow2(d_rope) (both >= 16 for tl.dot). Any r_kv and d_rope
   work; r_kv + d_rope is never padded to one power of two (96 = 64 + 32 stays 64 + 32, not 128), and masked
   columns are never fetched beyond the row's own bytes.
-- A quantized cache (`fmt`, ecomla.mla.quant: byte rows [scale, zero per group | k_rope fp16 | c_kv codes]) is read
-  through two views of the same buffer, bytes and fp16, and dequantized in registers (code * scale + zero, fp32,
-  then the query's dtype for `tl.dot`): the bytes a step reads are the row bytes. The [BLOCK_N, BLOCK_C] tile of
+- A quantized cache (`fmt`, ecomla.mla.quant: byte rows [fp16 scales, zeros (and k_rope) | c_kv codes | k_rope
+  codes]) is read through two views of the same buffer, bytes and fp16, and dequantized in registers
+  (code * scale + zero, fp32, then the query's dtype for `tl.dot`): the bytes a step reads are the row bytes. The [BLOCK_N, BLOCK_C] tile of
   4-bit codes loads each byte for both of its nibbles (adjacent lanes, one cache line).
 - `key_mask` [B, S] (left padding, a sliding window) masks rows per sequence; a tile whose rows are all masked adds
   nothing (its running max stays -inf and is not used as an exponent offset).
@@ -44,26 +44,40 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dequantized(row, row16, offs, mask, BITS: tl.constexpr, GROUP: tl.constexpr, CODES_OFF: tl.constexpr,
+                 HALF_OFF: tl.constexpr):
+    """One part of a quantized row as fp32 [BLOCK_N, len(offs)]: fp16 values at fp16 element HALF_OFF (BITS 16), or
+    BITS-bit codes at byte CODES_OFF with (scale, zero) fp16 pairs per GROUP values from HALF_OFF, read back as
+    code * scale + zero (ecomla.mla.quant.dequantize_groups)."""
+    if BITS == 16:
+        x = tl.load(row16 + HALF_OFF + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        if BITS == 4:  # two codes per byte, element 2i in the low nibble
+            byte = tl.load(row + CODES_OFF + offs[None, :] // 2, mask=mask, other=0).to(tl.int32)
+            code = (byte >> ((offs[None, :] % 2) * 4)) & 15
+        else:
+            code = tl.load(row + CODES_OFF + offs[None, :], mask=mask, other=0).to(tl.int32)
+        group = offs[None, :] // GROUP
+        scale = tl.load(row16 + HALF_OFF + 2 * group, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(row16 + HALF_OFF + 2 * group + 1, mask=mask, other=0.0).to(tl.float32)
+        x = code.to(tl.float32) * scale + zero
+    return x
+
+
+@triton.jit
 def _row_tiles(KV, KV16, b64, offs_n, mask_n, offs_c, offs_r, stride_kvb, stride_kvs, stride_k16b, stride_k16s,
                R_KV: tl.constexpr, D_ROPE: tl.constexpr, QUANT: tl.constexpr, C_BITS: tl.constexpr,
-               GROUP: tl.constexpr, CODES_OFF: tl.constexpr, ROPE_OFF: tl.constexpr):
+               R_BITS: tl.constexpr, GROUP: tl.constexpr, CODES_OFF: tl.constexpr, R_CODES_OFF: tl.constexpr,
+               ROPE_OFF: tl.constexpr):
     """The c_kv tile [BLOCK_N, BLOCK_C] and k_rope tile [BLOCK_N, BLOCK_R] of rows offs_n, in the cache's float dtype
-    (fp32 for a quantized cache: codes * scale + zero, as ecomla.mla.quant.dequantize_groups computes them)."""
+    (fp32 for a quantized cache)."""
     mask_c = mask_n[:, None] & (offs_c < R_KV)[None, :]
     mask_r = mask_n[:, None] & (offs_r < D_ROPE)[None, :]
     if QUANT:
         row = KV + b64 * stride_kvb + offs_n[:, None] * stride_kvs  # bytes
         row16 = KV16 + b64 * stride_k16b + offs_n[:, None] * stride_k16s  # the same bytes as fp16
-        if C_BITS == 4:  # two codes per byte, element 2i in the low nibble
-            byte = tl.load(row + CODES_OFF + offs_c[None, :] // 2, mask=mask_c, other=0).to(tl.int32)
-            code = (byte >> ((offs_c[None, :] % 2) * 4)) & 15
-        else:
-            code = tl.load(row + CODES_OFF + offs_c[None, :], mask=mask_c, other=0).to(tl.int32)
-        group = offs_c[None, :] // GROUP
-        scale = tl.load(row16 + 2 * group, mask=mask_c, other=0.0).to(tl.float32)
-        zero = tl.load(row16 + 2 * group + 1, mask=mask_c, other=0.0).to(tl.float32)
-        k_c = code.to(tl.float32) * scale + zero
-        k_r = tl.load(row16 + ROPE_OFF + offs_r[None, :], mask=mask_r, other=0.0).to(tl.float32)
+        k_c = _dequantized(row, row16, offs_c, mask_c, C_BITS, GROUP, CODES_OFF, 0)
+        k_r = _dequantized(row, row16, offs_r, mask_r, R_BITS, GROUP, R_CODES_OFF, ROPE_OFF)
     else:
         row = KV + b64 * stride_kvb + offs_n[:, None] * stride_kvs
         k_c = tl.load(row + offs_c[None, :], mask=mask_c, other=0.0)
@@ -78,8 +92,8 @@ def _split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     seq_len, scale_log2, H,
     R_KV: tl.constexpr, D_ROPE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_LENS: tl.constexpr,
-    HAS_MASK: tl.constexpr, QUANT: tl.constexpr, C_BITS: tl.constexpr, GROUP: tl.constexpr,
-    CODES_OFF: tl.constexpr, ROPE_OFF: tl.constexpr,
+    HAS_MASK: tl.constexpr, QUANT: tl.constexpr, C_BITS: tl.constexpr, R_BITS: tl.constexpr, GROUP: tl.constexpr,
+    CODES_OFF: tl.constexpr, R_CODES_OFF: tl.constexpr, ROPE_OFF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -110,7 +124,8 @@ def _split_kernel(
         if HAS_MASK:  # key padding (left padding of a batch) or a sliding window
             mask_n = mask_n & (tl.load(Mask + b64 * stride_mb + offs_n, mask=mask_n, other=0) != 0)
         k_c, k_r = _row_tiles(KV, KV16, b64, offs_n, mask_n, offs_c, offs_r, stride_kvb, stride_kvs, stride_k16b,
-                              stride_k16s, R_KV, D_ROPE, QUANT, C_BITS, GROUP, CODES_OFF, ROPE_OFF)
+                              stride_k16s, R_KV, D_ROPE, QUANT, C_BITS, R_BITS, GROUP, CODES_OFF, R_CODES_OFF,
+                              ROPE_OFF)
         k_c, k_r = k_c.to(q_c.dtype), k_r.to(q_c.dtype)  # [BLOCK_N, BLOCK_C], [BLOCK_N, BLOCK_R]
         s = tl.dot(q_c, tl.trans(k_c), input_precision=DOT_PRECISION)
         s += tl.dot(q_r, tl.trans(k_r), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N], fp32
@@ -178,7 +193,7 @@ def mla_decode(
     """o_lat [B, H, r_kv] (dtype of q_lat). latent [B, S, W] may be a strided view (last dim contiguous).
     `lengths` [B] int: valid rows per sequence (default: all S rows); `key_mask` [B, S] bool: False = not seen; each
     sequence must see at least one row. `fmt`: latent holds quantized byte rows [B, S, row_bytes] of this format
-    (`ecomla.mla.quant.LatentFormat`, k_rope in fp16), dequantized in the kernel."""
+    (`ecomla.mla.quant.LatentFormat`), dequantized in the kernel."""
     B, H, r_kv = q_lat.shape
     d_rope = q_rope.shape[-1]
     width = r_kv + d_rope if fmt is None else fmt.row_bytes
@@ -221,11 +236,12 @@ def mla_decode(
 
 
 def _quant_args(fmt, r_kv: int, d_rope: int) -> dict:
-    """The kernel's constexprs for a quantized row of `fmt` (None: a float row). Offsets: CODES_OFF in bytes,
-    ROPE_OFF in fp16 elements (after the scale and zero of every c_kv group)."""
+    """The kernel's constexprs for a quantized row of `fmt` (None: a float row). Offsets: CODES_OFF and R_CODES_OFF
+    in bytes (c_kv and k_rope codes), ROPE_OFF in fp16 elements (after the scale and zero of every c_kv group: the
+    fp16 k_rope, or the scale and zero of its groups)."""
     if fmt is None:
-        return dict(QUANT=False, C_BITS=16, GROUP=1, CODES_OFF=0, ROPE_OFF=0)
-    if (fmt.r_kv, fmt.d_rope) != (r_kv, d_rope) or fmt.rope_bits != 16:
-        raise ValueError(f"the Triton kernel reads quantized rows with an fp16 k_rope of {r_kv} + {d_rope}, got {fmt}")
-    return dict(QUANT=True, C_BITS=fmt.bits, GROUP=fmt.group, CODES_OFF=fmt.head_bytes,
-                ROPE_OFF=2 * fmt.groups(r_kv))
+        return dict(QUANT=False, C_BITS=16, R_BITS=16, GROUP=1, CODES_OFF=0, R_CODES_OFF=0, ROPE_OFF=0)
+    if (fmt.r_kv, fmt.d_rope) != (r_kv, d_rope):
+        raise ValueError(f"quantized rows of {fmt.r_kv} + {fmt.d_rope} for a query of {r_kv} + {d_rope}")
+    return dict(QUANT=True, C_BITS=fmt.bits, R_BITS=fmt.rope_bits, GROUP=fmt.group, CODES_OFF=fmt.head_bytes,
+                R_CODES_OFF=fmt.head_bytes + fmt.codes_bytes[0], ROPE_OFF=2 * fmt.groups(r_kv))
