@@ -66,6 +66,7 @@ def P(llama_dir, tmp_path_factory):
     paths = {name: _copy(llama_dir, root / name, edit) for name, edit in models.items()}
     paths["bad_spec"] = _copy(mla, root / "bad_spec", lambda d: _edit_config(
         d, mla_layers=[dict(json.loads((d / "config.json").read_text())["mla_layers"][0], kv_lora_rank=0)] * 3))
+    paths["bad_bits"] = _copy(mla, root / "bad_bits", lambda d: _edit_config(d, cache_bits=3))
     paths["mla_no_source"] = _copy(mla, root / "mla_no_source", lambda d: (d / "ecomla_convert.json").unlink())
     yamls = {"binary": weights[:300], "broken": "a: [1\n", "list": "- a\n- b\n", "scalar": "just some text\n",
              "int_keys": "1: 2\n", "unknown_key": "nosuch: 1\n", "int_type": "max_new_tokens: lots\n",
@@ -240,6 +241,24 @@ CASES = [
                  id="eval-tasks-for-unknown"),
     pytest.param(ev("--text", "/nonexistent/text.txt"), r"--text /nonexistent/text.txt: no such text file",
                  id="eval-text-missing"),
+    # ---- --cache-bits: one check (ecomla.mla.quant.check_cache_bits) for every stage ---------------------------
+    pytest.param(gen("--prompt", "hi", "--cache-bits", "3"), r"--cache-bits must be 16 \(no quantization\), 8 or 4, "
+                 r"got 3", id="generate-cache-bits-3"),
+    pytest.param(ev("--cache-bits", "2"), r"--cache-bits must be 16 .* got 2", id="eval-cache-bits-2"),
+    pytest.param(dist("--cache-bits", "32"), r"--cache-bits must be 16 .* got 32", id="distill-cache-bits-32"),
+    pytest.param(bench("--shape", "tiny", "--cache-bits", "16,5"), r"--cache-bits must be 16 .* got 5",
+                 id="bench-cache-bits-in-list"),
+    pytest.param(bench("--shape", "tiny", "--cache-bits", "four"), r"--cache-bits must be 16 .* got 'four'",
+                 id="bench-cache-bits-word"),
+    pytest.param(lambda P: ["info", str(P.mla), "--cache-bits", "1"], r"--cache-bits must be 16 .* got 1",
+                 id="info-cache-bits-1"),
+    pytest.param(lambda P: ["generate", str(P.src), "--prompt", "hi", "--cache-bits", "4"], r"--cache-bits quantizes "
+                 r"the latent cache of an MLA checkpoint; .* has no MLA layer", id="generate-cache-bits-for-gqa"),
+    pytest.param(lambda P: ["info", str(P.src), "--cache-bits", "8"], r"has no MLA layer", id="info-cache-bits-for-gqa"),
+    pytest.param(lambda P: ["eval", str(P.src), "--tasks", "none", "--teacher", "none", "--out", str(P.out),
+                            "--cache-bits", "8"], r"has no MLA layer", id="eval-cache-bits-for-gqa"),
+    pytest.param(lambda P: ["info", str(P.bad_bits)], r"could not load .*cache_bits \(--cache-bits\) must be",
+                 id="load-config-cache-bits-3"),
     # ---- --config recipes ---------------------------------------------------------------------------------------
     pytest.param(demo("--config", path("yaml_binary")), r"--config .* is not a text file", id="config-binary-file"),
     pytest.param(gen("--prompt", "hi", "--config", path("yaml_broken")), r"--config .* is not valid YAML",

@@ -349,3 +349,18 @@ def test_study_converts_distills_and_measures_variants_into_one_table_and_a_reco
     study.run_steps(steps, log=logs.append)
     study.run_steps(steps, log=logs.append)
     assert calls == [tmp_path / "work" / "build-mine"] == [Path(model)] and logs[-1].startswith("[study] reuse build")
+
+
+def test_cache_bits_time_each_mla_run_at_each_width_with_the_bytes_of_its_rows():
+    """`--cache-bits 16,4`: the 16-bit and the 4-bit latent cache, paired in one run (prefilled and synthetic)."""
+    from ecomla.mla.quant import LatentFormat
+
+    rows = bench(BenchArgs(**TINY, contexts="16,40", batches="2", runs="absorbed,gqa-static", cache_bits="16,4",
+                           prefill_max_tokens=32))
+    by_run = {(r["run"], r["context"]): r for r in rows}
+    assert {r for r, _ in by_run} == {"absorbed-16bit", "absorbed-int4", "gqa-static"}
+    assert {by_run["absorbed-int4", c]["fill"] for c in (16, 40)} == {"prefill", "synthetic"}
+    for c in (16, 40):
+        assert by_run["absorbed-16bit", c]["cache_bytes_per_token"] == 2 * (8 + 8) * 4
+        assert by_run["absorbed-int4", c]["cache_bytes_per_token"] == 2 * LatentFormat(8, 8, 4).row_bytes == 2 * 24
+        assert by_run["absorbed-int4", c]["cache_bits"] == 4 and "speedup_vs_gqa-static" in by_run["absorbed-int4", c]

@@ -176,10 +176,12 @@ def test_ild_stage_trains_only_mla_weights(setup, tmp_path):
     assert curve[-1] < curve[0]
 
 
-@pytest.mark.parametrize("text", [False, True], ids=["chat", "chat+text"])
-def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, monkeypatch, text):
+@pytest.mark.parametrize("text, bits", [(False, None), (True, None), (False, 4)], ids=["chat", "chat+text", "int4"])
+def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, monkeypatch, text, bits):
     # with text: a quarter of the blocks from plain text; the mixed stream is as resumable as the chat one
+    # with bits: quantization-aware training (a 4-bit latent cache, fake-quantized), recorded in the checkpoint
     mix = {"text_data": str(setup / "prose.txt")} if text else {}
+    mix.update({"cache_bits": bits} if bits else {})
     Trainer(args(setup, tmp_path / "full", **mix)).run()
     full, full_rows = losses(tmp_path / "full")
 
@@ -200,6 +202,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_curve(setup, tmp_path, mon
     assert len(resumed) == len(full) == 24 and [r["stage"] for r in rows[:5]] == ["ild"] * 4 + ["kd"]
     untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows[:-1]]
     assert untimed(rows) == untimed(full_rows)  # bit-identical losses, grad norms, lrs: same blocks, RNG, optimizer
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert saved["cache_bits"] == (bits or 16)
 
 
 def test_text_data_puts_a_share_of_plain_text_blocks_in_every_batch(setup, tmp_path):

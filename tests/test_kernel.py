@@ -1,6 +1,7 @@
 """The absorbed-MLA decode kernels (ecomla/kernels) against an explicit per-head reference.
 
-- `mla_decode_torch` (the CPU decode path and the reference) vs a loop over sequences and heads.
+- `mla_decode_torch` (the CPU decode path and the reference) vs a loop over sequences and heads, over float rows and
+  over quantized byte rows (ecomla.mla.quant), with per-row key masks (left padding).
 - The Triton kernel under Triton's CPU interpreter: this file re-runs itself in a subprocess with
   TRITON_INTERPRET=1 (it must be set before triton is imported, so it cannot leak into other tests).
   fp32 and fp16 only: the interpreter's bfloat16 `tl.dot` is wrong (triton-lang/triton#11584).
@@ -17,8 +18,10 @@ import sys
 import pytest
 import torch
 
+from ecomla.kernels import mla_decode
 from ecomla.kernels.mla_decode import mla_decode_torch, mla_decode_triton, triton_available
 from ecomla.mla.decode import pick_kernel
+from ecomla.mla.quant import LatentFormat
 
 pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")  # triton 3.9's notice about a default
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -33,12 +36,14 @@ CASES = [
 ]
 
 
-def explicit(q_lat, q_rope, latent, scale, lengths):
+def explicit(q_lat, q_rope, latent, scale, lengths, key_mask=None):
     """softmax(scale * (q_lat . c_kv + q_rope . k_rope)) @ c_kv, one sequence and head at a time, float64."""
     B, H, r = q_lat.shape
     out = torch.zeros(B, H, r, dtype=torch.float64)
     for b in range(B):
         rows = latent[b, : int(lengths[b])].double()
+        if key_mask is not None:
+            rows = rows[key_mask[b, : int(lengths[b])].cpu()]
         for h in range(H):
             s = scale * (rows[:, :r] @ q_lat[b, h].double() + rows[:, r:] @ q_rope[b, h].double())
             out[b, h] = torch.softmax(s, 0) @ rows[:, :r]
@@ -54,6 +59,42 @@ def make_inputs(B, H, r, d_rope, S, dtype=torch.float32, device="cpu", seed=0):
     lengths[0] = S
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return cast(q_lat), cast(q_rope), cast(buf)[:, :, :S], lengths.to(device)
+
+
+def quantized(latent, bits, rope_bits=16):
+    """(byte rows [B, 1, S, row_bytes] of a larger buffer, as the cache holds them; the format; the float latent
+    [B, S, W] they read back as)."""
+    B, _, S, W = latent.shape
+    r, d_rope = W - QUANT_ROPE[W], QUANT_ROPE[W]
+    fmt = LatentFormat(r, d_rope, bits, rope_bits=rope_bits)
+    buf = torch.zeros(B, 1, S + 3, fmt.row_bytes, dtype=torch.uint8, device=latent.device)
+    buf[:, :, :S] = fmt.quantize(latent.float())
+    return buf[:, :, :S], fmt, fmt.dequantize(buf[:, 0, :S], torch.float32)
+
+
+QUANT_ROPE = {r + d: d for _, _, r, d, _, _ in CASES}  # row width -> d_rope
+
+
+def left_padding(lengths, S, seed=1):
+    """[B, S] bool: each sequence's first rows masked (left padding), at least one row of its length kept."""
+    g = torch.Generator().manual_seed(seed)
+    pad = [int(torch.randint(0, int(n), (1,), generator=g)) for n in lengths]
+    return torch.arange(S)[None, :] >= torch.tensor(pad)[:, None]
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+@pytest.mark.parametrize("bits, rope_bits", [(8, 16), (4, 16), (4, 4)])
+def test_torch_decode_reads_quantized_rows_and_key_masks(case, bits, rope_bits, monkeypatch):
+    B, H, r, d_rope, S, _ = case
+    q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S)
+    rows, fmt, back = quantized(latent, bits, rope_bits)
+    keys = left_padding(lengths, S)
+    for lens, mask in ((None, None), (lengths, keys), (None, keys)):
+        want = explicit(q_lat, q_rope, back, 0.3, lens if lens is not None else [S] * B, mask)
+        for budget in (1, 1 << 30):  # one sequence per dequantized chunk, or all at once
+            monkeypatch.setattr(mla_decode, "DEQUANT_CHUNK_BYTES", budget)
+            got = mla_decode_torch(q_lat, q_rope, rows, 0.3, lengths=lens, key_mask=mask, fmt=fmt)
+            assert torch.allclose(got.double(), want, atol=1e-5), (lens is None, mask is None, budget)
 
 
 @pytest.mark.parametrize("case", CASES[:3])
@@ -92,7 +133,9 @@ def test_pick_kernel_by_device_and_dtype():
 
 
 def _interpreter_results() -> list[dict]:
-    """Run by the subprocess: every case in fp32 with and without per-sequence lengths, and in fp16."""
+    """Run by the subprocess: every case in fp32 with and without per-sequence lengths, in fp16, over quantized rows
+    (8 and 4 bits, k_rope in fp16 or quantized too) with and without a left-padding key mask, and over fp32 rows with
+    one."""
     from ecomla.kernels.mla_decode import mla_decode_triton
 
     out = []
@@ -104,6 +147,15 @@ def _interpreter_results() -> list[dict]:
                 want = explicit(q_lat, q_rope, latent[:, 0], 0.2, lens if lens is not None else [S] * B)
                 out.append({"case": [B, H, r, d_rope, S, splits], "dtype": str(dtype), "lengths": lens is not None,
                             "err": (got.double() - want).abs().max().item(), "shape": list(got.shape)})
+        q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S)
+        for bits, rope, lens, keys in ((8, 16, lengths, None), (4, 16, None, None), (4, 4, None, None),
+                                       (4, 16, lengths, left_padding(lengths, S)), (8, 8, None, left_padding([S] * B, S)),
+                                       (16, 16, lengths, left_padding(lengths, S))):
+            rows, fmt, back = quantized(latent, bits, rope) if bits < 16 else (latent, None, latent[:, 0])
+            got = mla_decode_triton(q_lat, q_rope, rows, 0.2, lengths=lens, key_mask=keys, fmt=fmt, num_splits=splits)
+            want = explicit(q_lat, q_rope, back, 0.2, [S] * B if lens is None else lens, keys)
+            out.append({"case": [B, H, r, d_rope, S, splits], "dtype": f"int{bits}/{rope}", "mask": keys is not None,
+                        "err": (got.double() - want).abs().max().item(), "shape": list(got.shape)})
     return out
 
 
@@ -114,16 +166,18 @@ def test_triton_kernel_under_cpu_interpreter():
                           timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == len(CASES) * 3
+    assert len(results) == len(CASES) * 9
     for r in results:
-        tol = 1e-5 if r["dtype"] == "torch.float32" else 2e-3  # fp16 output rounding (|o| < 4)
+        tol = 2e-3 if r["dtype"] == "torch.float16" else 1e-5  # fp16 output rounding (|o| < 4)
         assert r["err"] < tol, r
         assert r["shape"] == r["case"][:3]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-@pytest.mark.parametrize("cc, r_kv, d_rope, H", [(90, 64, 32, 32), (80, 48, 24, 9), (90, 160, 32, 20)])
-def test_kernel_compiles_to_tensor_core_code_without_a_gpu(cc, r_kv, d_rope, H):
+@pytest.mark.parametrize("cc, r_kv, d_rope, H, bits, rope_bits", [
+    (90, 64, 32, 32, 16, 16), (80, 48, 24, 9, 16, 16), (90, 160, 32, 20, 16, 16), (90, 64, 32, 32, 4, 16),
+    (80, 160, 32, 9, 8, 16), (90, 64, 32, 9, 4, 4)])
+def test_kernel_compiles_to_tensor_core_code_without_a_gpu(cc, r_kv, d_rope, H, bits, rope_bits):
     """Compile mode (not the interpreter) for sm_90 / sm_80 with triton's bundled ptxas: the bf16 dot products
     must become tensor-core MMAs. Catches compile-only errors (layouts, constexpr branches) on a CPU machine."""
     import triton
@@ -133,9 +187,11 @@ def test_kernel_compiles_to_tensor_core_code_without_a_gpu(cc, r_kv, d_rope, H):
     from ecomla.kernels import triton_mla as K
 
     block_h, block_c, block_r, block_n = K._blocks(H, r_kv, d_rope)
-    const = dict(R_KV=r_kv, D_ROPE=d_rope, NUM_SPLITS=3, HAS_LENS=True, BLOCK_H=block_h, BLOCK_C=block_c,
-                 BLOCK_R=block_r, BLOCK_N=block_n, DOT_PRECISION=None)
-    types = {"Q_lat": "*bf16", "Q_rope": "*bf16", "KV": "*bf16", "Lens": "*i32", "Mid_O": "*fp32",
+    fmt = None if bits == 16 else LatentFormat(r_kv, d_rope, bits, rope_bits=rope_bits)
+    const = dict(R_KV=r_kv, D_ROPE=d_rope, NUM_SPLITS=3, HAS_LENS=True, HAS_MASK=True, **K._quant_args(fmt, r_kv, d_rope),
+                 BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_R=block_r, BLOCK_N=block_n, DOT_PRECISION=None)
+    types = {"Q_lat": "*bf16", "Q_rope": "*bf16", "KV": "*bf16" if fmt is None else "*u8",
+             "KV16": "*bf16" if fmt is None else "*fp16", "Lens": "*i32", "Mask": "*i1", "Mid_O": "*fp32",
              "Mid_LSE": "*fp32", "scale_log2": "fp32"}
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in K._split_kernel.arg_names}
     try:
@@ -155,9 +211,16 @@ def test_triton_kernel_bf16_on_gpu(case):
 
     B, H, r, d_rope, S, splits = case
     q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S, dtype=torch.bfloat16, device="cuda")
+    keys = left_padding(lengths.cpu(), S).cuda()
     for lens in (None, lengths):
         got = mla_decode_triton(q_lat, q_rope, latent, 0.125, lengths=lens, num_splits=splits)
         want = mla_decode_torch(q_lat, q_rope, latent, 0.125, lengths=lens)  # fp32 math on the same bf16 inputs
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    QUANT_ROPE.setdefault(r + d_rope, d_rope)
+    for bits in (8, 4):  # the quantized rows, read with a left-padding mask: as the CPU path reads them
+        rows, fmt, _ = quantized(latent, bits)
+        got = mla_decode_triton(q_lat, q_rope, rows, 0.125, lengths=lengths, key_mask=keys, fmt=fmt, num_splits=splits)
+        want = mla_decode_torch(q_lat, q_rope, rows, 0.125, lengths=lengths, key_mask=keys, fmt=fmt)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
 
 

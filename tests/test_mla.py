@@ -118,13 +118,29 @@ def test_prepared_decode_refuses_gradients_and_a_moved_model_and_train_drops_it(
     assert model.decode_kernel() is None and model.model.layers[0].self_attn.prepared is None
 
 
-def test_prepared_decode_with_the_kernel_over_the_cache_equals_the_plain_model():
-    plain = tiny([SPECS["lowrank-q"], None, SPECS["q-down-fold"]], qkv_bias=True)
-    prepared = tiny([SPECS["lowrank-q"], None, SPECS["q-down-fold"]], qkv_bias=True).prepare_for_decode()
+@pytest.mark.parametrize("bits", [16, 4])
+def test_prepared_decode_with_the_kernel_over_the_cache_equals_the_plain_model(bits):
+    """Left-padded rows (the usual multi-prompt batch) decode through the kernel too, with a per-row key mask."""
+    from dataclasses import replace
+
+    from ecomla.mla.decode import DecodeKernel
+
+    layers = [SPECS["lowrank-q"], None, SPECS["q-down-fold"]]
+    plain = tiny(layers, qkv_bias=True).set_cache_bits(bits)
+    prepared = tiny(layers, qkv_bias=True).set_cache_bits(bits).prepare_for_decode()
+    calls = []
+    for attn in prepared.mla_attention():  # count the kernel's calls and the masks it gets
+        fn = attn.prepared.kernel.fn
+        spy = lambda *a, fn=fn, **kw: calls.append(kw["key_mask"] is not None) or fn(*a, **kw)  # noqa: E731
+        attn.prepared = replace(attn.prepared, kernel=DecodeKernel("spy", spy))
     x = torch.randint(3, 97, (3, 6))
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, output_logits=True,
-              return_dict_in_generate=True)
+    mask = torch.ones_like(x)
+    mask[0, :3] = mask[2, :1] = 0
+    x[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_logits=True, return_dict_in_generate=True)
     a, b = plain.generate(x, **kw), prepared.generate(x, **kw)
+    assert calls and all(calls) and len(calls) == 2 * 5  # every decode step of both MLA layers, masked
     assert torch.equal(a.sequences, b.sequences)
     assert torch.allclose(torch.stack(a.logits), torch.stack(b.logits), atol=1e-5)
 

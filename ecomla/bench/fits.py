@@ -25,9 +25,10 @@ except ImportError:  # optional: os.sysconf gives the same figure on Linux
 
 
 def cache_bytes_per_token(config, dtype: torch.dtype) -> int:
-    """Bytes one token occupies in the cache, summed over layers: [c_kv | k_rope] for MLA layers, K and V for GQA."""
+    """Bytes one token occupies in the cache, summed over layers: [c_kv | k_rope] (or its quantized row) for MLA
+    layers, K and V for GQA."""
     if isinstance(config, EcoMLAConfig):
-        return config.kv_elements_per_token() * dtype.itemsize
+        return config.kv_bytes_per_token(dtype.itemsize)
     return SourceShape.of(config).kv_elements * dtype.itemsize
 
 

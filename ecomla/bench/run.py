@@ -4,6 +4,8 @@
     ecomla bench default --kv-rank 16 --rope-dim 32 --contexts 1k --batches 1,8   # MLA attention made up
     ecomla bench --shape llama-3.2-1b --kv-rank 64 --rope-dim 32 --contexts 8k --batches 128 \
         --out out/bench                                                           # synthetic weights, GPU
+    ecomla bench out/smollm2-2x --contexts 4k --batches 8 --runs absorbed --cache-bits 16,4 --repeats 5
+                                                                # 4-bit vs 16-bit latent cache, paired
 
 For every run x context x batch: decode tokens/s, step latency, prefill time (when the cache is filled by
 a real prefill), peak memory, cache bytes per token read from the live cache, and GB/s achieved vs the
@@ -26,12 +28,13 @@ import torch
 from ..args import arg
 from ..common import DTYPES, UserError, versions
 from ..mla.config import parse_q_rank
+from ..mla.quant import check_cache_bits
 from ..outputs import run_dir
 from .decode import (DecodeOpts, bandwidth_fields, copy_bandwidth, device_name, free_memory, time_decode,
                      weight_bytes_read)
 from .fits import check_memory, check_positions
 from .report import add_speedups, table, write
-from .runs import RUNS, Run, prepare
+from .runs import RUNS, Run, at_cache_bits, prepare
 from .shapes import PRESETS, parse_sizes
 from .subjects import Subject, subjects
 
@@ -66,6 +69,9 @@ class BenchArgs:
                     choices=("auto", "prefill", "synthetic"))
     prefill_max_tokens: int | None = arg("threshold for --fill auto (default 2048 on CPU, 131072 on CUDA)",
                                          default=None)
+    cache_bits: str | None = arg("latent cache bits of the MLA runs: 16, 8 or 4, or a list such as 16,4 (each MLA "
+                                 "run is timed at each, rows named absorbed-int4, ...); default: the model's own",
+                                 default=None)
     threads: int | None = arg("CPU threads for torch (default: torch's choice)", default=None)
     seed: int = arg("seed for synthetic weights and tokens", default=0)
     json: bool = arg("print the rows as JSON (and nothing else on stdout)", default=False)
@@ -82,6 +88,8 @@ class BenchArgs:
             raise UserError(f"--threads must be >= 1 and --prefill-max-tokens >= 0, got {self.threads} and "
                             f"{self.prefill_max_tokens}")
         parse_q_rank(self.q_rank)  # --kv-rank and --rope-dim are checked where the MLA spec is derived
+        self.cache_bit_list = None if self.cache_bits is None else [
+            check_cache_bits(int(b) if b.strip().isdigit() else b.strip()) for b in str(self.cache_bits).split(",")]
 
 
 def select_runs(text: str, known: dict[str, Run], flag: str = "--runs") -> list[Run]:
@@ -129,6 +137,7 @@ def measure_subject(subject: Subject, runs: list[Run], device, dtype, log, measu
         rows += measure(model, run, {
             "model": subject.label, "system": subject.system, "weights": subject.weights, "run": run.name,
             "path": run.path, "impl": impl, "weight_bytes": weight_bytes_read(model, run.path),
+            "cache_bits": getattr(model.config, "cache_bits", 16),
             "dtype": str(dtype).split(".")[-1], "device": device_name(device)})
     del model
     free_memory(device)
@@ -184,7 +193,7 @@ def bench(args: BenchArgs) -> list[dict]:
 
 
 def _bench(args: BenchArgs) -> list[dict]:
-    runs = select_runs(args.runs, RUNS)
+    runs = at_cache_bits(select_runs(args.runs, RUNS), args.cache_bit_list)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args)

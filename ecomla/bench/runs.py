@@ -17,13 +17,13 @@ Kept GQA layers of a hybrid MLA model use transformers' DynamicLayer in the MLA 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache
 
-from ..mla.cache import LatentCacheLayer, reserve_latent
+from ..mla.cache import LatentCacheLayer, append_latent, reserve_latent
 from ..mla.config import SourceShape
 from . import gqa_fair
 
@@ -41,6 +41,7 @@ class Run:
     fold: bool = True  # MLA with a kernel: prepare_for_decode(fold=...)
     attn_implementation: str | None = None  # GQA: transformers attention implementation (None: the model's own)
     impl: str | Callable[[torch.device, torch.dtype], str] | None = None  # GQA: the `impl` reported
+    cache_bits: int | None = None  # MLA: model.set_cache_bits(...) first (`--cache-bits`); None: the model's own
 
     @property
     def path(self) -> str:
@@ -67,10 +68,26 @@ RUNS = {r.name: r for r in (
 )}
 
 
+def at_cache_bits(runs: list[Run], bits: list[int] | None) -> list[Run]:
+    """Every MLA run once per latent cache width in `bits` (named e.g. absorbed-int4, absorbed-16bit); GQA runs once.
+    None: the runs as they are (the MLA model's own cache)."""
+    if not bits:
+        return runs
+    out = []
+    for r in runs:
+        if r.system != "mla":
+            out.append(r)
+            continue
+        out += [replace(r, name=f"{r.name}-{'16bit' if b == 16 else f'int{b}'}", cache_bits=b) for b in bits]
+    return out
+
+
 def prepare(model, run: Run, device, dtype: torch.dtype) -> str:
     """Put `model` in the state `run` times (an explicit decode preparation, or none); returns the `impl` name."""
     if run.system == "gqa":
         return run.impl(torch.device(device), dtype) if callable(run.impl) else run.impl
+    if run.cache_bits is not None:
+        model.set_cache_bits(run.cache_bits)
     if run.kernel is None:
         model.drop_decode_preparation()  # an earlier run may have prepared it
         return f"sdpa-{run.mla_path}"
@@ -117,6 +134,8 @@ def fill_synthetic(cache: Cache, config, batch: int, context: int, dtype, device
         for start in range(0, context, step):
             n = min(step, context - start)
             k = torch.randn((batch, gk, n, wk), generator=gen, dtype=dtype, device=device)
-            v = k[..., :0] if isinstance(layer, LatentCacheLayer) else torch.randn(
-                (batch, gv, n, wv), generator=gen, dtype=dtype, device=device)
-            cache.update(k, v, i)
+            if isinstance(layer, LatentCacheLayer):  # rows as the attention writes them (quantized or not)
+                fmt = config.latent_format(i)
+                append_latent(cache, i, k[:, 0] if fmt is None else fmt.quantize(k[:, 0]))
+                continue
+            cache.update(k, torch.randn((batch, gv, n, wv), generator=gen, dtype=dtype, device=device), i)

@@ -17,6 +17,7 @@ from ..args import arg, flag_list
 from ..common import UserError, resolve_precision
 from ..data.text import check_text
 from ..losses import KINDS
+from ..mla.quant import check_cache_bits
 
 STAGES = ("ild", "kd", "both")
 TRAINABLE = ("all", "attention", "mla")
@@ -68,6 +69,10 @@ class DistillArgs:
     mask_prompt: bool = arg("KD on assistant tokens only (the default); --no-mask-prompt: on every token (the "
                             "teacher gives a distribution at every position)", default=True)
     trainable: str = arg("KD trainable set: all (paper), attention, mla", default="all", choices=TRAINABLE)
+    cache_bits: int | None = arg("train for a latent cache of 8 or 4 bits: every forward reads the latent fake-"
+                                 "quantized as that cache stores it (straight-through gradients); recorded in the "
+                                 "output's config.json, so generate and eval decode with it; 16 = off; default: the "
+                                 "student's own", default=None)
     precision: str = arg("bf16 (autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU has bf16 units, "
                          "else fp32 (emulated bf16 is slower); one precision per process",
                          default="auto", choices=PRECISIONS)
@@ -86,6 +91,7 @@ class DistillArgs:
         for name, choices in (("stage", STAGES), ("loss", KINDS), ("trainable", TRAINABLE), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:  # a recipe's values do not pass argparse's choices
                 raise UserError(f"--{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        check_cache_bits(self.cache_bits)
         self.precision = resolve_precision(self.precision)  # derived once: what this machine trains fastest in
         try:
             assert len(self.beta_pair) == 2 and all(0 <= x < 1 for x in self.beta_pair)

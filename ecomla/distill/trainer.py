@@ -35,6 +35,7 @@ from ..data.text import load_texts
 from ..eval.fidelity import fidelity
 from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolve
 from ..mla.attention import MLAAttention
+from ..mla.model import with_cache_bits
 from ..outputs import claim_run, mark_finished, publish, temp_path
 from .args import RESUMABLE, DistillArgs
 from .budget import ENDINGS, Budget, schedule, warmup_steps
@@ -120,6 +121,7 @@ class Trainer:
     def _load_models(self):
         a = self.args
         self.student, self.student_path = load_model(a.student, dtype="float32")
+        with_cache_bits(self.student, a.cache_bits, a.student)  # quantization-aware: the latent the cache will hold
         self.mla_layers = [i for i, l in enumerate(self.student.model.layers) if isinstance(l.self_attn, MLAAttention)]
         if not self.mla_layers:
             raise UserError(f"{a.student} has no MLA layer; convert it first with `ecomla convert`")

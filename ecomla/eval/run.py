@@ -30,6 +30,8 @@ from ..data.text import check_text, load_texts
 from ..generate.generate import generate
 from ..info import kv_info
 from ..io import count_params, load_model, load_tokenizer, recorded_source
+from ..mla.config import check_latent_cache
+from ..mla.quant import CACHE_BITS_HELP, check_cache_bits
 from ..outputs import run_dir
 from . import report
 from .fidelity import fidelity
@@ -58,6 +60,8 @@ class EvalArgs:
     dtype: str = arg("float32 | bfloat16", default="float32")
     seed: int = arg("seed for task subsets", default=1234)
     teacher_row: bool = arg("also report the teacher as a row (with its task scores)", default=True)
+    cache_bits: int | None = arg(CACHE_BITS_HELP + "; applies to the MLA models (every forward reads the latent as "
+                                 "that cache would return it)", default=None)
 
     def __post_init__(self):
         if isinstance(self.models, str):
@@ -72,6 +76,7 @@ class EvalArgs:
             raise UserError(f"--dtype {self.dtype!r}: choose from {', '.join(DTYPES)}")
         parse_limit(self.limit, parse_tasks(self.tasks))  # task names and limits are checked before any model loads
         check_text(self.text, "--text")
+        check_cache_bits(self.cache_bits)
         names = self.display_names()
         twice = next((n for n in names if names.count(n) > 1), None)
         if twice is not None:
@@ -103,10 +108,22 @@ def heldout_batches(tok, args: EvalArgs) -> dict[str, list[dict]]:
     }
 
 
+def quantize_caches(models: dict, bits: int | None) -> None:
+    """`--cache-bits` for every MLA model; refused when no model has a latent cache."""
+    if bits is None:
+        return
+    mla = [m for m in models.values() if getattr(m.config, "mla_layer_indices", None)]
+    if not mla:
+        check_latent_cache(next(iter(models.values())).config, ", ".join(models))
+    for m in mla:
+        m.set_cache_bits(bits)
+
+
 def kv_measurement(model, tok) -> dict:
     res = generate(model, tok, ["Hello"], max_new_tokens=2)
     info = kv_info(model.config)
     return {"kv_bytes_per_token": res["cache_bytes_per_token"], "compression": info["compression"],
+            "cache_bits": info["cache_bits"], "bytes_compression": info["bytes_compression"],
             "kv_elements_per_token": info["kv_elements_per_token"], "mla_layers": info["mla_layers"]}
 
 
@@ -124,6 +141,7 @@ def _evaluate(args: EvalArgs, log) -> dict:
     models, paths = {}, {}
     for name, spec in zip(names, args.models):
         models[name], paths[name] = load_model(spec, dtype=args.dtype)
+    quantize_caches(models, args.cache_bits)
     teacher, teacher_path = None, None
     if teacher_spec in args.models:  # the teacher is also one of the models: load it once
         name = names[args.models.index(teacher_spec)]

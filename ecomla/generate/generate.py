@@ -3,7 +3,8 @@
     ecomla generate out/smollm2-4x --chat --prompt "What is the capital of France?" --json
 
 Reports the cache bytes per token read from the live cache object that generate() filled. An MLA model is
-prepared for decoding first (`model.prepare_for_decode()`: folded weights, the decode kernel).
+prepared for decoding first (`model.prepare_for_decode()`: folded weights, the decode kernel); `--cache-bits 4`
+quantizes its latent cache (`ecomla.mla.quant`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from ..common import DTYPES, UserError
 from ..io import load_model, load_tokenizer
 from ..mla import EcoMLAForCausalLM
 from ..mla.cache import cache_stats
+from ..mla.model import with_cache_bits
+from ..mla.quant import CACHE_BITS_HELP, check_cache_bits
 
 
 @dataclass
@@ -30,6 +33,7 @@ class GenerateArgs:
     max_new_tokens: int = arg("tokens to generate", default=64)
     json: bool = arg("print one JSON object instead of text", default=False)
     dtype: str = arg("float32 | bfloat16 | auto", default="float32")
+    cache_bits: int | None = arg(CACHE_BITS_HELP, default=None)
 
     def __post_init__(self):
         if isinstance(self.prompt, str):
@@ -43,6 +47,7 @@ class GenerateArgs:
             raise UserError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.dtype not in ("auto", *DTYPES):
             raise UserError(f"--dtype {self.dtype!r}: choose from auto, {', '.join(DTYPES)}")
+        check_cache_bits(self.cache_bits)
 
 
 def encode(tok, prompts: list[str], chat: bool) -> dict:
@@ -105,7 +110,7 @@ def prepared(model):
 
 def generate_text(args: GenerateArgs) -> dict:
     model, path = load_model(args.model, dtype=args.dtype)
-    model = prepared(model)
+    model = prepared(with_cache_bits(model, args.cache_bits, args.model))
     tok = load_tokenizer(path)
     res = generate(model, tok, args.prompt, args.chat, args.max_new_tokens)
     if len(args.prompt) == 1:

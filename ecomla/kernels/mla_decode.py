@@ -11,7 +11,10 @@ GEMMs, [H, W] x [W, S] and [H, S] x [S, r_kv].
 
 - `mla_decode_torch`: those two batched GEMMs with an fp32 softmax (without autograd: exp in place and the
   normalisation applied to the [B, H, r_kv] output). Exact in fp32 and the CPU decode path; for other dtypes it
-  computes in fp32 (a copy of the cache), which is what a reference should do.
+  computes in fp32 (a copy of the cache), which is what a reference should do. A quantized cache (byte rows,
+  `ecomla.mla.quant`) is dequantized a few sequences at a time, then the same two GEMMs run: on a CPU the GEMMs
+  need float operands anyway, and the small fp32 copy stays in cache while the DRAM reads shrink to the bytes.
+Both take a per-row key mask, so a left-padded batch decodes through the kernel too.
 - `mla_decode_triton` (in `triton_mla.py`): the fused split-KV kernel for CUDA, imported lazily so the
   package works without triton.
 Which one a model uses is chosen once, by `model.prepare_for_decode()` (`ecomla.mla.decode.pick_kernel`).
@@ -27,24 +30,62 @@ import importlib.util
 
 import torch
 
+DEQUANT_CHUNK_BYTES = 8 << 20  # fp32 rows dequantized at once: held in the CPU's last-level cache
+
 
 def mla_decode_torch(
     q_lat: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, scale: float,
-    lengths: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None, key_mask: torch.Tensor | None = None, fmt=None,
 ) -> torch.Tensor:
     """o_lat [B, H, r_kv] from q_lat [B, H, r_kv], q_rope [B, H, d_rope], latent [B, S, W] (or [B, 1, S, W]).
 
     `lengths` [B] (optional) = valid cached rows per sequence; rows at or past it are ignored.
+    `key_mask` [B, S] bool (optional): False = a row this query must not see (left padding, a sliding window).
+    `fmt` (optional): the cache holds quantized byte rows [B, S, row_bytes] of this format (`ecomla.mla.quant`);
+    they are dequantized a few sequences at a time (`_chunks`), so the fp32 copy stays in the CPU's caches.
     """
     latent = _rows(latent)
+    keep = _keep(latent, lengths, key_mask)
+    if fmt is None:
+        return _attend(q_lat, q_rope, latent, None, scale, keep)
+    out = [_attend(q_lat[i], q_rope[i], *fmt.dequantize_parts(latent[i], torch.float32), scale,
+                   None if keep is None else keep[i]) for i in _chunks(latent, fmt)]
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _keep(latent: torch.Tensor, lengths, key_mask) -> torch.Tensor | None:
+    """[B, S] bool: the rows each sequence may read, or None for all of them."""
+    keep = None
+    if lengths is not None:
+        keep = torch.arange(latent.shape[1], device=latent.device)[None, :] < lengths.to(latent.device)[:, None]
+    if key_mask is not None:
+        keep = key_mask if keep is None else keep & key_mask
+    return keep
+
+
+def _chunks(latent: torch.Tensor, fmt) -> list[slice]:
+    """Slices of the batch whose dequantized fp32 rows take at most DEQUANT_CHUNK_BYTES (at least one sequence)."""
+    B, S = latent.shape[:2]
+    per_seq = S * (fmt.r_kv + fmt.d_rope) * 4
+    step = max(1, DEQUANT_CHUNK_BYTES // max(per_seq, 1))
+    return [slice(i, min(B, i + step)) for i in range(0, B, step)]
+
+
+def _attend(q_lat, q_rope, latent, k_rope, scale: float, keep) -> torch.Tensor:
+    """The two GEMMs with an fp32 softmax over latent [B, S, W] (k_rope None), or over c_kv = latent [B, S, r_kv]
+    and k_rope [B, S, d_rope] apart (a dequantized cache: no copy joins them); keep [B, S] bool or None."""
     r_kv = q_lat.shape[-1]
     out_dtype = q_lat.dtype
     if latent.dtype != torch.float32:
         q_lat, q_rope, latent = q_lat.float(), q_rope.float(), latent.float()
-    q = torch.cat([q_lat, q_rope], dim=-1) * scale  # [B, H, W]
-    scores = torch.bmm(q, latent.transpose(1, 2))  # [B, H, S]
-    if lengths is not None:
-        keep = torch.arange(latent.shape[1], device=latent.device)[None, :] < lengths.to(latent.device)[:, None]
+        k_rope = None if k_rope is None else k_rope.float()
+    if k_rope is None:
+        q = torch.cat([q_lat, q_rope], dim=-1) * scale  # [B, H, W]
+        scores = torch.bmm(q, latent.transpose(1, 2))  # [B, H, S]
+    else:
+        scores = torch.baddbmm(torch.bmm(q_rope * scale, k_rope.transpose(1, 2)), q_lat * scale,
+                               latent.transpose(1, 2))  # [B, H, S]
+    if keep is not None:
         scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
     if torch.is_grad_enabled():
         return torch.bmm(torch.softmax(scores, dim=-1), latent[..., :r_kv]).to(out_dtype)  # [B, H, r_kv]
@@ -78,8 +119,10 @@ def triton_available() -> bool:
     return True
 
 
-def mla_decode_triton(q_lat, q_rope, latent, scale, lengths=None, num_splits=None) -> torch.Tensor:
+def mla_decode_triton(q_lat, q_rope, latent, scale, lengths=None, key_mask=None, fmt=None,
+                      num_splits=None) -> torch.Tensor:
     """The fused Triton split-KV kernel (see `triton_mla.py`); same contract as `mla_decode_torch`."""
     from .triton_mla import mla_decode
 
-    return mla_decode(q_lat, q_rope, _rows(latent), scale, lengths=lengths, num_splits=num_splits)
+    return mla_decode(q_lat, q_rope, _rows(latent), scale, lengths=lengths, key_mask=key_mask, fmt=fmt,
+                      num_splits=num_splits)

@@ -7,13 +7,16 @@ MLA, per token:
     c_q   = q_a_proj(x)                      [B, T, r_q]   (x itself when r_q is None: q_proj reads x)
     q     = q_b_proj(norm(c_q))              [B, T, H, d_nope + d_rope]
     [c_kv | k_rope] = kv_a_proj_with_mqa(x)  [B, T, r_kv + d_rope]; k_rope is shared by all heads
-    cache <- [norm(c_kv) | rope(k_rope)]     [B, S, W]
+    cache <- [norm(c_kv) | rope(k_rope)]     [B, S, W], or its quantized byte rows (cache_bits 8 / 4, quant.py)
 Decompressed (training, prefill): k_nope, v = kv_b_proj(c_kv) per head; SDPA over H heads.
 Absorbed (decode): W_UK folded into the query (q_lat = q_nope W_UK), heads folded into query rows, so attention
 is one call with a single shared key/value head over the latent cache; W_UV and o_proj after. Its weights are an
 `AbsorbedWeights` (decode.py): views of the projections, or the pre-multiplied copies and decode kernel that
 `model.prepare_for_decode()` sets once.
 The path is the `mla_path` argument or, when None, a rule on the query length (`absorb_max_query_len`).
+With a quantized cache (`latent_format`, set from config.cache_bits by `EcoMLAPreTrainedModel.set_cache_bits`) both
+paths read the latent as the cache returns it; without a cache the same values come from `fake_quantize`
+(straight-through gradients), so training, eval and prefill see what decoding sees.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .config import EcoMLAConfig, MLASpec
+from .cache import append_latent
 from .decode import AbsorbedWeights
+from .quant import LatentFormat, fake_quantize
 from .rope import apply_rope
 
 PATHS = ("absorbed", "decompressed")
@@ -75,6 +80,9 @@ class MLAAttention(nn.Module):
         self.kv_b_proj = nn.Linear(r_kv, H * (spec.qk_nope_head_dim + spec.v_head_dim), bias=bias)
         self.o_proj = nn.Linear(H * spec.v_head_dim, D, bias=config.o_bias)
         self.prepared: AbsorbedWeights | None = None  # set only by model.prepare_for_decode()
+        # quantized cache rows (None: the latent in the model's dtype); set from config.cache_bits, changed only by
+        # model.set_cache_bits()
+        self.latent_format: LatentFormat | None = config.latent_format(layer_idx)
 
     # ---- projections ---------------------------------------------------------------------------
     @property
@@ -117,11 +125,19 @@ class MLAAttention(nn.Module):
         if mla_path not in PATHS:
             raise ValueError(f"mla_path must be one of {PATHS}, got {mla_path!r}")
         latent = self.latent(hidden_states, rope)  # [B, T, W]
-        if cache is not None:
-            latent = cache.update(latent[:, None], latent[:, None, :, :0], self.layer_idx)[0][:, 0]  # [B, S, W]
+        fmt = self.latent_format
+        if cache is None:  # the values a cache of this format would return, without the bytes
+            latent, fmt = fake_quantize(latent, fmt), None
+        else:
+            latent = append_latent(cache, self.layer_idx, latent if fmt is None else fmt.quantize(latent))  # [B, S, .]
         if mla_path == "decompressed":
-            return self.decompressed(hidden_states, latent, rope, attention_mask)
-        return self.absorbed(hidden_states, latent, rope, attention_mask)
+            return self.decompressed(hidden_states, self.read(latent, fmt, hidden_states.dtype), rope, attention_mask)
+        return self.absorbed(hidden_states, latent, fmt, rope, attention_mask)
+
+    @staticmethod
+    def read(rows: torch.Tensor, fmt: LatentFormat | None, dtype: torch.dtype) -> torch.Tensor:
+        """The latent [B, S, W] from cached rows: dequantized when `fmt` says they are quantized."""
+        return rows if fmt is None else fmt.dequantize(rows, dtype)
 
     def decompressed(self, x: torch.Tensor, latent: torch.Tensor, rope: Rope, mask) -> torch.Tensor:
         s, H = self.spec, self.num_heads
@@ -137,7 +153,7 @@ class MLAAttention(nn.Module):
         )  # [B, H, T, d_v]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * s.v_head_dim))
 
-    def absorbed(self, x: torch.Tensor, latent: torch.Tensor, rope: Rope, mask) -> torch.Tensor:
+    def absorbed(self, x: torch.Tensor, rows: torch.Tensor, fmt: LatentFormat | None, rope: Rope, mask) -> torch.Tensor:
         s, H = self.spec, self.num_heads
         B, T, _ = x.shape
         w = self.prepared
@@ -150,9 +166,11 @@ class MLAAttention(nn.Module):
         q_first, q_rope = q.split([q.shape[-1] - s.qk_rope_head_dim, s.qk_rope_head_dim], -1)
         q_lat = q_first if w.w_uk is None else torch.einsum("bthd,hdc->bthc", q_first, w.w_uk)  # [B, T, H, r_kv]
         q_rope = apply_rope(q_rope, rope)
-        if T == 1 and mask is None and w.kernel is not None:  # the decode kernel: one token, every key visible
-            o_lat = w.kernel.fn(q_lat[:, 0], q_rope[:, 0], latent, s.scale)  # [B, H, r_kv]
+        if T == 1 and w.kernel is not None:  # the decode kernel reads the rows as cached; a mask is per key row
+            keys = None if mask is None else mask[:, 0, 0].expand(B, -1)  # [B, S]
+            o_lat = w.kernel.fn(q_lat[:, 0], q_rope[:, 0], rows, s.scale, key_mask=keys, fmt=fmt)  # [B, H, r_kv]
         else:
+            latent = self.read(rows, fmt, x.dtype)  # [B, S, W]
             q_cat = torch.cat([q_lat, q_rope], dim=-1).reshape(B, 1, T * H, -1)  # heads folded into query rows
             if mask is not None:
                 mask = mask.repeat_interleave(H, dim=2)  # [B, 1, T*H, S], row t*H + h

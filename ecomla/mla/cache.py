@@ -5,7 +5,10 @@ An MLA layer caches one row per token: [c_kv (r_kv) | roped k_rope (d_rope)], sh
 `DynamicCache(config=model.config)` -- what `model.generate()` builds -- holds latent rows for MLA layers
 and ordinary per-KV-head K/V (`DynamicLayer`) for layers that stayed attention.
 
-Shapes: keys [B, 1, S, r_kv + d_rope] (one shared "head"); values is a zero-width view [B, 1, S, 0].
+Shapes: keys [B, 1, S, X] (one shared "head"); values is a zero-width view [B, 1, S, 0]. A row is the latent
+[c_kv | k_rope] in the model's dtype (X = r_kv + d_rope), or with `cache_bits` 8 or 4 its quantized byte row (uint8,
+X = row_bytes, `ecomla.mla.quant`): the layer stores whatever rows the attention appends (`append_latent`), so the
+Cache API's own operations (crop, beam reordering, batch selection) work on either.
 The rows live in a preallocated buffer that grows geometrically, so a decode step writes one row in
 place instead of concatenating the whole cache. `reserve()` sizes it exactly up front.
 """
@@ -60,12 +63,28 @@ class LatentCacheLayer(DynamicLayer):
         return self._buf.numel() * self._buf.element_size() if self.is_initialized else 0
 
 
+def append_latent(cache: Cache, layer_idx: int, rows: torch.Tensor) -> torch.Tensor:
+    """Append one MLA layer's new rows [B, T, X] to `cache`; returns all its rows [B, S, X].
+
+    The Cache API's `update(keys, values)` expects per-head keys and values: a latent layer has one "head" shared by
+    all query heads, and no values (they are read from the same rows), so the rows go in as keys [B, 1, T, X] and
+    the values as a zero-width view of them."""
+    rows = rows[:, None]  # [B, 1, T, X]
+    return cache.update(rows, rows[..., :0], layer_idx)[0][:, 0]
+
+
+def row_shape(config, layer_idx: int, dtype: torch.dtype) -> tuple[int, torch.dtype]:
+    """(width, dtype) of one cached row of MLA layer `layer_idx`: the latent in the model's `dtype`, or the quantized
+    byte row of `config.cache_bits`."""
+    fmt = config.latent_format(layer_idx)
+    return (config.mla_spec(layer_idx).cache_elements, dtype) if fmt is None else (fmt.row_bytes, torch.uint8)
+
+
 def reserve_latent(cache: Cache, batch_size: int, max_len: int, config, dtype, device) -> None:
     """Preallocate every latent layer of `cache` for `max_len` tokens."""
     for i, layer in enumerate(cache.layers):
-        spec = config.mla_spec(i)
-        if isinstance(layer, LatentCacheLayer) and spec is not None:
-            layer.reserve(batch_size, max_len, spec.cache_elements, dtype, device)
+        if isinstance(layer, LatentCacheLayer) and config.mla_spec(i) is not None:
+            layer.reserve(batch_size, max_len, *row_shape(config, i, dtype), device)
 
 
 def allocated_bytes(layer) -> int:
@@ -92,7 +111,7 @@ def cache_stats(cache: Cache) -> dict:
         row = nbytes // max(b * s, 1)
         per_token += row
         batch, seq = max(batch, b), max(seq, s)
-        layers.append({"type": type(layer).__name__, "bytes_per_token": row,
+        layers.append({"type": type(layer).__name__, "bytes_per_token": row, "dtype": str(k.dtype).split(".")[-1],
                        "elements_per_token": row // k.element_size()})
     return {"batch": batch, "seq_len": seq, "live_bytes": live, "bytes_per_token": per_token,
             "allocated_bytes": sum(allocated_bytes(layer) for layer in cache.layers), "layers": layers}

@@ -22,6 +22,7 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import ALLOWED_ATTN_LAYER_TYPES, PreTrainedConfig
 
 from ..common import UserError
+from .quant import LatentFormat, check_cache_bits
 
 # Cache-layer type of an MLA layer; `ecomla.mla.cache.LatentCacheLayer` registers itself under this name.
 LATENT_LAYER_TYPE = "latent_attention"
@@ -206,6 +207,9 @@ class EcoMLAConfig(PreTrainedConfig):
     mla_rope_parameters: dict | None = None
     # Query lengths up to this use the absorbed path at inference; longer ones decompress (prefill).
     absorb_max_query_len: int = 1
+    # Bits per cached latent value: 16 = the model's dtype; 8 or 4 = quantized rows (`ecomla.mla.quant`), which the
+    # uncached forward (training, eval, prefill) reads through the same fake quantization. `--cache-bits` overrides.
+    cache_bits: int = 16
     layer_types: list[str] | None = None  # cache-layer type per layer, derived from mla_layers
 
     def __post_init__(self, **kwargs):
@@ -233,6 +237,14 @@ class EcoMLAConfig(PreTrainedConfig):
             if spec is not None:
                 MLASpec.from_dict(spec)
 
+    def validate_cache_bits(self):
+        """Part of `@strict` validation: the one check of a cache width (`ecomla.mla.quant.check_cache_bits`), as a
+        ValueError so that the loader names the config.json it came from."""
+        try:
+            check_cache_bits(self.cache_bits, "cache_bits (--cache-bits)")
+        except UserError as err:
+            raise ValueError(str(err)) from None
+
     def validate_architecture(self):
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -259,6 +271,20 @@ class EcoMLAConfig(PreTrainedConfig):
     def layer_window(self, layer_idx: int) -> int | None:
         return self.sliding_window if self.source_layer_types[layer_idx] == "sliding_attention" else None
 
+    def latent_format(self, layer_idx: int) -> LatentFormat | None:
+        """The byte-row format of layer `layer_idx`'s quantized latent cache; None for a kept layer or 16 bits."""
+        spec = self.mla_spec(layer_idx)
+        return None if spec is None else LatentFormat.of(spec.kv_lora_rank, spec.qk_rope_head_dim, self.cache_bits)
+
+    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        """Cache bytes per token summed over layers: quantized rows (scales included) for MLA layers when cache_bits
+        < 16, else elements x `bytes_per_value` (2: a 16-bit cache)."""
+        gqa, total = SourceShape.of(self).kv_elements_per_layer * bytes_per_value, 0
+        for i, spec in enumerate(self.mla_layers):
+            fmt = self.latent_format(i)
+            total += gqa if spec is None else fmt.row_bytes if fmt else self.mla_spec(i).cache_elements * bytes_per_value
+        return total
+
     def kv_elements_per_token(self) -> int:
         """Cached elements per token summed over layers (MLA: r_kv + d_rope; kept GQA: 2*G*d_h)."""
         gqa = SourceShape.of(self).kv_elements_per_layer
@@ -266,6 +292,12 @@ class EcoMLAConfig(PreTrainedConfig):
 
     def source_kv_elements_per_token(self) -> int:
         return SourceShape.of(self).kv_elements
+
+
+def check_latent_cache(config, label: str) -> None:
+    """Refuse `--cache-bits` for a model without a latent cache (a GQA checkpoint: its K/V cache is not ours)."""
+    if not isinstance(config, EcoMLAConfig) or not config.mla_layer_indices:
+        raise UserError(f"--cache-bits quantizes the latent cache of an MLA checkpoint; {label} has no MLA layer")
 
 
 __all__ = ["EcoMLAConfig", "MLASpec", "SourceShape", "SpecError", "QRank", "parse_q_rank", "LATENT_LAYER_TYPE"]

@@ -6,6 +6,7 @@ Embeddings, RMSNorms and the SwiGLU MLP are transformers' Llama modules; the att
     import ecomla  # registers the "ecomla" model type with the Auto classes
     model = AutoModelForCausalLM.from_pretrained("out/smollm2-4x")
     model.prepare_for_decode()  # optional, for inference: folded weights and the decode kernel (decode.py)
+    model.set_cache_bits(4)     # optional: a 4-bit latent cache (quant.py); saved with the checkpoint
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from . import cache as _cache  # noqa: F401  (registers the latent cache layer type)
 from .attention import GQAAttention, MLAAttention, build_mask
-from .config import EcoMLAConfig
+from .config import EcoMLAConfig, check_latent_cache
 from .decode import AbsorbedWeights, folded, pick_kernel
+from .quant import check_cache_bits
 from .rope import RotaryTables
 
 
@@ -76,6 +78,17 @@ class EcoMLAPreTrainedModel(PreTrainedModel):
             weight = attn.kv_b_proj.weight
             chosen = pick_kernel(weight.device, weight.dtype, kernel)
             attn.prepared = folded(attn, chosen) if fold else replace(AbsorbedWeights.plain(attn), kernel=chosen)
+        return self
+
+    def set_cache_bits(self, bits: int):
+        """Quantize the latent cache to `bits` (16: the model's dtype; 8 or 4: byte rows, `ecomla.mla.quant`) from now
+        on, in the cache and, as fake quantization, in every uncached forward. Recorded in the config, so a saved
+        checkpoint decodes with the same cache. Returns the model."""
+        if bits is None:
+            raise ValueError("set_cache_bits needs 16, 8 or 4")
+        self.config.cache_bits = check_cache_bits(bits)
+        for attn in self.mla_attention():
+            attn.latent_format = self.config.latent_format(attn.layer_idx)
         return self
 
     def decode_kernel(self) -> str | None:
@@ -203,3 +216,12 @@ class EcoMLAForCausalLM(EcoMLAPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+
+
+def with_cache_bits(model, bits: int | None, label: str):
+    """`model` with its latent cache at `bits` (`--cache-bits`; None: as its checkpoint says). A model without a
+    latent cache (a GQA checkpoint) is refused: its K/V cache is not this flag's to quantize."""
+    if bits is None:
+        return model
+    check_latent_cache(model.config, label)
+    return model.set_cache_bits(bits)

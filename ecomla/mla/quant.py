@@ -1,0 +1,197 @@
+"""The quantized latent cache: one byte row per token, c_kv in per-token groups of 8- or 4-bit integers.
+
+    fmt = LatentFormat.of(r_kv, d_rope, cache_bits=4)    # None for cache_bits 16 (the latent in the model's dtype)
+    rows = fmt.quantize(latent)                          # [.., r_kv + d_rope] float -> [.., fmt.row_bytes] uint8
+    latent = fmt.dequantize(rows, torch.float32)         # what every query reads
+    latent = fake_quantize(latent, fmt)                  # the same values without a cache (straight-through grads)
+
+Notation: r_kv latent rank, d_rope rotary dims, g group size, n_g = ceil(n / g) groups of an n-wide part,
+b bits (8 or 4), qmax = 2^b - 1.
+
+A group of g values x of one token is stored as codes q = round((x - zero) / scale) clamped to [0, qmax], with
+zero = min x and scale = (max x - min x) / qmax, both rounded to fp16 (asymmetric, one scale and zero per group);
+it reads back as q * scale + zero. A part whose width is not a multiple of g ends in a shorter group. Two 4-bit
+codes share a byte: element 2i in the low nibble, 2i + 1 in the high one.
+
+Row layout (bytes; the fp16 parts first, so they start on even bytes; the row is padded to an even length so that
+rows of a [.., S, row_bytes] buffer can be read as fp16):
+    [ scale, zero per c_kv group | k_rope (d_rope fp16), or scale, zero per k_rope group | c_kv codes | k_rope codes ]
+Everything the cache holds is in the row: there is no full-precision window of recent tokens, so each token is
+quantized on its own, and an uncached forward that applies `fake_quantize` sees exactly the values that decoding
+over the cache reads (tests/test_quant.py pins cached == uncached). Why the rotary part stays fp16 and groups
+hold 32 values: docs/RESULTS.md, quantized latent cache (benchmarks/latent_quant.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..common import UserError
+
+CACHE_BITS = (16, 8, 4)  # 16 = off
+GROUP = 32  # values per scale and zero (32 measured better than 64 per byte)
+ROPE_BITS = 16  # the rotary part: fp16 (per-token 8- and 4-bit groups measured worse per byte)
+
+
+# the --help of every stage's --cache-bits
+CACHE_BITS_HELP = ("bits per cached latent value: 16 (the model's dtype), 8 or 4 (quantized in groups of 32 with an "
+                   "fp16 scale and zero each, counted in the bytes); default: the checkpoint's own (config.json "
+                   "cache_bits)")
+
+
+def check_cache_bits(bits, flag: str = "--cache-bits") -> int | None:
+    """The one check of a cache width, with a message that names the flag to change (None: not given, kept)."""
+    if bits is None:
+        return None
+    if isinstance(bits, bool) or bits not in CACHE_BITS:
+        raise UserError(f"{flag} must be 16 (no quantization), 8 or 4, got {bits!r}")
+    return int(bits)
+
+
+def _grouped(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[.., n] -> [.., n_g, group]; a short last group is padded with its last value (min and max unchanged)."""
+    pad = -x.shape[-1] % group
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.unflatten(-1, (-1, group))
+
+
+def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes uint8 [.., n] (one code per value, unpacked) and (scale, zero) fp16 [.., n_g, 2] of x [.., n]."""
+    qmax = (1 << bits) - 1
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xg = _grouped(x.to(acc), group)  # [.., n_g, g]
+    lo, hi = xg.amin(-1), xg.amax(-1)
+    scale, zero = ((hi - lo) / qmax).to(torch.float16), lo.to(torch.float16)
+    step = torch.where(scale > 0, scale, 1).to(acc)  # a constant group keeps code 0: it reads back as zero
+    q = ((xg - zero.to(acc)[..., None]) / step[..., None]).round_().clamp_(0, qmax)
+    return q.flatten(-2)[..., : x.shape[-1]].to(torch.uint8), torch.stack([scale, zero], dim=-1)
+
+
+def dequantize_groups(codes: torch.Tensor, scale_zero: torch.Tensor, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """Values [.., n] in `dtype` (computed in fp32, or fp64 for an fp64 dtype) from codes [.., n] and [.., n_g, 2]."""
+    acc = torch.promote_types(dtype, torch.float32)
+    n, n_g = codes.shape[-1], scale_zero.shape[-2]
+    q = codes.to(acc)
+    if n_g * group != n:
+        q = torch.cat([q, q.new_zeros(*q.shape[:-1], n_g * group - n)], dim=-1)
+    sz = scale_zero.to(acc)
+    x = torch.addcmul(sz[..., 1:], q.unflatten(-1, (n_g, group)), sz[..., :1])  # q * scale + zero, [.., n_g, g]
+    return x.flatten(-2)[..., :n].to(dtype)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [.., n] -> bytes [.., ceil(n * bits / 8)]."""
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], 1)], dim=-1)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """bytes [.., ceil(n * bits / 8)] -> uint8 codes [.., n]."""
+    if bits == 8:
+        return data
+    return torch.stack([data & 15, data >> 4], dim=-1).flatten(-2)[..., :n]
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """The byte row of one quantized cached token of an MLA layer (see the module docstring)."""
+
+    r_kv: int
+    d_rope: int
+    bits: int  # c_kv: 8 or 4
+    rope_bits: int = ROPE_BITS  # 16 (fp16), or 8 / 4 in per-token groups like c_kv
+    group: int = GROUP
+
+    @classmethod
+    def of(cls, r_kv: int, d_rope: int, cache_bits: int) -> "LatentFormat | None":
+        """The format of `cache_bits`, or None for 16 (no quantization)."""
+        return None if check_cache_bits(cache_bits) == 16 else cls(r_kv, d_rope, cache_bits)
+
+    def groups(self, n: int) -> int:
+        return -(-n // self.group)
+
+    @property
+    def head_bytes(self) -> int:
+        """The fp16 part: scale and zero of every group, and k_rope when it stays fp16."""
+        rope = 2 * self.d_rope if self.rope_bits == 16 else 4 * self.groups(self.d_rope)
+        return 4 * self.groups(self.r_kv) + rope
+
+    @property
+    def codes_bytes(self) -> tuple[int, int]:
+        """Bytes of the c_kv codes and of the k_rope codes (0 when k_rope is fp16)."""
+        rope = 0 if self.rope_bits == 16 else math.ceil(self.d_rope * self.rope_bits / 8)
+        return math.ceil(self.r_kv * self.bits / 8), rope
+
+    @property
+    def row_bytes(self) -> int:
+        n = self.head_bytes + sum(self.codes_bytes)
+        return n + n % 2
+
+    def quantize(self, latent: torch.Tensor) -> torch.Tensor:
+        """[.., r_kv + d_rope] float -> [.., row_bytes] uint8."""
+        c, r = latent.split([self.r_kv, self.d_rope], dim=-1)
+        codes_c, sz_c = quantize_groups(c, self.bits, self.group)
+        half, codes = [sz_c.flatten(-2)], [pack(codes_c, self.bits)]
+        if self.rope_bits == 16:
+            half.append(r.to(torch.float16))
+        else:
+            codes_r, sz_r = quantize_groups(r, self.rope_bits, self.group)
+            half.append(sz_r.flatten(-2))
+            codes.append(pack(codes_r, self.rope_bits))
+        parts = [torch.cat(half, dim=-1).view(torch.uint8), *codes]
+        pad = self.row_bytes - self.head_bytes - sum(self.codes_bytes)
+        if pad:
+            parts.append(codes[0].new_zeros(*latent.shape[:-1], pad))
+        return torch.cat(parts, dim=-1)
+
+    def dequantize(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[.., row_bytes] uint8 -> [.., r_kv + d_rope] in `dtype`."""
+        return torch.cat(self.dequantize_parts(rows, dtype), dim=-1)
+
+    def dequantize_parts(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv [.., r_kv] and k_rope [.., d_rope] in `dtype` from rows [.., row_bytes] (a reader that uses the two
+        parts apart, like the CPU decode GEMMs, skips the copy that joins them)."""
+        half = rows[..., : self.head_bytes].view(torch.float16)  # [.., head_bytes / 2]
+        n_c = 2 * self.groups(self.r_kv)
+        start, (bytes_c, bytes_r) = self.head_bytes, self.codes_bytes
+        codes_c = unpack(rows[..., start : start + bytes_c], self.bits, self.r_kv)
+        c = dequantize_groups(codes_c, half[..., :n_c].unflatten(-1, (-1, 2)), self.group, dtype)
+        if self.rope_bits == 16:
+            return c, half[..., n_c : n_c + self.d_rope].to(dtype)
+        codes_r = unpack(rows[..., start + bytes_c : start + bytes_c + bytes_r], self.rope_bits, self.d_rope)
+        return c, dequantize_groups(codes_r, half[..., n_c:].unflatten(-1, (-1, 2)), self.group, dtype)
+
+    def fake(self, latent: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(latent)), bit for bit, without packing the row (the uncached forward)."""
+        c, r = latent.split([self.r_kv, self.d_rope], dim=-1)
+        c = dequantize_groups(*quantize_groups(c, self.bits, self.group), self.group, latent.dtype)
+        if self.rope_bits == 16:
+            r = r.to(torch.float16).to(latent.dtype)
+        else:
+            r = dequantize_groups(*quantize_groups(r, self.rope_bits, self.group), self.group, latent.dtype)
+        return torch.cat([c, r], dim=-1)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized values; backward: the gradient passes through unchanged (the straight-through
+    estimator), so distillation trains the weights that produce the latent for the cache decoding will read."""
+
+    @staticmethod
+    def forward(ctx, latent, fmt):
+        return fmt.fake(latent)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quantize(latent: torch.Tensor, fmt) -> torch.Tensor:
+    """The values a query reads from a cache of format `fmt` (None: the latent itself), differentiable."""
+    return latent if fmt is None else _StraightThrough.apply(latent, fmt)
