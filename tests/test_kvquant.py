@@ -146,7 +146,10 @@ def test_eval_measures_the_teacher_itself_through_a_cache(llama_dir, tmp_path):
         assert main(["eval", str(llama_dir), "--teacher", str(llama_dir), "--kv-cache", kv, "--tasks", "none",
                      "--data", str(chat), "--text", str(text), "--max-tokens", "64", "--seq-len", "16",
                      "--out", str(out)]) == 0
-    dyn, q = (json.loads((o / "results.json").read_text())["models"][0] for o in (tmp_path / "dyn", tmp_path / "q"))
+    rows = [json.loads((o / "results.json").read_text())["models"] for o in (tmp_path / "dyn", tmp_path / "q")]
+    assert [r["name"] for r in rows[1]] == ["teacher", "llama0"] and "kv_cache" not in rows[1][0]
+    assert rows[1][0]["kl_to_teacher"] == 0 and rows[1][0]["ppl"] != rows[1][1]["ppl"]  # its full forward, apart
+    dyn, q = rows[0][1], rows[1][1]
     assert dyn["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and dyn["kv_cache"]["spec"] == "dynamic"
     assert dyn["kv_cache"]["bytes_per_token"] == 3 * 2 * 2 * 16 * 4 and set(dyn["kv_cache"]["kl"]) == {"chat", "text"}
     assert q["kl_to_teacher"] > 1e-5 and q["kv_cache"]["kl"]["text"] > 1e-5

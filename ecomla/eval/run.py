@@ -155,8 +155,8 @@ def _evaluate(args: EvalArgs, log) -> dict:
         if teacher is not None and not students:  # only the teacher itself was asked for
             fid[corpus] = fidelity({"teacher": teacher}, None, bs, desc=f"fidelity/{corpus}")
     entries = [(n, s, paths[n], models[n]) for n, s in zip(names, args.models)]
-    if teacher is not None and teacher_spec not in args.models and args.teacher_row:
-        entries.insert(0, ("teacher", teacher_spec, teacher_path, teacher))
+    if teacher is not None and (teacher_spec not in args.models or kv_cache) and args.teacher_row:
+        entries.insert(0, ("teacher", teacher_spec, teacher_path, teacher))  # decode-style, its full forward too
     for name, spec, path, model in entries:
         t0 = time.time()
         as_teacher = model is teacher and not (kv_cache and name in students)
