@@ -4,6 +4,10 @@ All models see the same batches; the teacher runs once per batch and its logits 
 tokens count (assistant tokens for chat, every token for plain text). Full-vocabulary logits exist for at
 most `chunk` target rows at a time.
 
+With `kv_cache` (a `kvcache.KVCacheSpec`) the models are measured decode-style: fed one token at a time through
+that cache, so every position reads its keys and values from it, as in generation (the teacher keeps its full
+forward). Each model's result then also says what its live cache held after the first batch (`kv_cache`).
+
 Notation: B batch, T block length, N target tokens in a batch, V vocabulary.
 """
 
@@ -15,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..losses import token_kl
+from .kvcache import KVCacheSpec, bytes_summary, decode_hidden
 
 
 def final_hidden(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -30,17 +35,27 @@ def _targets(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 @torch.no_grad()
-def fidelity(models: dict, teacher, batches: list[dict], chunk: int = 1024, desc: str = "fidelity") -> dict:
+def fidelity(models: dict, teacher, batches: list[dict], chunk: int = 1024, desc: str = "fidelity",
+             kv_cache: KVCacheSpec | None = None) -> dict:
     """{name: {"nll", "ppl", "tokens", and vs the teacher "kl", "top1_agreement"}}; the teacher is included.
-    With teacher=None only perplexities are computed (kl / top1_agreement are None)."""
+    With teacher=None only perplexities are computed (kl / top1_agreement are None). With `kv_cache` the models
+    (not the teacher) decode through it, and their results gain "kv_cache" (`kvcache.bytes_summary`)."""
     ref = teacher if teacher is not None else next(iter(models.values()))
     device = next(ref.parameters()).device
     names = ("teacher", *models) if teacher is not None else tuple(models)
     stats = {name: {"nll": 0.0, "kl": 0.0, "agree": 0, "tokens": 0} for name in names}
+    caches = {}
     for batch in tqdm(batches, desc=desc, leave=False):
         ids, sel, labels = _targets(batch, device)
         t_h = final_hidden(teacher, ids)[:, :-1][sel] if teacher is not None else None  # [N, D]
-        hidden = {name: final_hidden(m, ids)[:, :-1][sel] for name, m in models.items()}
+        hidden = {}
+        for name, m in models.items():
+            if kv_cache is None:
+                hidden[name] = final_hidden(m, ids)[:, :-1][sel]
+            else:
+                h, cache = decode_hidden(m, ids, kv_cache)  # [B, T, D]
+                hidden[name] = h[:, :-1][sel]
+                caches.setdefault(name, bytes_summary(cache, ids.shape[0]))  # the first batch: --batch-size rows
         for lo in range(0, labels.numel(), chunk):
             hi = min(labels.numel(), lo + chunk)
             y = labels[lo:hi]
@@ -51,7 +66,10 @@ def fidelity(models: dict, teacher, batches: list[dict], chunk: int = 1024, desc
             for name, h in hidden.items():
                 s_logits = models[name].get_output_embeddings()(h[lo:hi]).float()
                 _accumulate(stats[name], s_logits, t_logits, y)
-    return {name: _finish(s) for name, s in stats.items()}
+    out = {name: _finish(s) for name, s in stats.items()}
+    for name, summary in caches.items():
+        out[name]["kv_cache"] = {"spec": kv_cache.text, **summary}
+    return out
 
 
 def _accumulate(s: dict, logits: torch.Tensor, t_logits: torch.Tensor | None, y: torch.Tensor) -> None:

@@ -11,6 +11,8 @@ plots. Metrics per model:
 - kl_text: the same KL on ppl.text's tokens (plain text that no training stream here reads, with the default)
 - tasks: acc / acc_norm (+ stderr) per lm-eval task; average = mean of acc_norm where defined, else acc
 - kv_bytes_per_token: read from the live cache of a short generate(); compression vs the source layout
+- with --kv-cache SPEC (`kvcache.py`): ppl / kl / agreement of MODELS measured decode-style through that cache, and
+  kv_cache: the bytes its live cache held per token at --seq-len tokens, with and without its full-precision window
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ..mla.quant import CACHE_BITS_HELP, check_cache_bits
 from ..outputs import run_dir
 from . import report
 from .fidelity import fidelity
+from .kvcache import KVCacheSpec, check_runs
 from .tasks import average, parse_limit, parse_tasks, run_tasks
 
 
@@ -62,6 +65,9 @@ class EvalArgs:
     teacher_row: bool = arg("also report the teacher as a row (with its task scores)", default=True)
     cache_bits: int | None = arg(CACHE_BITS_HELP + "; applies to the MLA models (every forward reads the latent as "
                                  "that cache would return it)", default=None)
+    kv_cache: str | None = arg("measure MODELS decode-style, one token at a time through this KV cache: 'dynamic' "
+                               "(the model's own), 'fp8', 'quanto:4', 'hqq:2:axis=1', ... (ecomla/eval/kvcache.py)",
+                               default=None)
 
     def __post_init__(self):
         if isinstance(self.models, str):
@@ -77,6 +83,8 @@ class EvalArgs:
         parse_limit(self.limit, parse_tasks(self.tasks))  # task names and limits are checked before any model loads
         check_text(self.text, "--text")
         check_cache_bits(self.cache_bits)
+        if self.kv_cache is not None:
+            KVCacheSpec.parse(self.kv_cache)
         names = self.display_names()
         twice = next((n for n in names if names.count(n) > 1), None)
         if twice is not None:
@@ -155,30 +163,37 @@ def _evaluate(args: EvalArgs, log) -> dict:
     rows = []
     fid = {}
     batches = heldout_batches(tok, args)
+    kv_cache = KVCacheSpec.parse(args.kv_cache) if args.kv_cache else None
+    for model in models.values() if kv_cache else ():
+        check_runs(kv_cache, model, {len(b["input_ids"]) for bs in batches.values() for b in bs}, args.seq_len)
+    # decode-style, the teacher too is measured when it is one of MODELS: through the cache, against its full forward
+    students = {n: m for n, m in models.items() if m is not teacher or kv_cache}
     for corpus, bs in batches.items():
         log(f"[eval] {corpus}: {sum(int(b['loss_mask'][:, 1:].sum()) for b in bs)} target tokens")
-        students = {n: m for n, m in models.items() if m is not teacher}
-        fid[corpus] = fidelity(students, teacher, bs, desc=f"fidelity/{corpus}") if students else {}
+        fid[corpus] = fidelity(students, teacher, bs, desc=f"fidelity/{corpus}", kv_cache=kv_cache) if students else {}
         if teacher is not None and not students:  # only the teacher itself was asked for
             fid[corpus] = fidelity({"teacher": teacher}, None, bs, desc=f"fidelity/{corpus}")
     entries = [(n, s, paths[n], models[n]) for n, s in zip(names, args.models)]
-    if teacher is not None and teacher_spec not in args.models and args.teacher_row:
-        entries.insert(0, ("teacher", teacher_spec, teacher_path, teacher))
+    if teacher is not None and (teacher_spec not in args.models or kv_cache) and args.teacher_row:
+        entries.insert(0, ("teacher", teacher_spec, teacher_path, teacher))  # decode-style, its full forward too
     for name, spec, path, model in entries:
         t0 = time.time()
-        key = "teacher" if model is teacher else name
+        as_teacher = model is teacher and not (kv_cache and name in students)
+        key = "teacher" if as_teacher else name
         chosen = args.task_models()
         task_names = parse_tasks(args.tasks) if chosen is None or name in chosen else []
         tasks = run_tasks(model, tok, task_names, args.limit, args.seed, args.batch_size,
                           cache=answer_cache(Path(args.out), str(path)))
         row = {"name": name, "path": str(path), "tasks": tasks, "average": average(tasks),
                "ppl": {c: fid[c][key]["ppl"] for c in fid} or None,
-               "kl_to_teacher": (0.0 if model is teacher else fid["chat"][key]["kl"]) if teacher is not None else None,
-               "top1_agreement": (1.0 if model is teacher else fid["chat"][key]["top1_agreement"])
+               "kl_to_teacher": (0.0 if as_teacher else fid["chat"][key]["kl"]) if teacher is not None else None,
+               "top1_agreement": (1.0 if as_teacher else fid["chat"][key]["top1_agreement"])
                if teacher is not None else None,
                "kl_text": (0.0 if model is teacher else fid["text"][key]["kl"]) if teacher is not None else None,
                "params": count_params(model), **kv_measurement(model, tok),
                "seconds": round(time.time() - t0, 1)}
+        if kv_cache and not as_teacher:
+            row["kv_cache"] = {**fid["chat"][key]["kv_cache"], "kl": {c: fid[c][key]["kl"] for c in fid}}
         rows.append(row)
         log(f"[eval] {name}: avg={row['average']} ppl={row['ppl']} kl={row['kl_to_teacher']}")
     results = {

@@ -94,24 +94,57 @@ def allocated_bytes(layer) -> int:
         return layer.allocated_bytes()
     if not getattr(layer, "is_initialized", False) or layer.keys is None:
         return 0
-    return layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return held_bytes([layer.keys, layer.values, *_store(layer)])
 
 
-def cache_stats(cache: Cache) -> dict:
-    """Measured from the live cache tensors: tokens held, bytes held (and allocated), bytes per token per sequence."""
-    live, per_token, batch, seq = 0, 0, 0, 0
+def held_bytes(obj) -> int:
+    """Bytes of the tensors in `obj`: a tensor, a quantized tensor (a tensor subclass over inner tensors: quanto's
+    packed data, scales and shifts) or a tuple / list / dict of them (HQQ: packed data, then a meta dict with its
+    scales and zeros; fp8: data and scale)."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            return sum(held_bytes(getattr(obj, name)) for name in obj.__tensor_flatten__()[0])
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    return sum(held_bytes(x) for x in obj) if isinstance(obj, (tuple, list)) else 0
+
+
+def _store(layer) -> tuple:
+    """A quantized layer's store (transformers' `BaseQuantizedLayer`): its quantized keys and values."""
+    return getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)
+
+
+def _per_token(nbytes: int, rows: int):
+    return nbytes // rows if nbytes % rows == 0 else nbytes / rows
+
+
+def cache_stats(cache: Cache, batch: int | None = None) -> dict:
+    """Measured from the live cache tensors: tokens held, bytes held (and allocated), bytes per token per sequence.
+
+    A quantized layer (transformers' `QuantizedCache`) holds a quantized store (its layout is the backend's) and a
+    window of recent tokens in full precision: both are counted; `window_tokens` is the largest window and
+    `store_bytes_per_token` the bytes per token with windows left out. Its rows are not in the tensors' shapes:
+    pass `batch` for such a cache (otherwise it is read from the keys)."""
+    live, per_token, store_per_token, window_max, batch_seen, seq = 0, 0, 0, 0, 0, 0
     layers = []
     for layer in cache.layers:
         if not getattr(layer, "is_initialized", False) or layer.keys is None:
             continue
         k, v = layer.keys, layer.values
-        b, s = k.shape[0], k.shape[-2]
-        nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
-        live += nbytes
-        row = nbytes // max(b * s, 1)
+        store, plain = held_bytes(_store(layer)), held_bytes([k, v])
+        window = k.shape[-2] if store and k.dim() == 4 else 0
+        if batch is None and store:
+            raise ValueError("cache_stats: pass batch= for a quantized cache")
+        b, s = batch or k.shape[0], layer.get_seq_length() if store else k.shape[-2]
+        live += store + plain
+        row = _per_token(store + plain, max(b * s, 1))
         per_token += row
-        batch, seq = max(batch, b), max(seq, s)
-        layers.append({"type": type(layer).__name__, "bytes_per_token": row, "dtype": str(k.dtype).split(".")[-1],
-                       "elements_per_token": row // k.element_size()})
-    return {"batch": batch, "seq_len": seq, "live_bytes": live, "bytes_per_token": per_token,
+        store_per_token += _per_token(store, max(b * (s - window), 1)) if store else row
+        batch_seen, seq, window_max = max(batch_seen, b), max(seq, s), max(window_max, window)
+        layers.append({"type": type(layer).__name__, "bytes_per_token": row, "window_tokens": window,
+                       "dtype": str(k.dtype).split(".")[-1],
+                       "elements_per_token": None if store else row // k.element_size()})
+    return {"batch": batch_seen, "seq_len": seq, "live_bytes": live, "bytes_per_token": per_token,
+            "store_bytes_per_token": store_per_token, "window_tokens": window_max,
             "allocated_bytes": sum(allocated_bytes(layer) for layer in cache.layers), "layers": layers}
