@@ -19,8 +19,8 @@ window then holds (C - 1) mod R tokens), with that window and without it, agains
 cache, read the same way.
 A spec the backend refuses at these shapes gets a row with the backend's reason (`kvcache.check_runs`).
 
-Writes OUT/results.jsonl (one line per spec, appended when it finishes; a rerun skips the specs already there) and
-OUT/table.md, and prints the table.
+Writes OUT/results.jsonl (one line per spec, appended when it finishes; a rerun skips the specs already there),
+OUT/results.json (the rows of --caches) and OUT/table.md, and prints the table.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def main(argv=None) -> None:
     order = {s.text: i for i, s in enumerate(specs)}
     rows = sorted((r for r in rows if r["spec"] in order), key=lambda r: order[r["spec"]])
     (out / "table.md").write_text(table(rows, a.context, ref) + "\n")
+    (out / "results.json").write_text(json.dumps({"bf16_bytes_per_token": ref, "context": a.context,
+                                                  "rows": rows}, indent=1) + "\n")
     print(table(rows, a.context, ref))
 
 

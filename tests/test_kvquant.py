@@ -152,5 +152,42 @@ def test_eval_measures_the_teacher_itself_through_a_cache(llama_dir, tmp_path):
     dyn, q = rows[0][1], rows[1][1]
     assert dyn["kl_to_teacher"] == pytest.approx(0, abs=1e-6) and dyn["kv_cache"]["spec"] == "dynamic"
     assert dyn["kv_cache"]["bytes_per_token"] == 3 * 2 * 2 * 16 * 4 and set(dyn["kv_cache"]["kl"]) == {"chat", "text"}
-    assert q["kl_to_teacher"] > 1e-5 and q["kv_cache"]["kl"]["text"] > 1e-5
+    floor = 1e-5 if spec.startswith("quanto") else 1e-6  # fp8 on a tiny model moves the KL by a few 1e-6
+    assert q["kl_to_teacher"] > floor and q["kv_cache"]["kl"]["text"] > floor
     assert q["kv_cache"]["context"] == 16 and q["kv_cache"]["bytes_per_token_no_window"] < dyn["kv_cache"]["bytes_per_token"]
+
+
+def test_the_frontier_measures_students_at_each_cache_width_on_the_baselines_tokens(llama_dir, tmp_path):
+    """benchmarks/frontier.py: one row per width (a quantization-aware checkpoint at its own width only), the KL
+    of what decoding over that cache reads, bytes from a live bf16 cache equal to the formula; points against the
+    bf16 GQA cache; token counts that differ from the baselines' are refused."""
+    from benchmarks import frontier
+    from ecomla.cli import main
+    from ecomla.io import load_model
+
+    student, qat = tmp_path / "s", tmp_path / "s4"
+    assert main(["convert", str(llama_dir), str(student), "--kv-rank", "8", "--rope-dim", "8"]) == 0
+    m, _ = load_model(str(student))
+    m.set_cache_bits(4).save_pretrained(qat)
+    for f in student.glob("tokenizer*"):
+        (qat / f.name).write_bytes(f.read_bytes())
+    teacher, _ = load_model(str(llama_dir))
+    batches = {c: blocks(vocab=teacher.config.vocab_size, seed=i) for i, c in enumerate(frontier.CORPORA)}
+    rows = list(frontier.student_rows("s", str(student), [16, 8, 4], teacher, batches, done=set()))
+    rows += list(frontier.student_rows("s4", str(qat), [16, 8, 4], teacher, batches, done=set()))
+    assert [(r["student"], r["cache_bits"]) for r in rows] == [("s", 16), ("s", 8), ("s", 4), ("s4", 4)]
+    assert rows[0]["chat"]["kl"] != rows[2]["chat"]["kl"] and rows[2]["chat"]["kl"] == rows[3]["chat"]["kl"]
+    for r in rows:
+        assert r["bytes_per_token"] == m.set_cache_bits(r["cache_bits"]).config.kv_bytes_per_token(2)
+    assert list(frontier.student_rows("s", str(student), [16, 8], teacher, batches, done={("s", 16), ("s", 8)})) == []
+    gqa = [{"spec": "hqq:2:axis=1", "bf16": {"bytes_per_token": 64.0},
+            **{c: {"kl": 0.5, "tokens": rows[0][c]["tokens"]} for c in frontier.CORPORA}}]
+    pts = frontier.points(gqa, rows, ref=384.0)
+    assert [p["kind"] for p in pts].count("gqa") == 1 and all(p["kind"] == "0 tokens" for p in pts if p["kind"] != "gqa")
+    assert {p["label"]: p["x"] for p in pts}["s4 int4"] == 384.0 / rows[3]["bytes_per_token"]
+    frontier.check_tokens(gqa, rows)
+    gqa[0]["chat"]["tokens"] += 1
+    with pytest.raises(SystemExit, match="chat target tokens differ"):
+        frontier.check_tokens(gqa, rows)
+    frontier.plot(pts, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0

@@ -71,6 +71,26 @@ def inits_4x() -> Spec:
                 "out/inits-4x/eval/results.json")
 
 
+# the GQA source's quantized caches as transformers ships them (quanto, HQQ); the settings a user gets to work
+GQA_CACHES = ("quanto:4", "quanto:2", "quanto:4:key_axis=-1:group=24", "hqq:2:axis=1", "hqq:1:axis=1", "hqq:4:axis=1",
+              "hqq:3:axis=1", "hqq:8:axis=1")
+KD_TOKENS = 46080  # the demo's 12 minutes of KD on the AMD CPU (fp32, about 64 tokens/s)
+
+
+def frontier() -> Spec:
+    """Students at 2x/4x/8x, at 0 tokens (each latent cache width) and after the demo's KD tokens with a 4-bit
+    latent cache (quantization-aware), on kv_quant_baselines' held-out tokens."""
+    converts = tuple(f"python -m ecomla convert default out/frontier/s{r} --kv-rank {k} --rope-dim 32 --init fitted"
+                     for r, k in RANKS.items())
+    kd = tuple(f"python -m ecomla distill out/frontier/s{r} --out out/frontier/s{r}-int4-kd --stage kd "
+               f"--max-tokens {KD_TOKENS} --seq-len 256 --batch-size 4 --eval-tokens 0 --cache-bits 4 --no-progress"
+               for r in ("4x", "8x", "2x"))
+    students = ",".join([f"{r}=out/frontier/s{r}" for r in RANKS] + [f"{r}-int4-kd=out/frontier/s{r}-int4-kd"
+                                                                    for r in RANKS])
+    return Spec((*converts, *kd, f"python benchmarks/frontier.py --students {students} --cache-bits 16,8,4 "
+                                 "--out out/frontier/eval"), "out/frontier/eval/results.json")
+
+
 RECORDS: dict[str, Spec] = {
     "teacher": Spec(("python -m ecomla eval default --names teacher --teacher default --limit 'mmlu=96,*=24' "
                      "--max-tokens 8192 --out out/teacher",), "out/teacher/results.json"),
@@ -81,6 +101,12 @@ RECORDS: dict[str, Spec] = {
     "decode": Spec(("python -m ecomla bench default --kv-rank 16 --rope-dim 32 --contexts 4k,8k --batches 8,16 "
                     "--runs absorbed,gqa-dynamic,gqa-static --fill synthetic --warmup 2 --steps 5 --repeats 3 "
                     "--threads 2 --out out/decode",), "out/decode/results.json"),
+    "kv-quant": Spec((f"python benchmarks/kv_quant_baselines.py --caches {','.join(GQA_CACHES)} --out out/kv-quant",),
+                     "out/kv-quant/results.json"),
+    "frontier": frontier(),
+    "latent-decode": Spec(("python -m ecomla bench default --kv-rank 64 --rope-dim 32 --contexts 4k --batches 8 "
+                           "--runs absorbed,gqa-static --cache-bits 16,8,4 --fill synthetic --warmup 2 --steps 5 "
+                           "--repeats 5 --threads 2 --out out/latent-decode",), "out/latent-decode/results.json"),
     "export": Spec(("python -m ecomla convert default out/export/model --kv-rank 64 --rope-dim 32 --init fitted "
                     "--target deepseek-v3",
                     "python -m ecomla export out/export/model out/export/deepseek-v3",
@@ -301,6 +327,92 @@ def export_table(recs: dict) -> list[str]:
     return rows
 
 
+def frontier_points(recs: dict) -> list[dict] | None:
+    """The GQA caches (kv-quant) and the students (frontier) as benchmarks/frontier.py plots them; None while either
+    record is missing."""
+    if recs.get("kv-quant") is None or recs.get("frontier") is None:
+        return None
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.frontier import points
+
+    gqa, students = recs["kv-quant"]["result"], recs["frontier"]["result"]
+    return points(gqa["rows"], students["rows"], gqa["bf16_bytes_per_token"])
+
+
+FRONTIER_PNG = ROOT / "docs" / "frontier.png"
+
+
+def frontier_table(recs: dict) -> list[str]:
+    head = ["KV cache", "model", "x smaller than bf16 GQA", "KL chat", "KL text", "command", "CPU"]
+    pts = frontier_points(recs)
+    if pts is None:
+        return table(head, [["-", missing("kv-quant") + ", " + rerun_line("frontier"), "", "", "", "", "-"]])
+    rows = []
+    for p in sorted(pts, key=lambda p: (-p["x"], p["kind"])):
+        if p["kind"] == "0 tokens" and p["label"].endswith("int8"):
+            continue  # the plot has them: an 8-bit latent reads as the 16-bit one
+        who = "GQA source" if p["kind"] == "gqa" else f"ecomla, {'after KD' if p['kind'] == 'trained' else p['kind']}"
+        name = "kv-quant" if p["kind"] == "gqa" else "frontier"
+        rows.append([f"`{p['label']}`" if p["kind"] == "gqa" else p["label"], who, f"{p['x']:.2f}x",
+                     f"{p['chat']:.3f}", f"{p['text']:.3f}", f"{rerun_line(name)} ([commands](#{name}))",
+                     recs[name]["cpu"]])
+    tokens = recs["kv-quant"]["result"]["rows"]
+    done = next(r for r in tokens if "chat" in r)
+    return [f"![KL against KV bytes](frontier.png)", "", *table(head, rows), "",
+            f"Held-out target tokens: {done['chat']['tokens']:,} chat, {done['text']['tokens']:,} text; bytes at "
+            f"{recs['kv-quant']['result']['context']:,} tokens of context, full-precision windows included."]
+
+
+def frontier_plot(recs: dict) -> bytes | None:
+    """docs/frontier.png drawn from the records (None while they are missing)."""
+    pts = frontier_points(recs)
+    if pts is None:
+        return None
+    import tempfile
+
+    from benchmarks.frontier import plot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plot(pts, Path(tmp) / "frontier.png")
+        return (Path(tmp) / "frontier.png").read_bytes()
+
+
+def gqa_2bit_beaten(recs: dict) -> tuple[str, bool]:
+    pts = frontier_points(recs)
+    gqa = [p for p in pts if p["kind"] == "gqa" and ":2" in p["label"]]
+    best = min(gqa, key=lambda p: p["chat"] + p["text"])
+    wins = [p for p in pts if p["kind"] == "trained" and p["x"] >= best["x"] and p["chat"] < best["chat"]
+            and p["text"] < best["text"]]
+    who = min(wins, key=lambda p: p["x"]) if wins else max((p for p in pts if p["kind"] == "trained"),
+                                                          key=lambda p: p["x"])
+    return (f"`{best['label']}` {best['x']:.1f}x: KL {best['chat']:.2f} / {best['text']:.2f}; {who['label']} "
+            f"{who['x']:.1f}x: {who['chat']:.2f} / {who['text']:.2f}"), bool(wins)
+
+
+def twice_the_compression(recs: dict) -> tuple[str, bool]:
+    pts = frontier_points(recs)
+    gqa2 = min((p for p in pts if p["kind"] == "gqa" and ":2" in p["label"]), key=lambda p: p["text"])
+    one = next((p for p in pts if p["kind"] == "gqa" and p["label"].startswith("hqq:1")), None)
+    trained = [p for p in pts if p["kind"] == "trained"]
+    far = [p for p in trained if p["x"] >= 12]
+    hqq1 = f"; HQQ 1-bit {one['x']:.1f}x: {one['chat']:.2f} / {one['text']:.2f}" if one else ""
+    if not far:
+        top = max(trained, key=lambda p: p["x"])
+        return f"no trained student at >= 12x (largest {top['x']:.1f}x: {top['chat']:.2f} / {top['text']:.2f}){hqq1}", \
+            False
+    p = min(far, key=lambda p: p["chat"])
+    return f"{p['label']} {p['x']:.1f}x: {p['chat']:.2f} / {p['text']:.2f}{hqq1}", \
+        p["chat"] <= 0.5 and p["text"] < gqa2["text"]
+
+
+def latent_decode_ratio(recs: dict) -> tuple[str, bool]:
+    rows = recs["latent-decode"]["result"]["rows"]
+    by = {r["run"]: r for r in rows if r.get("kind") == "decode" and (r["batch"], r["context"]) == (8, 4096)}
+    x = by["absorbed-int4"]["tokens_per_s"] / by["absorbed-16bit"]["tokens_per_s"]
+    return f"int4 {by['absorbed-int4']['tokens_per_s']:.1f} vs 16-bit {by['absorbed-16bit']['tokens_per_s']:.1f} " \
+           f"tokens/s ({x:.2f}x)", x >= 1.0
+
+
 def kl_of(recs: dict, name: str, who: str) -> float:
     return model_row(recs[name], who)["kl_to_teacher"]
 
@@ -363,6 +475,12 @@ TARGETS = [
      lambda recs: at_most(demo_minutes(recs, "convert"), 10, ".2f")),
     ("decode, 8x, B 8, 4k context: >= 2x the GQA source's tokens/s (StaticCache)", ["decode"], decode_ratio),
     ("export: KL < 1e-4 and top-1 >= 0.999 against the ecomla model", ["export"], export_exact),
+    ("after the demo's KD tokens, at or past the GQA source's best 2-bit cache: lower KL on chat and text",
+     ["kv-quant", "frontier"], gqa_2bit_beaten),
+    ("after the demo's KD tokens, >= 12x: chat KL <= 0.5 and text KL below the GQA 2-bit cache's",
+     ["kv-quant", "frontier"], twice_the_compression),
+    ("4-bit latent cache decodes at >= 1.0x the 16-bit latent's tokens/s (4x, B 8, 4k)", ["latent-decode"],
+     latent_decode_ratio),
 ]
 
 
@@ -381,11 +499,12 @@ def targets_table(recs: dict) -> list[str]:
 
 
 def commands_section(recs: dict) -> list[str]:
+    """Per record: an anchor, where and when it was measured, and its commands as an indented code block."""
     out = []
     for name, spec in RECORDS.items():
         rec = recs[name]
-        meta = f"{rec['cpu']}, commit {rec['commit']}, {rec['date']}." if rec else f"Not measured yet: {rerun_line(name)}."
-        out += [f"### `{name}`", meta, "```", *spec.steps, "```", ""]
+        meta = f"{rec['cpu']}, commit {rec['commit']}, {rec['date']}" if rec else f"not measured yet: {rerun_line(name)}"
+        out += [f'<a id="{name}"></a>**`{name}`**: {meta}.', "", *(f"    {step}" for step in spec.steps), ""]
     return out[:-1]
 
 
@@ -429,7 +548,8 @@ def render_readme(recs: dict[str, dict | None], readme: str) -> str:
 
 
 TABLES = {"teacher": teacher_table, "zero": zero_table, "demo": demo_table, "inits": inits_table,
-          "decode": decode_table, "export": export_table, "targets": targets_table, "commands": commands_section}
+          "decode": decode_table, "export": export_table, "frontier": frontier_table, "targets": targets_table,
+          "commands": commands_section}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,13 +564,17 @@ def main(argv: list[str] | None = None) -> int:
     recs = load_records()
     pages = {PAGE: render(recs), README: render_readme(recs, README.read_text())}
     stale = [p for p, text in pages.items() if not p.is_file() or p.read_text() != text]
+    png = None if args.check else frontier_plot(recs)  # --check reads the pages; the plot is drawn when they are
+    if png is not None and (not FRONTIER_PNG.is_file() or FRONTIER_PNG.read_bytes() != png):
+        pages[FRONTIER_PNG] = png
+        stale.append(FRONTIER_PNG)
     if args.check:
         for p in stale:
             print(f"{os.path.relpath(p, ROOT)} is not what the records give: run python tools/results_page.py",
                   file=sys.stderr)
         return 1 if stale else 0
     for p in stale:
-        p.write_text(pages[p])
+        p.write_bytes(pages[p]) if isinstance(pages[p], bytes) else p.write_text(pages[p])
         print(f"wrote {os.path.relpath(p, ROOT)}")
     return 0
 
