@@ -32,6 +32,7 @@ from benchmarks.kv_quant_baselines import bf16_bytes, corpora  # noqa: E402
 from ecomla.common import UserError  # noqa: E402
 from ecomla.eval.fidelity import fidelity  # noqa: E402
 from ecomla.eval.kvcache import KVCacheSpec  # noqa: E402
+from ecomla.eval.report import plot_frontier  # noqa: E402
 from ecomla.eval.run import kv_measurement  # noqa: E402
 from ecomla.io import load_model, load_tokenizer  # noqa: E402
 
@@ -84,34 +85,6 @@ def table(pts: list[dict], context: int) -> str:
     return "\n".join(lines)
 
 
-def plot(pts: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    style = {"gqa": dict(marker="s", color="0.45", label="GQA source, quantized cache (transformers)"),
-             "0 tokens": dict(marker="o", mfc="none", color="tab:blue", label="ecomla student, 0 tokens"),
-             "trained": dict(marker="o", color="tab:red", label="ecomla student, after KD")}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, corpus in zip(axes, CORPORA):
-        for kind, st in style.items():
-            sel = [p for p in pts if p["kind"] == kind]
-            if sel:
-                ax.plot([p["x"] for p in sel], [max(p[corpus], 1e-4) for p in sel], ls="none", ms=7, **st)
-            for p in sel:
-                ax.annotate(p["label"], (p["x"], max(p[corpus], 1e-4)), fontsize=7, xytext=(4, 3),
-                            textcoords="offset points")
-        ax.set(xscale="log", yscale="log", title=f"held-out {'chat' if corpus == 'chat' else 'plain text'}",
-               xlabel="KV cache, times smaller than the bf16 GQA cache")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("KL to the source model (nats/token; lower is better)")
-    axes[0].legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--students", required=True, help="NAME=FOLDER,...: MLA checkpoints")
@@ -152,7 +125,7 @@ def main(argv=None) -> None:
                                                   "rows": rows}, indent=1) + "\n")
     pts = points(baselines, rows, ref)
     (out / "table.md").write_text(table(pts, a.context) + "\n")
-    plot(pts, out / "frontier.png")
+    plot_frontier(pts, out / "frontier.png")
     print(table(pts, a.context))
 
 

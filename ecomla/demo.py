@@ -37,6 +37,7 @@ from .eval.tasks import parse_limit, parse_tasks
 from .generate.generate import GenerateArgs, generate, prepared
 from .io import load_config, load_model, load_tokenizer, resolve
 from .mla import SourceShape
+from .mla.quant import check_cache_bits
 from .outputs import claim_run, finished, started, temp_path
 
 PROMPTS = ["What is the capital of France?", "Give me two tips for staying focused while studying."]
@@ -55,6 +56,9 @@ class DemoArgs:
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
     text: str = arg("plain text for the text perplexity ('boolq', 'lambada' or a file)", default="boolq")
     rope_dim: int = arg("d_rope", default=32)
+    cache_bits: int = arg("latent cache bits: 16, or 8 / 4 (c_kv in groups of 32 with a scale and zero each), trained "
+                          "for with quantization-aware KD and evaluated as decoding reads it (docs/RESULTS.md, "
+                          "against quantizing the KV cache)", default=16)
     ild_tokens: int = arg("tokens for layer-wise alignment before KD (0: KD only, which keeps the fitted start; "
                           "docs/RESULTS.md)", default=0)
     seq_len: int = arg("training block length", default=256)
@@ -85,6 +89,7 @@ class DemoArgs:
                      "calib_seqs"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        check_cache_bits(self.cache_bits)
         if self.ild_tokens < 0:
             raise UserError(f"--ild-tokens must be >= 0, got {self.ild_tokens}")
         self.check_inputs()
@@ -170,7 +175,8 @@ class Demo:
         args = DistillArgs(student=str(student), teacher="source", data=self.a.data, out=str(folder),
                            stage="both", ild_tokens=self.a.ild_tokens,  # the minutes size the schedule
                            max_minutes=self.a.budget_minutes, seq_len=self.a.seq_len, batch_size=self.a.batch_size,
-                           eval_tokens=0, save_every=20, resume=started(folder) and not done)
+                           eval_tokens=0, save_every=20, resume=started(folder) and not done,
+                           cache_bits=None if self.a.cache_bits == 16 else self.a.cache_bits)
         if self.announce("distill", args, done=done, folder=folder):
             distill(args)
         return folder
@@ -194,7 +200,7 @@ class Demo:
         trained = ",".join(["teacher", *list(models)[1:]])  # the 0-token student: KL and perplexities only
         args = EvalArgs(models=paths, names=names, teacher=self.a.model, tasks=self.a.tasks, limit=limit,
                         max_tokens=self.a.eval_tokens, data=self.a.data, text=self.a.text, tasks_for=trained,
-                        out=str(folder))
+                        cache_bits=None if self.a.cache_bits == 16 else self.a.cache_bits, out=str(folder))
         done = finished(folder, "eval")  # the demo's settings fix its models: a finished eval has them all
         return evaluate(args, log=self.log) if self.announce("eval", args, done, folder / "results.json") else \
             self._load("eval/results.json")

@@ -1,5 +1,5 @@
 """The demo's report: OUT/results.json (the `ecomla eval` schema plus a "demo" section), OUT/report.md with the
-table, plots (training curve, quality vs KV size, tokens/s vs context), chat answers and the exact commands,
+table, plots (training curve, quality vs KV size, the frontier beside KV quantization, tokens/s vs context), chat answers and the exact commands,
 and the one-screen summary printed at the end."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from .bench.report import plot as plot_bench
-from .eval.report import plot_quality_vs_kv, table
+from .eval.report import plot_frontier, plot_quality_vs_kv, table
 from .plots import pyplot, save
 
 
@@ -63,6 +63,29 @@ def bench_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+# the GQA source's quantized caches, as the results page records them (a source checkout has the file)
+GQA_RECORD = Path(__file__).resolve().parents[1] / "docs" / "results" / "kv-quant.json"
+
+
+def frontier_lines(results: dict, out: Path) -> list[str]:
+    """A small frontier plot: this run's students beside the GQA source's quantized caches from the committed record
+    (measured on other held-out tokens of the same sources, with the CPU and commit the record names)."""
+    pts = [{"label": m["name"], "kind": "trained" if m.get("tokens_trained") else "0 tokens",
+            "x": m["bytes_compression"], "chat": m.get("kl_to_teacher"), "text": m.get("kl_text")}
+           for m in results["models"] if m["name"] != "teacher" and m.get("bytes_compression")]
+    note = "no GQA baselines: docs/results/kv-quant.json is not in this install"
+    if GQA_RECORD.is_file():
+        rec = json.loads(GQA_RECORD.read_text())
+        gqa = rec["result"]
+        pts += [{"label": r["spec"], "kind": "gqa", "x": gqa["bf16_bytes_per_token"] / r["bf16"]["bytes_per_token"],
+                 "chat": r["chat"]["kl"], "text": r["text"]["kl"]} for r in gqa["rows"] if "chat" in r]
+        note = (f"grey: the GQA source with transformers' quantized caches, from docs/results/kv-quant.json "
+                f"({rec['cpu']}, commit {rec['commit']}; its own held-out tokens of the same sources)")
+    if not plot_frontier(pts, out / "frontier.png", small=True):
+        return []
+    return ["![KL against cache compression, beside KV quantization](frontier.png)", "", f"Frontier: {note}.", ""]
+
+
 def write_report(demo, results: dict, chat: dict, bench: list[dict], models: dict, minutes: float) -> str:
     out = demo.out
     train = training_info(Path(models["student-kd"]))
@@ -87,6 +110,7 @@ def write_report(demo, results: dict, chat: dict, bench: list[dict], models: dic
         lines += ["![training curve](training.png)", ""]
     if plot_quality_vs_kv(results, out / "quality_vs_kv.png"):
         lines += ["![quality vs KV size](quality_vs_kv.png)", ""]
+    lines += frontier_lines(results, out)
     lines += ["## Decode speed and cache", "", *bench_lines(bench), ""]
     if plot_bench(bench, out / "tokens_per_s.png"):  # the bench's own plot
         lines += ["![tokens/s vs context](tokens_per_s.png)", ""]

@@ -25,7 +25,7 @@ def test_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
     assert kd["kv_bytes_per_token"] == 3 * (64 // 4) * 4 and kd["compression"] == 4.0 and kd["tokens_trained"] > 0
     assert set(res["demo"]["chat"]["answers"]) == {"teacher", "student-0tok", "student-kd"}
     assert any(r["run"] == "absorbed" for r in res["demo"]["bench"]) and "distill" in res["demo"]["commands"]
-    for f in ("report.md", "training.png", "quality_vs_kv.png", "tokens_per_s.png"):
+    for f in ("report.md", "training.png", "quality_vs_kv.png", "frontier.png", "tokens_per_s.png"):
         assert (out / f).is_file(), f
     assert "ecomla demo finished" in capsys.readouterr().out
     stamp = (out / "student-kd" / "model.safetensors").stat().st_mtime
@@ -42,10 +42,15 @@ def test_demo_with_dpo_adds_a_stage_2_row(tmp_path):
                  "--out", str(tmp_path / "demo"), "--rope-dim", "8", "--budget-minutes", "0.03", "--ild-tokens", "64",
                  "--seq-len", "16", "--batch-size", "2", "--tasks", "none", "--eval-tokens", "32", "--bench-contexts",
                  "16", "--bench-batch", "1", "--max-new-tokens", "4", "--calib-seqs", "4", "--init", "xecomla",
-                 "--dpo", "--dpo-minutes", "0.05", "--dpo-pairs", "4"]) == 0
+                 "--dpo", "--dpo-minutes", "0.05", "--dpo-pairs", "4", "--cache-bits", "4"]) == 0
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [m["name"] for m in res["models"]] == ["teacher", "student-0tok", "student-kd", "student-dpo"]
     assert "dpo" in res["demo"]["commands"]
+    # --cache-bits 4: KD trains for the 4-bit latent cache (recorded in the checkpoint), every student is measured
+    # through it, and the bytes are the quantized rows'
+    assert json.loads((tmp_path / "demo" / "student-kd" / "config.json").read_text())["cache_bits"] == 4
+    assert "--cache-bits 4" in res["demo"]["commands"]["distill"]
+    assert all(m["cache_bits"] == 4 for m in res["models"][1:])
 
 
 def test_a_stage_is_reused_when_its_manifest_says_finished(tmp_path, monkeypatch):

@@ -189,5 +189,7 @@ def test_the_frontier_measures_students_at_each_cache_width_on_the_baselines_tok
     gqa[0]["chat"]["tokens"] += 1
     with pytest.raises(SystemExit, match="chat target tokens differ"):
         frontier.check_tokens(gqa, rows)
-    frontier.plot(pts, tmp_path / "f.png")
+    from ecomla.eval.report import plot_frontier
+
+    assert plot_frontier(pts, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0

@@ -1,7 +1,8 @@
 """report.md and plots from an `ecomla eval` results dict (also used by `ecomla demo`).
 
 Plots (PNG, matplotlib Agg): task scores per model next to the teacher; quality (KL to teacher and the
-task average) against KV bytes per token when several models are compared.
+task average) against KV bytes per token when several models are compared; the frontier (KL on chat and plain
+text against compression, students beside the GQA source's quantized caches: benchmarks/frontier.py, the demo).
 """
 
 from __future__ import annotations
@@ -89,6 +90,35 @@ def plot_quality_vs_kv(results: dict, path: Path) -> bool:
         ax.set_xlabel("KV cache bytes per token (measured)")
         ax.set_ylabel(label)
     fig.suptitle("quality vs KV cache size")
+    return save(fig, path)
+
+
+FRONTIER_STYLE = {"gqa": dict(marker="s", color="0.45", label="GQA source, quantized cache (transformers)"),
+                  "0 tokens": dict(marker="o", mfc="none", color="tab:blue", label="ecomla student, 0 tokens"),
+                  "trained": dict(marker="o", color="tab:red", label="ecomla student, after KD")}
+
+
+def plot_frontier(points: list[dict], path: Path, small: bool = False) -> bool:
+    """KL to the source on held-out chat and plain text against how many times smaller the KV cache is than the
+    source's bf16 cache; points: {"label", "kind" (a FRONTIER_STYLE key), "x", "chat", "text"}."""
+    if not points:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2) if small else (11, 4.2), sharey=True)
+    for ax, corpus in zip(axes, ("chat", "text")):
+        for kind, style in FRONTIER_STYLE.items():
+            sel = [p for p in points if p["kind"] == kind and p.get(corpus) is not None]
+            ys = [max(p[corpus], 1e-4) for p in sel]  # log axis: an exact cache plots at the floor
+            if sel:
+                ax.plot([p["x"] for p in sel], ys, ls="none", ms=6 if small else 7, **style)
+            for p, y in zip(sel, ys):
+                ax.annotate(p["label"], (p["x"], y), fontsize=6 if small else 7, xytext=(4, 3),
+                            textcoords="offset points")
+        ax.set(xscale="log", yscale="log", title=f"held-out {'chat' if corpus == 'chat' else 'plain text'}",
+               xlabel="KV cache, times smaller than bf16 GQA")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("KL to the source (nats/token)")
+    axes[0].legend(fontsize=6 if small else 8, loc="upper left")
     return save(fig, path)
 
 
