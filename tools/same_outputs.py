@@ -1,7 +1,7 @@
 """Do two checkouts of ecomla write the same outputs? Conversions byte for byte, distillation runs row for row.
 
     git worktree add /tmp/ecomla-before <rev>
-    python benchmarks/same_outputs.py --old /tmp/ecomla-before --new . --work /tmp/same-outputs
+    python tools/same_outputs.py --old /tmp/ecomla-before --new . --work /tmp/same-outputs
 
 For a change meant to keep behaviour (a refactor). Conversions: every --init (fitted on small calibration sets) and
 most flags on the default model, and tiny Qwen2 (biases), Mistral and Llama-3-scaled sources (tests/helpers.py),
