@@ -18,8 +18,9 @@ rows of a [.., S, row_bytes] buffer can be read as fp16):
     [ scale, zero per c_kv group | k_rope (d_rope fp16), or scale, zero per k_rope group | c_kv codes | k_rope codes ]
 Everything the cache holds is in the row: there is no full-precision window of recent tokens, so each token is
 quantized on its own, and an uncached forward that applies `fake_quantize` sees exactly the values that decoding
-over the cache reads (tests/test_quant.py pins cached == uncached). Why the rotary part stays fp16 and groups
-hold 32 values: docs/RESULTS.md, quantized latent cache (benchmarks/latent_quant.py).
+over the cache reads (tests/test_quant.py pins cached == uncached). Groups of 32 and an fp16 rotary part follow
+the fake-quantization measurement this cache was built from (what they cost: docs/RESULTS.md section 5); other
+group sizes and rotary formats are compared by benchmarks/latent_quant.py, not yet run on the committed code.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import torch
 from ..common import UserError
 
 CACHE_BITS = (16, 8, 4)  # 16 = off
-GROUP = 32  # values per scale and zero (32 measured better than 64 per byte)
-ROPE_BITS = 16  # the rotary part: fp16 (per-token 8- and 4-bit groups measured worse per byte)
+GROUP = 32  # values per scale and zero
+ROPE_BITS = 16  # the rotary part: fp16 (the query's rotary logits read it; 8/4-bit groups: latent_quant.py)
 
 
 # the --help of every stage's --cache-bits
