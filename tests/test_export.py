@@ -25,9 +25,11 @@ QUIET = dict(log=lambda *a: None)
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A tiny Llama with eps 1e-5 and tied embeddings (both need a fold in the export), and chat data."""
+    """A tiny Llama with eps 1e-5 (a fold in the export) and tied embeddings (an lm_head to write), the same untied,
+    and chat data."""
     r = tmp_path_factory.mktemp("export")
     make_source("llama", r / "src", rms_norm_eps=1e-5, tie_word_embeddings=True)
+    make_source("llama", r / "untied", rms_norm_eps=1e-5, tie_word_embeddings=False)
     (r / "chat.jsonl").write_text("\n".join(json.dumps(x) for x in chat_rows(200)))
     return r
 
@@ -48,10 +50,11 @@ def logits(path, x):
 X = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("init, q_rank", [("rope-whitened", "auto"), ("rope-whitened", "none"), ("xecomla", "auto"),
-                                          ("fitted", "auto")])
-def test_export_reproduces_ecomla_logits_and_greedy_generation(root, tmp_path, init, q_rank):
-    mla = to_mla(root, tmp_path / "mla", init=init, q_rank=q_rank)
+@pytest.mark.parametrize("init, q_rank, src", [("rope-whitened", "auto", "src"), ("rope-whitened", "none", "src"),
+                                               ("xecomla", "auto", "src"), ("fitted", "auto", "src"),
+                                               ("rope-whitened", "auto", "untied")])
+def test_export_reproduces_ecomla_logits_and_greedy_generation(root, tmp_path, init, q_rank, src):
+    mla = to_mla(root, tmp_path / "mla", src=src, init=init, q_rank=q_rank)
     export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
     a = AutoModelForCausalLM.from_pretrained(mla).eval()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").eval()
@@ -89,13 +92,30 @@ def test_config_round_trips_and_follows_the_format(root, tmp_path):
             spec.kv_lora_rank, spec.q_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim)
         assert c.first_k_dense_replace == c.num_hidden_layers == ours.num_hidden_layers
         assert c.num_attention_heads == c.num_key_value_heads == ours.num_attention_heads
-        assert c.tie_word_embeddings and c.rms_norm_eps == 1e-6 and c.rope_interleave
+        assert not c.tie_word_embeddings and c.rms_norm_eps == 1e-6 and c.rope_interleave
         assert c.rope_parameters["rope_type"] == "default"
     # pairs 0..3 of a theta-10000 head of 16 dims are a plain 8-dim RoPE with theta 10000^(8/16)
     assert spec.rope_pairs == [0, 1, 2, 3] and cfg.rope_parameters["rope_theta"] == pytest.approx(100.0, rel=1e-5)
     meta = json.loads((tmp_path / "ds" / "ecomla_export.json").read_text())
     assert meta["folds"]["norm_eps"]["input_scale"] == pytest.approx((1e-6 / 1e-5) ** 0.5)
     assert (tmp_path / "ds" / "README.md").is_file() and (tmp_path / "ds" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("src", ["src", "untied"])
+def test_export_writes_lm_head_for_tied_and_untied_sources(root, tmp_path, src):
+    """vLLM's DeepSeek model never ties lm_head to the embeddings and loads a folder without `lm_head.weight` with no
+    warning (every logit equal, issue 29): the export writes the head the ecomla model uses, tied source or not."""
+    from safetensors import safe_open
+
+    mla = to_mla(root, tmp_path / "mla", src=src, init="xecomla")
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    ours = AutoModelForCausalLM.from_pretrained(mla)
+    assert ours.config.tie_word_embeddings == (src == "src")
+    names = _tensor_names(tmp_path / "ds")
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= names
+    with safe_open(str(tmp_path / "ds" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), ours.lm_head.weight.detach())
+    assert json.loads((tmp_path / "ds" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_a_custom_softmax_scale_is_folded_into_the_query(root, tmp_path):
