@@ -174,9 +174,14 @@ def _biased(root, out):
                         calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
 
 
+def _no_nope_dims(root, out):
+    convert(ConvertArgs(src=str(root / "src"), out=str(out), kv_rank=8, rope_dim=16, latent_norm=True,
+                        calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
+
+
 @pytest.mark.parametrize("make, says", [
     (_norm_free, "no norm"), (_uneven_pairs, "not a plain RoPE"), (_hybrid, "kept GQA"),
-    (_scaled_fresh_rope, "not a plain RoPE"), (_biased, "biases"),
+    (_scaled_fresh_rope, "not a plain RoPE"), (_biased, "biases"), (_no_nope_dims, "--rope-dim 16 equals the head"),
 ])
 def test_export_refuses_what_the_format_cannot_express(root, tmp_path, make, says):
     make(root, tmp_path / "mla")
@@ -194,7 +199,7 @@ def test_export_refuses_a_plain_transformers_model(root, tmp_path):
 @pytest.mark.parametrize("kw, says", [
     (dict(kv_rank=None, rank_energy=0.9), "--kv-rank"), (dict(layers="0,2"), "--layers"),
     (dict(mla_rope="yarn"), "--mla-rope"), (dict(src="qwen2"), "biases"),
-    (dict(src="scaled", init="xecomla"), "rope-aware init"),
+    (dict(src="scaled", init="xecomla"), "rope-aware init"), (dict(rope_dim=16), "--rope-dim 16 equals the head dim"),
 ])
 def test_convert_target_refuses_with_the_flag_to_change(root, tmp_path, kw, says):
     if kw.get("src") == "qwen2" and not (root / "qwen2").exists():

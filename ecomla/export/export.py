@@ -113,6 +113,8 @@ def check_exportable(config, model: str) -> EcoMLAConfig:
         raise UserError(f"{model} is not an ecomla checkpoint (model_type {getattr(config, 'model_type', None)!r}); "
                         "convert it first: ecomla convert SRC OUT --target deepseek-v3 ...")
     broken = deepseek.problems(config)
+    if len(broken) == 1:  # one line, as every refusal
+        raise UserError(f"{model} cannot be written exactly in the {deepseek.FORMAT} format: {broken[0]}")
     if broken:
         raise UserError(f"{model} cannot be written exactly in the {deepseek.FORMAT} format:\n  - "
                         + "\n  - ".join(broken))

@@ -10,7 +10,8 @@ The rules, for an EcoMLAConfig:
 - the rotary dims of every layer are a plain RoPE of dimension d_rope with one theta:
   inv_freq[j] = theta^(-2j/d_rope), no scaling (engines rewrite any other rope type to DeepSeek's YaRN);
 - no attention, MLP or output biases (vLLM and SGLang build every projection without one), no sliding
-  windows, a SiLU MLP.
+  windows, a SiLU MLP;
+- at least one non-rotary q/k dim (d_nope > 0): vLLM's default CPU backend crashes without one (issue 29).
 The softmax scale and the norm epsilon need no rule: the export folds both into the weights.
 """
 
@@ -74,6 +75,8 @@ def layer_problems(config: EcoMLAConfig) -> list[str]:
         out.append(f"layers have different shapes {sorted(shapes, key=str)}: the format has one kv_lora_rank and "
                    "q_lora_rank for all layers; convert with --kv-rank R (not --kv-budget or --rank-energy) and "
                    "without --q-rank-energy")
+    if nope := nope_problem(specs[0].qk_nope_head_dim, specs[0].qk_rope_head_dim, config.head_dim):
+        out.append(nope)
     if not all(s.latent_norm for s in specs):
         out.append("the latents have no norm: the format always normalises the KV latent (kv_a_layernorm); "
                    "convert with --target deepseek-v3 (or --latent-norm)")
@@ -91,6 +94,17 @@ def layer_problems(config: EcoMLAConfig) -> list[str]:
         out.append(f"the layers use different rotary thetas {sorted(thetas)}: the format has one rope_theta; "
                    "convert with --target deepseek-v3, which keeps one layout for every layer")
     return out
+
+
+def nope_problem(d_nope: int, d_rope: int, head_dim: int) -> str | None:
+    """Why d_nope 0 (every q/k dim rotary) is refused, naming the flag; None for d_nope > 0. vLLM's default CPU
+    backend (AMX MLA) crashes on it with std::bad_alloc in bmm_cpu (reported in issue 29)."""
+    if d_nope > 0:
+        return None
+    cause, fix = ((f"--rope-dim {d_rope} equals the head dim", f"a --rope-dim below {head_dim}")
+                  if d_rope == head_dim else ("--nope-dim 0", "--nope-dim above 0"))
+    return (f"{cause}, which leaves no non-rotary q/k dims (d_nope 0), and vLLM's default CPU backend crashes on "
+            f"such a model; convert with {fix}")
 
 
 def problems(config: EcoMLAConfig) -> list[str]:
@@ -195,6 +209,7 @@ def max_plain_rope_dim(config: EcoMLAConfig) -> int:
     return 0
 
 
-__all__ = ["FORMAT", "plain_rope_theta", "problems", "source_problems", "layer_problems", "fresh_rope_is_plain",
+__all__ = ["FORMAT", "plain_rope_theta", "problems", "source_problems", "layer_problems", "nope_problem",
+           "fresh_rope_is_plain",
            "evenly_spaced_pairs", "max_plain_rope_dim", "Backend", "BACKENDS", "servable_by", "serving_report",
            "next_pow2"]
