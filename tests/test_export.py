@@ -336,7 +336,8 @@ def test_serving_report_tries_every_rope_dim():
     rope-aware init factors 3 x (128 - 32) = 288 rows); 512 and 576 are out of reach for any rope dim."""
     report = deepseek.serving_report(smollm2_config(64, 32, rope_aware=True))
     assert "vLLM GPU (widths [320, 512, 576]): not servable at width 96" in report
-    assert "width 320 (vLLM GPU; 1.20x smaller): --kv-rank 288 --rope-dim 32 (or any --rope-dim R from 2 to 32" in report
+    assert "width 320 (vLLM GPU; 1.20x smaller): --kv-rank 288 --rope-dim 32 (or any --rope-dim R from 2 to 32" \
+        in report
     assert "width 576: out of reach (r_kv + d_rope is at most 380" in report  # 378 + 2: 3 x (128 - 2) rows
     assert "SGLang GPU (widths any): servable by Triton decode (any CUDA GPU; its compute blocks are padded to 128, " \
         "the cache holds 96)" in report
