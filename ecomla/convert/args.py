@@ -197,9 +197,9 @@ def check_shapes(args: ConvertArgs, shape: SourceShape) -> int:
     rope_aware = args.method.rope is not None
     limit = shape.max_kv_rank(args.rope_dim, rope_aware)
     if args.kv_rank is not None and args.kv_rank > limit:
-        what = f"[W_K nope; W_V] at --rope-dim {args.rope_dim}" if rope_aware else "[W_K; W_V]"
-        raise UserError(f"--kv-rank {args.kv_rank} exceeds the rank of {what} (at most {limit} with --init "
-                        f"{args.init}); pick a rank <= {limit}")
+        what = f"[W_K nope; W_V] (a rope-aware init, --rope-dim {args.rope_dim})" if rope_aware else "[W_K; W_V]"
+        raise UserError(f"--kv-rank {args.kv_rank} exceeds the rank of {what}, at most {limit}; pick a rank <= "
+                        f"{limit}")
     q_limit = min(shape.hidden_size, shape.num_heads * shape.head_dim)
     if isinstance(args.q_rank_choice, int) and not 1 <= args.q_rank_choice <= q_limit:
         raise UserError(f"--q-rank {args.q_rank} must be in [1, {q_limit}] (the rank of W_Q)")
