@@ -67,6 +67,9 @@ def P(llama_dir, tmp_path_factory):
     paths["bad_spec"] = _copy(mla, root / "bad_spec", lambda d: _edit_config(
         d, mla_layers=[dict(json.loads((d / "config.json").read_text())["mla_layers"][0], kv_lora_rank=0)] * 3))
     paths["bad_bits"] = _copy(mla, root / "bad_bits", lambda d: _edit_config(d, cache_bits=3))
+    paths["no_nope"] = _copy(mla, root / "no_nope", lambda d: _edit_config(  # export reads only config.json first
+        d, mla_layers=[dict(json.loads((d / "config.json").read_text())["mla_layers"][0], qk_rope_head_dim=16,
+                            qk_nope_head_dim=0, latent_norm=True)] * 3))
     paths["mla_no_source"] = _copy(mla, root / "mla_no_source", lambda d: (d / "ecomla_convert.json").unlink())
     yamls = {"binary": weights[:300], "broken": "a: [1\n", "list": "- a\n- b\n", "scalar": "just some text\n",
              "int_keys": "1: 2\n", "unknown_key": "nosuch: 1\n", "int_type": "max_new_tokens: lots\n",
@@ -303,6 +306,12 @@ CASES = [
                  id="convert-recipe-retired-key"),
     pytest.param(conv("--init", "fitted", "--key-weight", "1,2,4"), r"--key-weight '1,2,4': give one number; .* lost",
                  id="convert-key-weight-per-layer"),
+    # ---- --target deepseek-v3 / export: what stock engines cannot serve ---------------------------------------------
+    pytest.param(conv("--target", "deepseek-v3", "--rope-dim", "16"), r"--target deepseek-v3: --rope-dim 16 equals the "
+                 r"head dim, .*\(d_nope 0\).*convert with a --rope-dim below 16",
+                 id="convert-target-no-nope-dims"),
+    pytest.param(lambda P: ["export", str(P.no_nope), str(P.out)], r"cannot be written exactly .*: --rope-dim 16 "
+                 r"equals the head dim.*convert with a --rope-dim below 16", id="export-no-nope-dims"),
 ]
 
 

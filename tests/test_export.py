@@ -25,9 +25,11 @@ QUIET = dict(log=lambda *a: None)
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A tiny Llama with eps 1e-5 and tied embeddings (both need a fold in the export), and chat data."""
+    """A tiny Llama with eps 1e-5 (a fold in the export) and tied embeddings (an lm_head to write), the same untied,
+    and chat data."""
     r = tmp_path_factory.mktemp("export")
     make_source("llama", r / "src", rms_norm_eps=1e-5, tie_word_embeddings=True)
+    make_source("llama", r / "untied", rms_norm_eps=1e-5, tie_word_embeddings=False)
     (r / "chat.jsonl").write_text("\n".join(json.dumps(x) for x in chat_rows(200)))
     return r
 
@@ -48,10 +50,11 @@ def logits(path, x):
 X = torch.randint(4, 100, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("init, q_rank", [("rope-whitened", "auto"), ("rope-whitened", "none"), ("xecomla", "auto"),
-                                          ("fitted", "auto")])
-def test_export_reproduces_ecomla_logits_and_greedy_generation(root, tmp_path, init, q_rank):
-    mla = to_mla(root, tmp_path / "mla", init=init, q_rank=q_rank)
+@pytest.mark.parametrize("init, q_rank, src", [("rope-whitened", "auto", "src"), ("rope-whitened", "none", "src"),
+                                               ("xecomla", "auto", "src"), ("fitted", "auto", "src"),
+                                               ("rope-whitened", "auto", "untied")])
+def test_export_reproduces_ecomla_logits_and_greedy_generation(root, tmp_path, init, q_rank, src):
+    mla = to_mla(root, tmp_path / "mla", src=src, init=init, q_rank=q_rank)
     export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
     a = AutoModelForCausalLM.from_pretrained(mla).eval()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "ds").eval()
@@ -89,13 +92,30 @@ def test_config_round_trips_and_follows_the_format(root, tmp_path):
             spec.kv_lora_rank, spec.q_lora_rank, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim)
         assert c.first_k_dense_replace == c.num_hidden_layers == ours.num_hidden_layers
         assert c.num_attention_heads == c.num_key_value_heads == ours.num_attention_heads
-        assert c.tie_word_embeddings and c.rms_norm_eps == 1e-6 and c.rope_interleave
+        assert not c.tie_word_embeddings and c.rms_norm_eps == 1e-6 and c.rope_interleave
         assert c.rope_parameters["rope_type"] == "default"
     # pairs 0..3 of a theta-10000 head of 16 dims are a plain 8-dim RoPE with theta 10000^(8/16)
     assert spec.rope_pairs == [0, 1, 2, 3] and cfg.rope_parameters["rope_theta"] == pytest.approx(100.0, rel=1e-5)
     meta = json.loads((tmp_path / "ds" / "ecomla_export.json").read_text())
     assert meta["folds"]["norm_eps"]["input_scale"] == pytest.approx((1e-6 / 1e-5) ** 0.5)
     assert (tmp_path / "ds" / "README.md").is_file() and (tmp_path / "ds" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("src", ["src", "untied"])
+def test_export_writes_lm_head_for_tied_and_untied_sources(root, tmp_path, src):
+    """vLLM's DeepSeek model never ties lm_head to the embeddings and loads a folder without `lm_head.weight` with no
+    warning (every logit equal, issue 29): the export writes the head the ecomla model uses, tied source or not."""
+    from safetensors import safe_open
+
+    mla = to_mla(root, tmp_path / "mla", src=src, init="xecomla")
+    export(ExportArgs(model=str(mla), out=str(tmp_path / "ds")), **QUIET)
+    ours = AutoModelForCausalLM.from_pretrained(mla)
+    assert ours.config.tie_word_embeddings == (src == "src")
+    names = _tensor_names(tmp_path / "ds")
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= names
+    with safe_open(str(tmp_path / "ds" / "model.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("lm_head.weight"), ours.lm_head.weight.detach())
+    assert json.loads((tmp_path / "ds" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_a_custom_softmax_scale_is_folded_into_the_query(root, tmp_path):
@@ -154,9 +174,14 @@ def _biased(root, out):
                         calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
 
 
+def _no_nope_dims(root, out):
+    convert(ConvertArgs(src=str(root / "src"), out=str(out), kv_rank=8, rope_dim=16, latent_norm=True,
+                        calib_data=str(root / "chat.jsonl"), calib_seqs=8, calib_len=16), **QUIET)
+
+
 @pytest.mark.parametrize("make, says", [
     (_norm_free, "no norm"), (_uneven_pairs, "not a plain RoPE"), (_hybrid, "kept GQA"),
-    (_scaled_fresh_rope, "not a plain RoPE"), (_biased, "biases"),
+    (_scaled_fresh_rope, "not a plain RoPE"), (_biased, "biases"), (_no_nope_dims, "--rope-dim 16 equals the head"),
 ])
 def test_export_refuses_what_the_format_cannot_express(root, tmp_path, make, says):
     make(root, tmp_path / "mla")
@@ -174,7 +199,7 @@ def test_export_refuses_a_plain_transformers_model(root, tmp_path):
 @pytest.mark.parametrize("kw, says", [
     (dict(kv_rank=None, rank_energy=0.9), "--kv-rank"), (dict(layers="0,2"), "--layers"),
     (dict(mla_rope="yarn"), "--mla-rope"), (dict(src="qwen2"), "biases"),
-    (dict(src="scaled", init="xecomla"), "rope-aware init"),
+    (dict(src="scaled", init="xecomla"), "rope-aware init"), (dict(rope_dim=16), "--rope-dim 16 equals the head dim"),
 ])
 def test_convert_target_refuses_with_the_flag_to_change(root, tmp_path, kw, says):
     if kw.get("src") == "qwen2" and not (root / "qwen2").exists():
@@ -248,16 +273,17 @@ def test_steady_basis_makes_the_latent_rms_steadier():
 
 
 # ---- the serving rules on a Llama-3.2-1B-shaped layer -------------------------------------------------------------
-def test_llama_3_2_1b_shape_at_256_plus_64_passes_the_serving_rules(root, tmp_path):
-    """D 2048, 32 query heads, 8 KV heads of 64 dims (Llama-3.2-1B), one layer; 256 + 64 = 320 wide."""
+def test_llama_3_2_1b_shape_at_288_plus_32_passes_the_serving_rules(root, tmp_path):
+    """D 2048, 32 query heads, 8 KV heads of 64 dims (Llama-3.2-1B), one layer; 288 + 32 = 320 wide."""
     make_source("llama", tmp_path / "src", hidden_size=2048, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=64, num_hidden_layers=1, intermediate_size=64, rms_norm_eps=1e-5,
                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    to_mla(root, tmp_path / "mla", src=tmp_path / "src", kv_rank=256, rope_dim=64, init="xecomla")
+    to_mla(root, tmp_path / "mla", src=tmp_path / "src", kv_rank=288, rope_dim=32, init="xecomla")
     export(ExportArgs(model=str(tmp_path / "mla"), out=str(tmp_path / "ds")), **QUIET)
     c = json.loads((tmp_path / "ds" / "config.json").read_text())
     # the rules of the engines' loaders, written out independently of ecomla.mla.deepseek
-    assert c["kv_lora_rank"] + c["qk_rope_head_dim"] in (320, 576)  # vLLM's MLA backends
+    assert c["kv_lora_rank"] + c["qk_rope_head_dim"] in (320, 512, 576)  # vLLM 0.32's MLA backends
+    assert c["qk_nope_head_dim"] > 0  # vLLM's default CPU backend crashes without one
     assert c["attention_bias"] is False and c.get("mlp_bias", False) is False  # vLLM and SGLang build no biases
     names = set(json.loads((tmp_path / "ds" / "model.safetensors.index.json").read_text())["weight_map"]) \
         if (tmp_path / "ds" / "model.safetensors.index.json").exists() else _tensor_names(tmp_path / "ds")
@@ -267,7 +293,9 @@ def test_llama_3_2_1b_shape_at_256_plus_64_passes_the_serving_rules(root, tmp_pa
     assert c["first_k_dense_replace"] == c["num_hidden_layers"] and isinstance(c["n_routed_experts"], int)
     assert c["model_type"] == "deepseek_v3" and c["architectures"] == ["DeepseekV3ForCausalLM"]
     report = deepseek.serving_report(AutoModelForCausalLM.from_pretrained(tmp_path / "mla").config)
-    assert "vLLM: servable by Triton MLA" in report and "3.20x smaller" in report
+    assert "vLLM GPU (widths [320, 512, 576]): servable by Triton MLA" in report and "3.20x smaller" in report
+    assert "vLLM CPU (widths [576]): not servable" in report
+    assert "width 576 (vLLM GPU and CPU; 1.78x smaller): --kv-rank 544 --rope-dim 32" in report
 
 
 def _tensor_names(folder):
@@ -280,7 +308,63 @@ def _tensor_names(folder):
 def test_serving_report_suggests_servable_flags(root, tmp_path):
     mla = to_mla(root, tmp_path / "mla", init="xecomla")
     report = deepseek.serving_report(AutoModelForCausalLM.from_pretrained(mla).config)
-    assert "vLLM: not servable" in report and "SGLang: servable by Triton decode" in report
+    assert "vLLM GPU (widths [320, 512, 576]): not servable at width 16" in report
+    assert "SGLang GPU (widths any): servable by Triton decode" in report and "the cache holds 16" not in report
+    assert "width 320: out of reach (r_kv + d_rope is at most 78" in report  # 64 (D) + 14 (d_h - 2)
+
+
+def smollm2_config(kv_rank, rope_dim, rope_aware):
+    """SmolLM2-135M's attention shape (D 576, 9 query heads, 3 KV heads of 64: 384 values per layer), one layer."""
+    from ecomla.mla.config import EcoMLAConfig, MLASpec, SourceShape
+
+    src = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_hidden_layers=1,
+               rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, max_position_embeddings=8192)
+    spec = MLASpec.for_source(SourceShape.of(EcoMLAConfig(**src)), kv_rank, rope_dim, q_rank=None, latent_norm=True,
+                              rope_pairs=list(range(rope_dim // 2)) if rope_aware else None)
+    return EcoMLAConfig(**src, mla_layers=[spec.to_dict()])
+
+
+def test_vllm_widths_are_vllm_0_32s():
+    """vLLM 0.32 takes r_kv + d_rope in {320, 512, 576} on GPU and only 576 in its CPU build (issue 29)."""
+    assert deepseek.engine_widths("vLLM", "GPU") == {320, 512, 576}
+    assert deepseek.engine_widths("vLLM", "CPU") == {576}
+    assert deepseek.engine_widths("SGLang", "GPU") is None  # any: its pool holds the width, its kernel pads blocks
+
+
+def test_serving_report_tries_every_rope_dim():
+    """SmolLM2 at 4x (64 + 32): no vLLM width at --rope-dim 32 and r_kv <= 192 fits, but 288 + 32 = 320 does (a
+    rope-aware init factors 3 x (128 - 32) = 288 rows); 512 and 576 are out of reach for any rope dim."""
+    report = deepseek.serving_report(smollm2_config(64, 32, rope_aware=True))
+    assert "vLLM GPU (widths [320, 512, 576]): not servable at width 96" in report
+    assert "width 320 (vLLM GPU; 1.20x smaller): --kv-rank 288 --rope-dim 32 (or any --rope-dim R from 2 to 32" \
+        in report
+    assert "width 576: out of reach (r_kv + d_rope is at most 380" in report  # 378 + 2: 3 x (128 - 2) rows
+    assert "SGLang GPU (widths any): servable by Triton decode (any CUDA GPU; its compute blocks are padded to 128, " \
+        "the cache holds 96)" in report
+
+
+@pytest.mark.parametrize("init, rope_aware", [("xecomla", False), ("rope-whitened", True)])
+def test_convert_accepts_exactly_the_ranks_the_export_suggests(init, rope_aware):
+    """One rule (SourceShape.max_kv_rank) for both: every (r_kv, d_rope) the report may suggest for a model of this
+    kind of init passes convert's check with that init, and one rank more at the same rope dim is refused. At rope
+    62 on SmolLM2, xecomla factors all 384 K/V rows while a rope-aware init factors 3 x (128 - 62) = 198."""
+    from ecomla.convert.args import check_shapes
+    from ecomla.mla.config import SourceShape
+
+    config = smollm2_config(64, 32, rope_aware)
+    shape = SourceShape.of(config)
+    args = lambda r_kv, rope: ConvertArgs(src="s", out="o", kv_rank=r_kv, rope_dim=rope, init=init,  # noqa: E731
+                                          target="deepseek-v3")
+    settings = [s for w in sorted(deepseek.VLLM_MLA_WIDTHS) for s in deepseek.width_settings(config, w)]
+    assert ((258, 62) in settings) == (not rope_aware) and (288, 32) in settings
+    for r_kv, rope in settings:
+        check_shapes(args(r_kv, rope), shape)
+    assert shape.max_kv_rank(62, rope_aware) == (198 if rope_aware else 384)
+    for rope in range(2, 63, 2):
+        limit = shape.max_kv_rank(rope, rope_aware)
+        check_shapes(args(limit, rope), shape)
+        with pytest.raises(UserError, match=f"--kv-rank {limit + 1} exceeds the rank"):
+            check_shapes(args(limit + 1, rope), shape)
 
 
 def test_plain_rope_theta_recognises_plain_and_rejects_others():

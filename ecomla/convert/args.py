@@ -193,15 +193,14 @@ def parse_layers(text: str, n_layers: int) -> list[int]:
 
 def check_shapes(args: ConvertArgs, shape: SourceShape) -> int:
     """Validate rope/nope dims and fixed ranks against the source before any weight is read; returns d_nope."""
-    D, G, d_h = shape.hidden_size, shape.num_kv_heads, shape.head_dim
     trial = MLASpec.for_source(shape, args.kv_rank or 1, args.rope_dim, q_rank=None, nope_dim=args.nope_dim)
     rope_aware = args.method.rope is not None
-    rows = G * (d_h - args.rope_dim) + G * d_h if rope_aware else shape.kv_elements_per_layer
-    what = "[W_K nope; W_V]" if rope_aware else "[W_K; W_V]"
-    if args.kv_rank is not None and args.kv_rank > min(D, rows):
-        raise UserError(f"--kv-rank {args.kv_rank} exceeds the rank of {what} (at most min(D={D}, {rows}) = "
-                        f"{min(D, rows)}); pick a rank <= {min(D, rows)}")
-    q_limit = min(D, shape.num_heads * d_h)
+    limit = shape.max_kv_rank(args.rope_dim, rope_aware)
+    if args.kv_rank is not None and args.kv_rank > limit:
+        what = f"[W_K nope; W_V] (a rope-aware init, --rope-dim {args.rope_dim})" if rope_aware else "[W_K; W_V]"
+        raise UserError(f"--kv-rank {args.kv_rank} exceeds the rank of {what}, at most {limit}; pick a rank <= "
+                        f"{limit}")
+    q_limit = min(shape.hidden_size, shape.num_heads * shape.head_dim)
     if isinstance(args.q_rank_choice, int) and not 1 <= args.q_rank_choice <= q_limit:
         raise UserError(f"--q-rank {args.q_rank} must be in [1, {q_limit}] (the rank of W_Q)")
     return trial.qk_nope_head_dim

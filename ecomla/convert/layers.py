@@ -57,7 +57,7 @@ def open_source(args: ConvertArgs) -> SourceModel:
     fields, shape = source_fields(src_config), SourceShape.of(src_config)
     d_nope = check_shapes(args, shape)
     if args.target == deepseek.FORMAT:
-        check_target_source(args, EcoMLAConfig(**fields))
+        check_target_source(args, EcoMLAConfig(**fields), d_nope)
     layers = parse_layers(args.layers, shape.num_layers)
     mla_rope = mla_rope_parameters(args, fields)
     check_out(args.out, "convert", (src_dir, args.calib_data), overwrite=args.overwrite)
@@ -67,9 +67,10 @@ def open_source(args: ConvertArgs) -> SourceModel:
     return SourceModel(model, model.dtype, path, sd, fields, shape, inv_freq, layers, d_nope, mla_rope)
 
 
-def check_target_source(args: ConvertArgs, source: EcoMLAConfig) -> None:
-    """--target deepseek-v3, before any weight is read: the source's own obstacles and the rotary layout."""
-    broken = deepseek.source_problems(source)
+def check_target_source(args: ConvertArgs, source: EcoMLAConfig, d_nope: int) -> None:
+    """--target deepseek-v3, before any weight is read: the source's own obstacles, d_nope and the rotary layout."""
+    nope = deepseek.nope_problem(d_nope, args.rope_dim, source.head_dim)
+    broken = deepseek.source_problems(source) + ([nope] if nope else [])
     if broken:
         raise UserError("--target deepseek-v3: " + "; ".join(broken))
     if args.method.rope is None and not deepseek.fresh_rope_is_plain(source, args.rope_dim):

@@ -13,9 +13,12 @@ each) is rejected before anything is written. What the export changes, each an e
 - norm epsilon: transformers builds the latent norms with eps 1e-6 and vLLM/SGLang with the config's
   rms_norm_eps, so the export writes rms_norm_eps = 1e-6 and folds the source's eps into the weights: every
   RMSNorm input x is scaled by s = sqrt(1e-6 / eps), since g x / sqrt(ms(x) + eps) = g (s x) / sqrt(ms(s x) + 1e-6).
-  The residual stream is scaled (embeddings, o_proj, down_proj; tied embeddings also divide the final norm's
-  gain by s), and the latents are scaled (q_a_proj, the latent rows of kv_a_proj_with_mqa).
+  The residual stream is scaled (embeddings, o_proj, down_proj), and the latents are scaled (q_a_proj, the latent
+  rows of kv_a_proj_with_mqa); the final norm's output, hence lm_head, is unchanged.
 - a dense model: every layer's MLP is dense (first_k_dense_replace = num_hidden_layers, integer expert counts).
+- an untied head: `lm_head.weight` is always written and `tie_word_embeddings` is false, also for a tied source
+  (the embeddings' copy). vLLM's DeepSeek model never ties; without the tensor it loads with no warning and every
+  logit equal (issue 29).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def deepseek_config(config: EcoMLAConfig) -> DeepseekV3Config:
         qk_nope_head_dim=spec.qk_nope_head_dim, v_head_dim=spec.v_head_dim, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=DEEPSEEK_EPS,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        tie_word_embeddings=config.tie_word_embeddings, rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": theta},
         rope_interleave=True, attention_bias=False, attention_dropout=0.0, architectures=["DeepseekV3ForCausalLM"],
     )
 
@@ -91,10 +94,6 @@ def deepseek_state_dict(model) -> tuple[dict[str, torch.Tensor], dict]:
         layer_part = name.split(".self_attn.")[-1] if ".self_attn." in name else None
         if name == "model.embed_tokens.weight" or name.endswith(("o_proj.weight", "mlp.down_proj.weight")):
             w = w * s
-        elif name == "model.norm.weight" and config.tie_word_embeddings:
-            w = w / s
-        elif name == "lm_head.weight" and config.tie_word_embeddings:
-            w = sd["model.embed_tokens.weight"] * s
         elif layer_part in ("q_b_proj.weight", "q_proj.weight"):
             w = w.view(H, d_nope + d_rope, -1)[:, q_order].reshape(H * (d_nope + d_rope), -1) * q_fold
         elif layer_part == "q_a_proj.weight":
@@ -114,6 +113,8 @@ def check_exportable(config, model: str) -> EcoMLAConfig:
         raise UserError(f"{model} is not an ecomla checkpoint (model_type {getattr(config, 'model_type', None)!r}); "
                         "convert it first: ecomla convert SRC OUT --target deepseek-v3 ...")
     broken = deepseek.problems(config)
+    if len(broken) == 1:  # one line, as every refusal
+        raise UserError(f"{model} cannot be written exactly in the {deepseek.FORMAT} format: {broken[0]}")
     if broken:
         raise UserError(f"{model} cannot be written exactly in the {deepseek.FORMAT} format:\n  - "
                         + "\n  - ".join(broken))
@@ -159,8 +160,6 @@ def export(args: ExportArgs, log=print) -> dict:
     with torch.device("meta"):
         ds_model = DeepseekV3ForCausalLM(ds_config)
     ds_model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-    if ds_config.tie_word_embeddings:
-        ds_model.tie_weights()
     report = deepseek.serving_report(config)
     with atomic_dir(args.out, "export", [model_dir], overwrite=args.overwrite) as tmp:
         ds_model.save_pretrained(tmp)

