@@ -4,6 +4,7 @@ import json
 import math
 
 from ecomla.cli import main
+from ecomla.mla.quant import LatentFormat
 from tests.helpers import WORDS, make_source
 from tests.test_data_eval import chat_rows
 
@@ -22,9 +23,11 @@ def test_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
     names = [m["name"] for m in res["models"]]
     assert names == ["teacher", "student-0tok", "student-kd"]
     kd = res["models"][2]
-    assert kd["kv_bytes_per_token"] == 3 * (64 // 4) * 4 and kd["compression"] == 4.0 and kd["tokens_trained"] > 0
+    # the default 4-bit latent cache: r_kv 8 + d_rope 8 in one byte row per token and layer (scales included)
+    assert kd["kv_bytes_per_token"] == 3 * LatentFormat(8, 8, 4).row_bytes and kd["cache_bits"] == 4
+    assert kd["compression"] == 4.0 and kd["tokens_trained"] > 0
     assert set(res["demo"]["chat"]["answers"]) == {"teacher", "student-0tok", "student-kd"}
-    assert any(r["run"] == "absorbed" for r in res["demo"]["bench"]) and "distill" in res["demo"]["commands"]
+    assert any(r["run"] == "absorbed" for r in res["demo"]["bench"]) and "--cache-bits 4" in res["demo"]["commands"]["distill"]
     for f in ("report.md", "training.png", "quality_vs_kv.png", "frontier.png", "tokens_per_s.png"):
         assert (out / f).is_file(), f
     assert "ecomla demo finished" in capsys.readouterr().out
@@ -42,15 +45,14 @@ def test_demo_with_dpo_adds_a_stage_2_row(tmp_path):
                  "--out", str(tmp_path / "demo"), "--rope-dim", "8", "--budget-minutes", "0.03", "--ild-tokens", "64",
                  "--seq-len", "16", "--batch-size", "2", "--tasks", "none", "--eval-tokens", "32", "--bench-contexts",
                  "16", "--bench-batch", "1", "--max-new-tokens", "4", "--calib-seqs", "4", "--init", "xecomla",
-                 "--dpo", "--dpo-minutes", "0.05", "--dpo-pairs", "4", "--cache-bits", "4"]) == 0
+                 "--dpo", "--dpo-minutes", "0.05", "--dpo-pairs", "4", "--cache-bits", "16"]) == 0
     res = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [m["name"] for m in res["models"]] == ["teacher", "student-0tok", "student-kd", "student-dpo"]
     assert "dpo" in res["demo"]["commands"]
-    # --cache-bits 4: KD trains for the 4-bit latent cache (recorded in the checkpoint), every student is measured
-    # through it, and the bytes are the quantized rows'
-    assert json.loads((tmp_path / "demo" / "student-kd" / "config.json").read_text())["cache_bits"] == 4
-    assert "--cache-bits 4" in res["demo"]["commands"]["distill"]
-    assert all(m["cache_bits"] == 4 for m in res["models"][1:])
+    # --cache-bits 16: no quantization-aware KD, every student measured with its 16-bit latent
+    assert json.loads((tmp_path / "demo" / "student-kd" / "config.json").read_text())["cache_bits"] == 16
+    assert "--cache-bits" not in res["demo"]["commands"]["distill"]
+    assert all(m["cache_bits"] == 16 for m in res["models"][1:])
 
 
 def test_a_stage_is_reused_when_its_manifest_says_finished(tmp_path, monkeypatch):

@@ -98,6 +98,12 @@ FRONTIER_STYLE = {"gqa": dict(marker="s", color="0.45", label="GQA source, quant
                   "trained": dict(marker="o", color="tab:red", label="ecomla student, after KD")}
 
 
+def matplotlib_null():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
+
+
 def plot_frontier(points: list[dict], path: Path, small: bool = False) -> bool:
     """KL to the source on held-out chat and plain text against how many times smaller the KV cache is than the
     source's bf16 cache; points: {"label", "kind" (a FRONTIER_STYLE key), "x", "chat", "text"}."""
@@ -116,6 +122,10 @@ def plot_frontier(points: list[dict], path: Path, small: bool = False) -> bool:
                             textcoords="offset points")
         ax.set(xscale="log", yscale="log", title=f"held-out {'chat' if corpus == 'chat' else 'plain text'}",
                xlabel="KV cache, times smaller than bf16 GQA")
+        ticks = [t for t in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32) if min(p["x"] for p in points) / 1.2 <= t
+                 <= max(p["x"] for p in points) * 1.2]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib_null())
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("KL to the source (nats/token)")
     axes[0].legend(fontsize=6 if small else 8, loc="upper left")
