@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repo root importable
-from benchmarks.kv_quant_baselines import bf16_bytes, corpora  # noqa: E402
+from benchmarks.kv_quant_baselines import bf16_bytes, corpora, instrument_args  # noqa: E402
 from ecomla.common import UserError  # noqa: E402
 from ecomla.eval.fidelity import fidelity  # noqa: E402
 from ecomla.eval.kvcache import KVCacheSpec  # noqa: E402
@@ -91,12 +91,7 @@ def main(argv=None) -> None:
     p.add_argument("--cache-bits", default="16,8,4", help="latent cache widths for students without recorded ones")
     p.add_argument("--baselines", help="a kv_quant_baselines.py --out folder: its rows join the table and the plot")
     p.add_argument("--source", default="default", help="the GQA source (the teacher of every KL)")
-    p.add_argument("--blocks", type=int, default=8, help="as kv_quant_baselines.py is run")
-    p.add_argument("--seq-len", type=int, default=512, help="as kv_quant_baselines.py is run")
-    p.add_argument("--batch-size", type=int, default=8, help="as kv_quant_baselines.py is run")
-    p.add_argument("--context", type=int, default=4096, help="as kv_quant_baselines.py is run")
-    p.add_argument("--bytes-batch", type=int, default=8, help="as kv_quant_baselines.py is run")
-    p.add_argument("--out", required=True)
+    instrument_args(p)  # as kv_quant_baselines.py is run
     a = p.parse_args(argv)
     students = dict(s.split("=", 1) for s in a.students.split(","))
     widths = [int(b) for b in a.cache_bits.split(",")]

@@ -92,16 +92,21 @@ def table(rows: list[dict], context: int, ref: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="default", help="a GQA model: folder, hub id or 'default'")
-    p.add_argument("--caches", default=CACHES, help="comma-separated --kv-cache specs")
+def instrument_args(p: argparse.ArgumentParser) -> None:
+    """The held-out blocks and where bytes are read: the same for the baselines and for benchmarks/frontier.py."""
     p.add_argument("--blocks", type=int, default=8, help="blocks per corpus")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per block")
     p.add_argument("--batch-size", type=int, default=8, help="rows decoding together")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence where bytes are read")
     p.add_argument("--bytes-batch", type=int, default=8, help="sequences in the cache whose bytes are read")
     p.add_argument("--out", required=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="a GQA model: folder, hub id or 'default'")
+    p.add_argument("--caches", default=CACHES, help="comma-separated --kv-cache specs")
+    instrument_args(p)
     a = p.parse_args(argv)
     specs = [KVCacheSpec.parse(s) for s in a.caches.split(",")]  # a bad spec stops here, before any model loads
     out = Path(a.out)
