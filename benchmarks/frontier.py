@@ -93,7 +93,10 @@ def main(argv=None) -> None:
     p.add_argument("--source", default="default", help="the GQA source (the teacher of every KL)")
     instrument_args(p)  # as kv_quant_baselines.py is run
     a = p.parse_args(argv)
-    students = dict(s.split("=", 1) for s in a.students.split(","))
+    pairs = [s.split("=", 1) for s in a.students.split(",")]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise SystemExit(f"frontier: --students {a.students!r}: give NAME=FOLDER pairs separated by commas")
+    students = dict(pairs)
     widths = [int(b) for b in a.cache_bits.split(",")]
     baselines = read_baselines(a.baselines)
     out = Path(a.out)

@@ -185,6 +185,9 @@ def test_the_frontier_measures_students_at_each_cache_width_on_the_baselines_tok
     pts = frontier.points(gqa, rows, ref=384.0)
     assert [p["kind"] for p in pts].count("gqa") == 1 and all(p["kind"] == "0 tokens" for p in pts if p["kind"] != "gqa")
     assert {p["label"]: p["x"] for p in pts}["s4 int4"] == 384.0 / rows[3]["bytes_per_token"]
+    with pytest.raises(SystemExit, match="give NAME=FOLDER pairs"):
+        frontier.main(["--students", "s", "--out", str(tmp_path / "f")])
+    assert not (tmp_path / "f").exists()
     frontier.check_tokens(gqa, rows)
     gqa[0]["chat"]["tokens"] += 1
     with pytest.raises(SystemExit, match="chat target tokens differ"):
