@@ -13,7 +13,10 @@ machine drift hits all alike; every variant is checked against the first of its 
    latent @ q^T, SDPA with heads as query rows; and a plain sum over the same caches, the memory-read floor.
 2. GQA: SDPA with enable_gqa=True (what transformers uses without a mask), the packed layout (query heads of a
    KV group as rows) through SDPA (`gqa-fair-sdpa`) and as two GEMMs (`gqa-fair`); and the read floor.
-3. With --profile DIR: torch-profiler totals of one absorbed decode step of that MLA checkpoint.
+3. The latent cache's widths at 4x (64 + 32): the CPU path over fp32 rows, and over 8- and 4-bit byte rows
+   (`ecomla.mla.quant`, dequantized a few sequences at a time), checked against the 16-bit path over the rows'
+   dequantized values; and the read floor of the 4-bit rows.
+4. With --profile DIR: torch-profiler totals of one absorbed decode step of that MLA checkpoint.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def report(name: str, variants: dict, rounds: int, n: int = 3) -> None:
     for label, out in outs.items():
         diff = "" if out is None else f"max |diff| {(out - ref).abs().max().item():.1e}"
         ts = times[label]
-        print(f"{name:5s} {label:30s} {statistics.median(ts):8.2f} ms/step  ({min(ts):.1f}-{max(ts):.1f})   {diff}")
+        print(f"{name:5s} {label:36s} {statistics.median(ts):8.2f} ms/step  ({min(ts):.1f}-{max(ts):.1f})   {diff}")
 
 
 def mla_variants(B, H, r, d_rope, S, layers):
@@ -74,6 +77,30 @@ def mla_variants(B, H, r, d_rope, S, layers):
         "SDPA, heads as query rows": each(lambda x: F.scaled_dot_product_attention(
             q[:, None], x[:, None], x[:, None, :, :r], scale=1.0)[:, 0]),
         "read floor (sum of the caches)": floor,
+    }
+
+
+def latent_width_variants(B, H, r, d_rope, S, layers):
+    from ecomla.mla.quant import LatentFormat
+
+    lat = [torch.randn(B, S, r + d_rope) for _ in range(layers)]
+    q_lat, q_rope = torch.randn(B, H, r) * 0.1, torch.randn(B, H, d_rope) * 0.1
+    fmts = {bits: LatentFormat(r, d_rope, bits) for bits in (8, 4)}
+    rows = {bits: [f.quantize(x) for x in lat] for bits, f in fmts.items()}
+    back = [fmts[4].dequantize(x, torch.float32) for x in rows[4]]  # what the 4-bit rows read as
+
+    def each(caches, fmt=None):
+        return lambda: [mla_decode_torch(q_lat, q_rope, x, 1.0, fmt=fmt) for x in caches][-1]
+
+    def floor():
+        for x in rows[4]:
+            x.sum(dtype=torch.int32)
+
+    return {
+        "16-bit path over the 4-bit values": each(back),
+        "4-bit rows": each(rows[4], fmts[4]),
+        "8-bit rows (compared to the above)": each(rows[8], fmts[8]),
+        "read floor of the 4-bit rows": floor,
     }
 
 
@@ -134,6 +161,7 @@ def main() -> None:
           f"median of {a.rounds} rounds (range)")
     report("mla", mla_variants(a.batch, 9, 16, 32, a.context, a.layers), a.rounds)
     report("gqa", gqa_variants(a.batch, 9, 3, 64, a.context, a.layers), a.rounds)
+    report("lat", latent_width_variants(a.batch, 9, 64, 32, a.context, a.layers), a.rounds)
     if a.profile:
         profile_step(a.profile, a.batch, a.context)
 
