@@ -56,10 +56,10 @@ class DemoArgs:
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
     text: str = arg("plain text for the text perplexity ('boolq', 'lambada' or a file)", default="boolq")
     rope_dim: int = arg("d_rope", default=32)
-    cache_bits: int = arg("latent cache bits: 4 or 8 (c_kv in groups of 32 with a scale and zero each), trained for "
-                          "with quantization-aware KD and measured as decoding reads it, or 16; at 4x, 4 bits make "
-                          "the cache 7.4x smaller than the bf16 GQA cache, and after the demo's KD the student has "
-                          "lower KL than the source's 2-bit quantized caches (docs/RESULTS.md section 5)", default=4)
+    cache_bits: int = arg("latent cache bits: 4 or 8 (c_kv and the rotary part in groups of 32 with a scale and zero "
+                          "each), trained for with quantization-aware KD and measured as decoding reads it, or 16; "
+                          "at 4x, 4 bits make the cache 12.8x smaller than the bf16 GQA cache (docs/RESULTS.md "
+                          "section 5)", default=4)
     ild_tokens: int = arg("tokens for layer-wise alignment before KD (0: KD only, which keeps the fitted start; "
                           "docs/RESULTS.md)", default=0)
     seq_len: int = arg("training block length", default=256)

@@ -362,5 +362,5 @@ def test_cache_bits_time_each_mla_run_at_each_width_with_the_bytes_of_its_rows()
     assert {by_run["absorbed-int4", c]["fill"] for c in (16, 40)} == {"prefill", "synthetic"}
     for c in (16, 40):
         assert by_run["absorbed-16bit", c]["cache_bytes_per_token"] == 2 * (8 + 8) * 4
-        assert by_run["absorbed-int4", c]["cache_bytes_per_token"] == 2 * LatentFormat(8, 8, 4).row_bytes == 2 * 24
+        assert by_run["absorbed-int4", c]["cache_bytes_per_token"] == 2 * LatentFormat.of(8, 8, 4).row_bytes == 2 * 16
         assert by_run["absorbed-int4", c]["cache_bits"] == 4 and "speedup_vs_gqa-static" in by_run["absorbed-int4", c]

@@ -112,7 +112,8 @@ def test_live_cache_bytes_equal_the_formula(bits):
     assert type(layers[0]) is LatentCacheLayer and layers[0].keys.dtype == (torch.float32 if bits == 16 else torch.uint8)
     stats = cache_stats(out.cache)
     kept = 2 * 2 * 16 * 4  # fp32 K/V of the GQA layer
-    rows = {16: 4 * (16 + 18), 8: (4 + 8 + 12) + (4 + 16 + 10), 4: (4 + 8 + 6) + (4 + 16 + 5 + 1)}[bits]
+    # per layer: scale + zero of the c_kv group and of the k_rope group, then the codes (r_kv 12 + 4, 10 + 8)
+    rows = {16: 4 * (16 + 18), 8: (4 + 4 + 12 + 4) + (4 + 4 + 10 + 8), 4: (4 + 4 + 6 + 2) + (4 + 4 + 5 + 4 + 1)}[bits]
     assert stats["bytes_per_token"] == rows + kept == model.config.kv_bytes_per_token(4)
     assert stats["live_bytes"] == 3 * 7 * stats["bytes_per_token"]
     info = kv_info(model.config)

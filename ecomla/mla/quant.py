@@ -1,4 +1,4 @@
-"""The quantized latent cache: one byte row per token, c_kv in per-token groups of 8- or 4-bit integers.
+"""The quantized latent cache: one byte row per token, c_kv and k_rope in per-token groups of 8- or 4-bit integers.
 
     fmt = LatentFormat.of(r_kv, d_rope, cache_bits=4)    # None for cache_bits 16 (the latent in the model's dtype)
     rows = fmt.quantize(latent)                          # [.., r_kv + d_rope] float -> [.., fmt.row_bytes] uint8
@@ -18,9 +18,13 @@ rows of a [.., S, row_bytes] buffer can be read as fp16):
     [ scale, zero per c_kv group | k_rope (d_rope fp16), or scale, zero per k_rope group | c_kv codes | k_rope codes ]
 Everything the cache holds is in the row: there is no full-precision window of recent tokens, so each token is
 quantized on its own, and an uncached forward that applies `fake_quantize` sees exactly the values that decoding
-over the cache reads (tests/test_quant.py pins cached == uncached). Groups of 32 and an fp16 rotary part follow
-the fake-quantization measurement this cache was built from (what they cost: docs/RESULTS.md section 5); other
-group sizes and rotary formats are compared by benchmarks/latent_quant.py, not yet run on the committed code.
+over the cache reads (tests/test_quant.py pins cached == uncached).
+
+`cache_bits` is the width of every cached value: c_kv and k_rope both (`LatentFormat.of`). That and groups of 32
+are what `benchmarks/latent_quant.py` measured best per byte (4x student, 0 tokens, held-out chat KL: 4-bit c_kv
+with an fp16 rotary part 1.351 at 7.38x, with an 8-bit one 1.359 at 10.1x, a 4-bit one 1.431 at 12.8x; groups of
+64: 1.399 at 7.68x; docs/notebook/LOG.md). A LatentFormat built by hand may keep the rotary part in fp16
+(rope_bits 16), as that benchmark does.
 """
 
 from __future__ import annotations
@@ -34,12 +38,11 @@ from ..common import UserError
 
 CACHE_BITS = (16, 8, 4)  # 16 = off
 GROUP = 32  # values per scale and zero
-ROPE_BITS = 16  # the rotary part: fp16 (the query's rotary logits read it; 8/4-bit groups: latent_quant.py)
 
 
 # the --help of every stage's --cache-bits
-CACHE_BITS_HELP = ("bits per cached latent value: 16 (the model's dtype), 8 or 4 (quantized in groups of 32 with an "
-                   "fp16 scale and zero each, counted in the bytes); default: the checkpoint's own (config.json "
+CACHE_BITS_HELP = ("bits per cached latent value (c_kv and the rotary part): 16 (the model's dtype), 8 or 4 "
+                   "(quantized in groups of 32 with an fp16 scale and zero each, counted in the bytes); default: the checkpoint's own (config.json "
                    "cache_bits)")
 
 
@@ -113,13 +116,13 @@ class LatentFormat:
     r_kv: int
     d_rope: int
     bits: int  # c_kv: 8 or 4
-    rope_bits: int = ROPE_BITS  # 16 (fp16), or 8 / 4 in per-token groups like c_kv
+    rope_bits: int = 16  # 16 (fp16), or 8 / 4 in per-token groups like c_kv (`of`: the same as c_kv)
     group: int = GROUP
 
     @classmethod
     def of(cls, r_kv: int, d_rope: int, cache_bits: int) -> "LatentFormat | None":
-        """The format of `cache_bits`, or None for 16 (no quantization)."""
-        return None if check_cache_bits(cache_bits) == 16 else cls(r_kv, d_rope, cache_bits)
+        """The format of `cache_bits` (c_kv and k_rope at that width), or None for 16 (no quantization)."""
+        return None if check_cache_bits(cache_bits) == 16 else cls(r_kv, d_rope, cache_bits, rope_bits=cache_bits)
 
     def groups(self, n: int) -> int:
         return -(-n // self.group)
