@@ -25,6 +25,7 @@ from .common import UserError
 from .convert.convert import ConvertArgs, convert
 from .demo import DemoArgs, demo
 from .distill import DistillArgs, distill
+from .distill.quiet import library_bars_off
 from .dpo.run import DPOArgs, run_dpo
 from .eval.run import EvalArgs, evaluate
 from .export.export import ExportArgs, export
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     cmd = COMMANDS[ns.command]
     try:
-        cmd.run(from_namespace(cmd.args, ns, load_yaml_defaults(ns.config)))
+        with library_bars_off():  # the stage's own bar is the one shown, not transformers' "Loading weights"
+            cmd.run(from_namespace(cmd.args, ns, load_yaml_defaults(ns.config)))
     except UserError as err:
         print(f"ecomla {ns.command}: error: {err}", file=sys.stderr)
         return 2

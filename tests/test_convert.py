@@ -161,8 +161,10 @@ def test_info_and_generate_cli(llama_dir, tmp_path, capsys):
     assert info["mla_layers"] == [0, 1, 2] and info["compression"] == pytest.approx(64 / 24)
     assert main(["generate", str(tmp_path / "out"), "--chat", "--prompt", "hello world", "--max-new-tokens", "5",
                  "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    shown = capsys.readouterr()
+    res = json.loads(shown.out)
     assert res["cache_bytes_per_token"] == 3 * 24 * 4 and 1 <= res["new_tokens"] <= 5 and res["tokens_per_s"] > 0
+    assert "Loading weights" not in shown.err  # the CLI keeps transformers' own bars off, for every stage
 
 
 def test_cli_prints_user_errors_in_one_line_and_keeps_tracebacks_for_bugs(llama_dir, tmp_path, capsys, monkeypatch):
