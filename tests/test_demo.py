@@ -24,7 +24,7 @@ def test_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
     assert names == ["teacher", "student-0tok", "student-kd"]
     kd = res["models"][2]
     # the default 4-bit latent cache: r_kv 8 + d_rope 8 in one byte row per token and layer (scales included)
-    assert kd["kv_bytes_per_token"] == 3 * LatentFormat(8, 8, 4).row_bytes and kd["cache_bits"] == 4
+    assert kd["kv_bytes_per_token"] == 3 * LatentFormat.of(8, 8, 4).row_bytes and kd["cache_bits"] == 4
     assert kd["compression"] == 4.0 and kd["tokens_trained"] > 0
     assert set(res["demo"]["chat"]["answers"]) == {"teacher", "student-0tok", "student-kd"}
     assert any(r["run"] == "absorbed" for r in res["demo"]["bench"]) and "--cache-bits 4" in res["demo"]["commands"]["distill"]

@@ -47,13 +47,18 @@ def test_rows_hold_the_fake_quantized_latent_bit_for_bit(fmt):
 
 
 def test_row_bytes_count_scales_and_match_the_smollm2_accounting():
-    """Bytes per token and layer against the bf16 GQA cache of SmolLM2 (768): r_kv 160 + 32 at 8 bits is 3.15x,
-    at 4 bits 4.7x; 64 + 32 at 4 bits 7.4x. c_kv codes + 4 bytes per group of 32 + 2 bytes per rotary dim."""
+    """Bytes per token and layer against the bf16 GQA cache of SmolLM2 (768). `--cache-bits` (LatentFormat.of)
+    quantizes c_kv and the rotary part alike: 64 + 32 at 4 bits is 12.8x, at 8 bits 7.1x; 160 + 32 at 4 bits 6.4x.
+    A format built with an fp16 rotary part (rope_bits 16, latent_quant.py's baseline) pays 2 bytes per rotary dim:
+    64 + 32 at 4 bits is 7.4x. Codes + 4 bytes (scale and zero) per group of 32."""
+    assert LatentFormat.of(64, 32, 4).row_bytes == 32 + 2 * 4 + 16 + 4 == 60
+    assert LatentFormat.of(64, 32, 8).row_bytes == 64 + 2 * 4 + 32 + 4 == 108
+    assert LatentFormat.of(160, 32, 4).row_bytes == 80 + 5 * 4 + 16 + 4 == 120
+    assert LatentFormat.of(16, 32, 4).row_bytes == 8 + 4 + 16 + 4 == 32
     assert LatentFormat(160, 32, 8).row_bytes == 160 + 5 * 4 + 64 == 244
     assert LatentFormat(160, 32, 4).row_bytes == 80 + 5 * 4 + 64 == 164
     assert LatentFormat(64, 32, 4).row_bytes == 32 + 2 * 4 + 64 == 104
     assert LatentFormat(16, 32, 4).row_bytes == 8 + 4 + 64 == 76
-    assert LatentFormat(160, 32, 4, rope_bits=4).row_bytes == 80 + 5 * 4 + 16 + 4 == 120
     assert LatentFormat(11, 4, 4).row_bytes == 6 + 4 + 8  # 6 bytes of codes; 17 padded to 18
     assert LatentFormat.of(160, 32, 16) is None
 
