@@ -200,7 +200,7 @@ def test_vllm_greedy_tokens_and_logprobs_equal_ecomlas(mla_server, models):
 def test_vllm_kv_capacity_is_the_latent_ratio(mla_server, gqa_run):
     mla, gqa = mla_server.kv_capacity(), gqa_run["capacity"]
     latent_ratio = 2 * G * D_H / (R_KV + D_ROPE)
-    print(f"\nvLLM CPU KV capacity in {KV_GIB} GiB: MLA export {mla:,} tokens, GQA source {gqa:,} tokens "
+    print(f"\nvLLM CPU KV capacity in {KV_GIB} GiB: MLA export {mla:,} tokens, GQA source {gqa:,} tokens: "
           f"{mla / gqa:.4f}x (latent ratio {latent_ratio:.4f}x); plain-Llama control: "
           f"tokens equal {gqa_run['control_tokens_equal']}, worst logprob gap {gqa_run['control_gap']:.2e}")
     assert mla / gqa == pytest.approx(latent_ratio, rel=2e-3)  # vLLM rounds each capacity down to whole blocks
