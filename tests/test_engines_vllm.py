@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / "engines" / "vllm_cpu.sh"
 G, D_H, R_KV, D_ROPE = 8, 128, 512, 64  # the source's KV heads and head dim; the latent's width is R_KV + D_ROPE
 KV_GIB = 1  # --kv-cache-memory-bytes: the fixed KV memory both models get
-START_S = 900  # vLLM's start (model load, torch.compile of the model) on 2 shared cores: about a minute or two
+START_S = 900  # vLLM's start (imports, model load, torch.compile) took 2.5 to 3 minutes on 2 busy shared cores
 NEW_TOKENS = 16
 PROMPTS = [torch.randint(4, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 13, 40)]
 
