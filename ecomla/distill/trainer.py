@@ -124,6 +124,8 @@ class Trainer:
         a = self.args
         self.student, self.student_path = load_model(a.student, dtype="float32")
         with_cache_bits(self.student, a.cache_bits, a.student)  # quantization-aware: the latent the cache will hold
+        if a.gradient_checkpointing:  # each decoder layer's forward is recomputed in the backward pass (training only)
+            self.student.activation_checkpointing_enable()
         self.mla_layers = [i for i, l in enumerate(self.student.model.layers) if isinstance(l.self_attn, MLAAttention)]
         if not self.mla_layers:
             raise UserError(f"{a.student} has no MLA layer; convert it first with `ecomla convert`")
