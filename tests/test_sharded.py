@@ -158,8 +158,9 @@ def fake_acc(kind: str, version: int = 2, names=("EcoMLADecoderLayer", "MLAAtten
     (fake_acc("FSDP", names=["LlamaDecoderLayer"]), False, "EcoMLADecoderLayer"),
     (fake_acc("FSDP", names=["EcoMLADecoderLayer"]), True, "--stage kd"),
     (fake_acc("MULTI_CPU"), False, "GPUs only"),  # accelerate dropped the FSDP the config asked for
+    (fake_acc("DEEPSPEED"), False, "DeepSpeed is not supported"),
 ])
-def test_an_fsdp_setup_stage_1_cannot_run_is_refused_in_one_line(monkeypatch, acc, ild, match):
+def test_a_sharded_setup_stage_1_cannot_run_is_refused_in_one_line(monkeypatch, acc, ild, match):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(UserError, match=match) as err:
         check_sharding(acc, runs_ild=ild)

@@ -3,10 +3,12 @@ live, and how to run the sharded student outside its training forward.
 
     accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m ecomla distill STUDENT --config RECIPE
 
-- `check_sharding`: refuses, in one line and before any model loads, an FSDP setup this trainer cannot run:
-  FSDP1, a decoder layer that is not its own unit, layer-wise alignment without MLAAttention as its own unit
-  (ILD calls each MLA attention directly, outside its decoder layer's forward), and FSDP asked for on CPU
-  processes (accelerate 1.16 keeps FSDP for GPU-type devices and would train them as plain data parallel).
+- `check_sharding`: refuses, in one line and before any model loads, a setup this trainer cannot run: FSDP1, a
+  decoder layer that is not its own unit, layer-wise alignment without MLAAttention as its own unit (ILD calls
+  each MLA attention directly, outside its decoder layer's forward), FSDP asked for on CPU processes (accelerate
+  1.16 keeps FSDP for GPU-type devices and would train them as plain data parallel), and DeepSpeed (accelerate
+  runs its engine's optimizer step inside `backward`, on every micro-batch: this trainer accumulates micro-batches
+  itself and sets each step's learning rate after the backward passes).
 - The frozen teacher (and the ILD source) follow one rule, `shard_frozen`: under FSDP, when every process runs
   it at every step (a live teacher, the ILD source), each of its decoder layers is sharded like the student's and
   gathered only while it runs; its embeddings, final norm and head stay whole on every process (the head is
@@ -35,6 +37,10 @@ def sharded(acc) -> bool:
 
 def check_sharding(acc, runs_ild: bool) -> None:
     """One line naming what to change, for an FSDP setup stage 1 cannot run; nothing outside FSDP."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:  # accelerate's DeepSpeed steps inside backward()
+        raise UserError("accelerate config: DeepSpeed is not supported by ecomla distill (its engine steps the "
+                        "optimizer inside backward, every micro-batch, before the step's learning rate is set); "
+                        f"use {RECIPE}")
     if not sharded(acc):
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
             raise UserError(f"accelerate config: FSDP runs on GPUs only (accelerate {_version()} trains CPU "
