@@ -169,3 +169,33 @@ def test_a_sharded_setup_stage_1_cannot_run_is_refused_in_one_line(monkeypatch, 
     check_sharding(fake_acc("FSDP", names=["EcoMLADecoderLayer"]), runs_ild=False)  # KD only: decoder layers do
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     check_sharding(fake_acc("MULTI_CPU"), runs_ild=True)  # plain data parallel: nothing to check
+
+
+def test_the_frozen_teacher_is_sharded_by_layer_under_fsdp_and_gives_the_same_logits(tmp_path):
+    """shard_frozen on a 1-process gloo group: each decoder layer a unit of its own, the embeddings and head whole,
+    the same logits as the replicated copy; outside FSDP (or with shard=False) nothing is sharded."""
+    import torch.distributed as dist
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import FSDPModule
+    from transformers import AutoModelForCausalLM
+
+    from ecomla.distill.sharding import shard_frozen
+
+    src = make_source("llama", tmp_path / "t")
+    ids = torch.randint(0, 128, (2, 12))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        models = {}
+        for kind, shard in (("FSDP", True), ("FSDP", False), ("MULTI_CPU", True)):
+            acc = SimpleNamespace(distributed_type=DistributedType[kind], device=torch.device("cpu"))
+            model = shard_frozen(AutoModelForCausalLM.from_pretrained(src).requires_grad_(False), acc, shard)
+            models[kind, shard] = model
+        units = {key: [isinstance(m, FSDPModule) for m in (*model.model.layers, model.model, model)]
+                 for key, model in models.items()}
+        assert units == {("FSDP", True): [True] * 3 + [False, False], ("FSDP", False): [False] * 5,
+                         ("MULTI_CPU", True): [False] * 5}
+        with torch.no_grad():
+            logits = [m(input_ids=ids).logits for m in models.values()]
+        assert all(torch.equal(logits[0], x) for x in logits[1:])
+    finally:
+        dist.destroy_process_group()
