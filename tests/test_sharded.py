@@ -24,6 +24,7 @@ from ecomla.common import UserError
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.distill.sharding import check_sharding
 from tests.helpers import make_source
+from tests.test_crash import untimed
 from tests.test_data_eval import chat_rows
 from tests.test_distill import launch_two_cpu_processes
 
@@ -49,12 +50,12 @@ def setup(tmp_path_factory):
 
 
 def common(setup) -> list[str]:
-    """2 ILD + 6 KD steps of 4 blocks x 2 micro-batches; a checkpoint every 2 steps. AdamW moves a weight whose
+    """2 ILD + 6 KD steps of 4 blocks x 2 micro-batches; a checkpoint every 2 steps; the held-out check. AdamW moves a weight whose
     gradient is float noise by about the learning rate either way, so the weights' tolerance holds at 5e-4 (at
     3e-3 they differ by 3e-5 after 8 steps, the losses still within 1e-5)."""
     return ["--teacher", str(setup / "teacher"), "--data", str(setup / "chat.jsonl"), "--seq-len", "16",
             "--grad-accum", "2", "--ild-tokens", str(64 * 2 * 2), "--max-tokens", str(64 * 2 * 6), "--precision",
-            "fp32", "--eval-tokens", "0", "--lr", "5e-4", "--ild-lr", "5e-4", "--save-every", "2", "--no-progress"]
+            "fp32", "--eval-tokens", "64", "--lr", "5e-4", "--ild-lr", "5e-4", "--save-every", "2", "--no-progress"]
 
 
 def fsdp2_launch(tmp_path) -> tuple[list[str], dict]:
@@ -100,12 +101,6 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def untimed(out: Path) -> list[dict]:
-    drop = ("tokens_per_s", "elapsed_s", "minutes")
-    return [{k: v for k, v in r.items() if k not in drop} if "final" not in r
-            else {"final": {k: v for k, v in r["final"].items() if k not in drop}} for r in rows(out)]
-
-
 @pytest.mark.slow  # each launch starts 2 processes: 30-60 s on 2 shared cores
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 def test_two_processes_equal_one_process_at_the_same_global_batch(setup, runs, kind):
@@ -124,6 +119,8 @@ def test_two_processes_equal_one_process_at_the_same_global_batch(setup, runs, k
     assert [p.name for p in ckpt] == ["step-0000006", "step-0000008"], ckpt
     assert sorted(p.name for p in ckpt[-1].glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     if kind == "fsdp2":  # a sharded checkpoint: one file of model and one of optimizer state per process
+        heldout = lambda out: rows(out)[-1]["final"]["heldout"]  # noqa: E731  (every process runs it under FSDP)
+        assert heldout(two)["kl_to_teacher"] == pytest.approx(heldout(runs("ddp"))["kl_to_teacher"], rel=1e-5)
         for part in ("pytorch_model_fsdp_0", "optimizer_0"):
             assert sorted(p.name for p in (ckpt[-1] / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     from transformers import AutoModelForCausalLM

@@ -3,7 +3,7 @@
     ecomla distill out/student-4x --teacher default --data default --out runs/kd-4x --max-minutes 30
     ecomla distill out/student-4x --out runs/kd-4x-1m --max-tokens 1000000    # a token budget instead
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m ecomla distill out/student-4x --out runs/ddp
-    accelerate launch --config_file fsdp.yaml -m ecomla distill ...   # same script on GPUs (DDP/FSDP/DeepSpeed)
+    accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m ecomla distill ...  # GPUs: DDP or FSDP2
 
 The output folder is a loadable checkpoint (config.json + safetensors + tokenizer) plus metrics.jsonl and
 checkpoints/step-*/ for --resume. Recipes with every option: recipes/*.yaml (`--config`).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+import accelerate
 from accelerate.utils import DistributedType
 
 from ..common import UserError
@@ -36,14 +37,14 @@ def sharded(acc) -> bool:
 
 
 def check_sharding(acc, runs_ild: bool) -> None:
-    """One line naming what to change, for an FSDP setup stage 1 cannot run; nothing outside FSDP."""
+    """One line naming what to change, for a sharded setup stage 1 cannot run; DDP and one process pass."""
     if acc.distributed_type == DistributedType.DEEPSPEED:  # accelerate's DeepSpeed steps inside backward()
         raise UserError("accelerate config: DeepSpeed is not supported by ecomla distill (its engine steps the "
                         "optimizer inside backward, every micro-batch, before the step's learning rate is set); "
                         f"use {RECIPE}")
     if not sharded(acc):
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            raise UserError(f"accelerate config: FSDP runs on GPUs only (accelerate {_version()} trains CPU "
+            raise UserError(f"accelerate config: FSDP runs on GPUs only (accelerate {accelerate.__version__} trains CPU "
                             "processes as plain data parallel); use recipes/accelerate/cpu-2proc.yaml on CPUs")
         return
     plugin = acc.state.fsdp_plugin
@@ -56,12 +57,6 @@ def check_sharding(acc, runs_ild: bool) -> None:
     if runs_ild and "MLAAttention" not in wrapped:
         raise UserError("--stage: layer-wise alignment under FSDP calls each MLAAttention on its own; add "
                         f"MLAAttention to fsdp_transformer_layer_cls_to_wrap ({RECIPE}) or pass --stage kd")
-
-
-def _version() -> str:
-    import accelerate
-
-    return accelerate.__version__
 
 
 def shard_frozen(model, acc, shard: bool):
