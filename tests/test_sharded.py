@@ -1,6 +1,7 @@
 """Stage 1 on 2 CPU processes (gloo) through `accelerate launch`: DDP and FSDP2 each equal one process at the same
-global batch (per-step loss within 1e-5 relative, final weights within 1e-5, fp32), and kill -9 then --resume under
-FSDP2 is bit-identical to the uninterrupted run; the FSDP setups stage 1 cannot run are refused in one line.
+global batch (per-step loss and gradient norm within 1e-5 relative, final weights within 1e-5, fp32), and kill -9
+then --resume under FSDP2 is bit-identical to the uninterrupted run; the sharded setups stage 1 cannot run are
+refused in one line; the frozen teacher is sharded by layer under FSDP.
 
 FSDP2 runs through tests/fsdp_cpu.py, which lets accelerate 1.16 take FSDP on CPU processes (it keeps FSDP for
 GPU-type devices); the accelerate config is recipes/accelerate/fsdp-8gpu.yaml's, on 2 processes in fp32.
@@ -8,7 +9,6 @@ GPU-type devices); the accelerate config is recipes/accelerate/fsdp-8gpu.yaml's,
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +50,9 @@ def setup(tmp_path_factory):
 
 
 def common(setup) -> list[str]:
-    """2 ILD + 6 KD steps of 4 blocks x 2 micro-batches; a checkpoint every 2 steps; the held-out check. AdamW moves a weight whose
-    gradient is float noise by about the learning rate either way, so the weights' tolerance holds at 5e-4 (at
-    3e-3 they differ by 3e-5 after 8 steps, the losses still within 1e-5)."""
+    """2 ILD + 6 KD steps of 4 blocks x 2 micro-batches, a checkpoint every 2 steps, the held-out check. AdamW
+    moves a weight whose gradient is float noise by about the learning rate either way, so the weights' tolerance
+    holds at 5e-4 (at 3e-3 they differ by 3e-5 after 8 steps, the losses still within 1e-5)."""
     return ["--teacher", str(setup / "teacher"), "--data", str(setup / "chat.jsonl"), "--seq-len", "16",
             "--grad-accum", "2", "--ild-tokens", str(64 * 2 * 2), "--max-tokens", str(64 * 2 * 6), "--precision",
             "fp32", "--eval-tokens", "64", "--lr", "5e-4", "--ild-lr", "5e-4", "--save-every", "2", "--no-progress"]
