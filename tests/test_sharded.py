@@ -88,7 +88,8 @@ def runs(setup):
         out = setup / kind
         if kind not in made:
             if kind == "one":
-                assert main(["distill", str(setup / "mla"), "--out", str(out), "--batch-size", "4", *common(setup)]) == 0
+                cmd = ["distill", str(setup / "mla"), "--out", str(out), "--batch-size", "4", *common(setup)]
+                assert main(cmd) == 0
             else:
                 res = two_processes(kind, setup, out, setup)
                 assert res.returncode == 0, res.stderr[-3000:]

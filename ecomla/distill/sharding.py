@@ -44,8 +44,8 @@ def check_sharding(acc, runs_ild: bool) -> None:
                         f"use {RECIPE}")
     if not sharded(acc):
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            raise UserError(f"accelerate config: FSDP runs on GPUs only (accelerate {accelerate.__version__} trains CPU "
-                            "processes as plain data parallel); use recipes/accelerate/cpu-2proc.yaml on CPUs")
+            raise UserError(f"accelerate config: FSDP runs on GPUs only (accelerate {accelerate.__version__} trains "
+                            "CPU processes as plain data parallel); use recipes/accelerate/cpu-2proc.yaml on CPUs")
         return
     plugin = acc.state.fsdp_plugin
     if plugin.fsdp_version != 2:
