@@ -23,7 +23,7 @@ from ecomla.cli import main
 from ecomla.common import UserError
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.distill.sharding import check_sharding
-from tests.helpers import make_source
+from tests.helpers import assert_refused, make_source
 from tests.test_crash import untimed
 from tests.test_data_eval import chat_rows
 from tests.test_distill import launch_two_cpu_processes
@@ -197,3 +197,11 @@ def test_the_frozen_teacher_is_sharded_by_layer_under_fsdp_and_gives_the_same_lo
         assert all(torch.equal(logits[0], x) for x in logits[1:])
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_asked_for_on_cpu_processes_is_refused_before_anything_is_written(setup, tmp_path, capsys, monkeypatch):
+    """accelerate drops the FSDP plugin on CPU processes (they would train as plain data parallel): one line, no
+    forward pass, no file written (the whole command in this process, as `accelerate launch` would start it)."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    argv = ["distill", str(setup / "mla"), "--out", str(tmp_path / "out"), "--data", str(setup / "chat.jsonl")]
+    assert_refused(argv, capsys, monkeypatch, "FSDP runs on GPUs only", roots=(tmp_path, setup))
