@@ -26,6 +26,7 @@ from contextlib import contextmanager
 
 import accelerate
 from accelerate.utils import DistributedType
+from torch.distributed.fsdp import fully_shard
 
 from ..common import UserError
 
@@ -63,8 +64,6 @@ def shard_frozen(model, acc, shard: bool):
     """MODEL placed by the rule above: its decoder layers sharded (FSDP2, `shard`), else whole on acc.device."""
     if not (shard and sharded(acc)):
         return model.to(acc.device)
-    from torch.distributed.fsdp import fully_shard
-
     base = getattr(model, model.base_model_prefix)
     for layer in base.layers:  # same device mesh as the student (accelerate's default: every process)
         fully_shard(layer, reshard_after_forward=True)
