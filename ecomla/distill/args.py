@@ -3,7 +3,7 @@
     ecomla distill out/student-4x --teacher default --data default --out runs/kd-4x --max-minutes 30
     ecomla distill out/student-4x --out runs/kd-4x-1m --max-tokens 1000000    # a token budget instead
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m ecomla distill out/student-4x --out runs/ddp
-    accelerate launch --config_file fsdp.yaml -m ecomla distill ...   # same script on GPUs (DDP/FSDP/DeepSpeed)
+    accelerate launch --config_file recipes/accelerate/fsdp-8gpu.yaml -m ecomla distill ...  # GPUs: DDP or FSDP2
 
 The output folder is a loadable checkpoint (config.json + safetensors + tokenizer) plus metrics.jsonl and
 checkpoints/step-*/ for --resume. Recipes with every option: recipes/*.yaml (`--config`).
@@ -25,7 +25,8 @@ PRECISIONS = ("auto", "bf16", "fp32")
 DEFAULT_MAX_TOKENS = 1_000_000  # the KD budget when neither --max-tokens nor --max-minutes is given
 # what a --resume may change: none of them shapes the data stream, the schedule or the model (--max-minutes moves
 # the clock's stop, and sizes the schedule only when the run stopped before its length was fixed)
-RESUMABLE = ("max_minutes", "save_every", "keep_last", "eval_tokens", "compile_loss", "chunk", "progress")
+RESUMABLE = ("max_minutes", "save_every", "keep_last", "eval_tokens", "compile_loss", "chunk", "progress",
+             "gradient_checkpointing")
 
 
 @dataclass
@@ -76,6 +77,9 @@ class DistillArgs:
     precision: str = arg("bf16 (autocast, CPU and GPU), fp32, or auto: bf16 where the GPU or CPU has bf16 units, "
                          "else fp32 (emulated bf16 is slower); one precision per process",
                          default="auto", choices=PRECISIONS)
+    gradient_checkpointing: bool = arg("recompute each decoder layer's activations in the backward pass: the "
+                                       "student keeps one layer's activations instead of all, for a second forward "
+                                       "pass; the same losses and gradients", default=False)
     teacher_topk: int = arg("use cached teacher top-k log-probs (computed once, reused) instead of a live "
                             "teacher; 0 = live full-vocabulary teacher", default=0)
     save_every: int = arg("checkpoint every N optimizer steps", default=50)

@@ -41,6 +41,7 @@ from .args import RESUMABLE, DistillArgs
 from .budget import ENDINGS, Budget, schedule, warmup_steps
 from .objective import ILDBatch, KDBatch, Objective
 from .quiet import drop_tied_aliases, library_bars_off, show
+from .sharding import check_sharding, gathered, shard_frozen, sharded
 from .teacher import TeacherLogits, TopKCache, attention_io
 
 
@@ -77,6 +78,7 @@ class Trainer:
         self.out = Path(a.out)
         self.ckpt_root = self.out / "checkpoints"
         self.acc = accelerator(a.precision, find_unused_parameters=a.stage != "kd" and a.trainable != "mla")
+        check_sharding(self.acc, runs_ild=a.stage != "kd" and a.ild_tokens > 0)
         self.lock = self._claim_out()
         try:
             set_seed(a.seed)
@@ -122,6 +124,8 @@ class Trainer:
         a = self.args
         self.student, self.student_path = load_model(a.student, dtype="float32")
         with_cache_bits(self.student, a.cache_bits, a.student)  # quantization-aware: the latent the cache will hold
+        if a.gradient_checkpointing:  # each decoder layer's forward is recomputed in the backward pass (training only)
+            self.student.activation_checkpointing_enable()
         self.mla_layers = [i for i, l in enumerate(self.student.model.layers) if isinstance(l.self_attn, MLAAttention)]
         if not self.mla_layers:
             raise UserError(f"{a.student} has no MLA layer; convert it first with `ecomla convert`")
@@ -131,8 +135,11 @@ class Trainer:
             raise UserError(f"{a.student} records no source model; pass --teacher")
         dtype = "bfloat16" if a.precision == "bf16" else "float32"
         need_teacher = a.stage != "ild" and a.kl_weight > 0
-        frozen = lambda s: load_model(s, dtype=dtype, device=self.acc.device)[0].requires_grad_(False)  # noqa: E731
-        self.teacher = frozen(self.teacher_spec) if need_teacher else None
+
+        def frozen(spec: str, shard: bool):  # placed by sharding.py's rule: sharded or replicated
+            return shard_frozen(load_model(spec, dtype=dtype)[0].requires_grad_(False), self.acc, shard)
+
+        self.teacher = frozen(self.teacher_spec, shard=a.teacher_topk == 0) if need_teacher else None
         if self.teacher is not None and self.teacher.config.vocab_size != self.student.config.vocab_size:
             raise UserError(f"teacher {self.teacher_spec} has vocabulary {self.teacher.config.vocab_size}, the "
                             f"student {self.student.config.vocab_size}: KD needs the same tokenizer (--teacher)")
@@ -142,7 +149,7 @@ class Trainer:
                 raise UserError("layer-wise alignment needs the source model recorded by `ecomla convert` "
                                 "(or pass --stage kd)")
             same = self.teacher is not None and resolve(self.source_spec) == resolve(self.teacher_spec)
-            self.source = self.teacher if same else frozen(self.source_spec)
+            self.source = self.teacher if same else frozen(self.source_spec, shard=True)
 
     def _setup_data(self):
         a = self.args
@@ -237,8 +244,9 @@ class Trainer:
     def _update(self) -> dict:
         """Clip, set this step's rates, optimizer step, zero grads; the gradient norm and the rate this step used."""
         a = self.args
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = self.acc.clip_grad_norm_(params, a.grad_clip) if a.grad_clip > 0 else None
+        # the prepared model's own parameter list (frozen ones have no gradient and add nothing): accelerate's FSDP2
+        # clipping recognises the model only by that exact list
+        norm = self.acc.clip_grad_norm_(list(self.model.parameters()), a.grad_clip) if a.grad_clip > 0 else None
         for g in self.optimizer.param_groups:
             g["lr"] = self.lr_at(self.step, g["name"])
         lr = max(g["lr"] for g in self.optimizer.param_groups)
@@ -269,6 +277,7 @@ class Trainer:
         tmp = self.shared_temp(final)  # every process writes its RNG state into it
         t = self.clock()
         self.acc.save_state(str(tmp))
+        self.acc.wait_for_everyone()  # every process has written into TMP before the main process renames it
         if fix_length:
             save_s = self.clock() - t
             self._fix_length(elapsed + save_s, save_s)
@@ -407,10 +416,12 @@ class Trainer:
     # ---- finish -----------------------------------------------------------------------------
     def save_final(self) -> None:
         """Write the student as a loadable HF folder into OUT (staged, then published into place)."""
-        student = self.acc.unwrap_model(self.model).student
-        state = self.acc.get_state_dict(self.model)
+        objective = self.acc.unwrap_model(self.model)
+        state = self.acc.get_state_dict(self.model)  # gathered from the shards under FSDP (a collective)
         if not self.acc.is_main_process:
             return
+        drop_tied_aliases([objective], [state], None)  # gathered copies no longer share storage for save_pretrained
+        student = objective.student
         stage = temp_path(self.out / ".final")
         with library_bars_off():
             student.save_pretrained(stage, state_dict={k.removeprefix("student."): v for k, v in state.items()})
@@ -420,13 +431,15 @@ class Trainer:
     def heldout_check(self) -> dict | None:
         """KL to the teacher, top-1 agreement and perplexities on --eval-tokens held-out chat tokens."""
         a = self.args
-        if a.eval_tokens <= 0 or self.teacher is None or not self.acc.is_main_process:
-            return None
+        if a.eval_tokens <= 0 or self.teacher is None or not (self.acc.is_main_process or sharded(self.acc)):
+            return None  # sharded models run on every process in step; the main process reports
         student = self.acc.unwrap_model(self.model).student.eval()
         heldout = PackedChat(self.split["heldout"], self.tok, a.seq_len, seed=0)
         batches = heldout.take_tokens(a.eval_tokens, a.batch_size)
-        with self.acc.autocast():
+        with self.acc.autocast(), gathered(self.model, self.acc):
             res = fidelity({"student": student}, self.teacher, batches, desc="held-out check")
+        if not self.acc.is_main_process:
+            return None
         s = res["student"]
         return {"kl_to_teacher": s["kl"], "top1_agreement": s["top1_agreement"], "ppl_chat": s["ppl"],
                 "teacher_ppl_chat": res["teacher"]["ppl"], "tokens": s["tokens"]}
