@@ -27,7 +27,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import _StopRecomputationError, checkpoint
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -94,6 +94,8 @@ def _compiled_forward_kl(z: torch.Tensor, t: torch.Tensor, temperature: float) -
         _COMPILED["fn"] = torch.compile(_forward_kl, dynamic=True)
     try:
         return _COMPILED["fn"](z, t, temperature)
+    except _StopRecomputationError:  # checkpoint ending a chunk's recompute early: its signal, not a failure
+        raise
     except Exception as e:  # the inductor backend raises many kinds (missing compiler, unsupported device)
         _COMPILED["failed"] = True
         warnings.warn(f"torch.compile of the KD loss failed ({type(e).__name__}: {str(e)[:200]}); "

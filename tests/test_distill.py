@@ -107,6 +107,24 @@ def test_chunked_equals_full_including_gradients(kind, ce):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_checkpointed_chunks_run_through_the_compiled_loss():
+    """Checkpointed chunks (N x V above checkpoint_above, every GPU recipe) with the compiled KD loss (the default):
+    checkpoint ends its recompute by raising inside the loss; that must not be taken for a compile failure."""
+    from ecomla import losses
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 31, bias=False)
+    t_logits, labels = torch.randn(20, 31), torch.randint(0, 31, (20,))
+    grads = []
+    for compiled in (False, True):
+        h = torch.randn(20, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        total, _ = chunked_loss(h, head, lambda lo, hi: t_logits[lo:hi], labels, "forward", 1.0, 1.0, 0.0, 3, 0,
+                                compiled=compiled)
+        total.backward()
+        grads.append(h.grad.clone())
+    assert not losses._COMPILED["failed"] and torch.allclose(*grads, atol=1e-5)
+
+
 def test_schedule_warms_up_then_decays_to_the_floor():
     lrs = [schedule(s, 100, warmup_steps(100, 0.1), 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
