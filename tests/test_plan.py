@@ -151,6 +151,7 @@ def test_readme_gpu_plans_are_what_the_commands_print(command, row):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{r['peak'] / GB:.1f}" and cells[3] == f"{r['peak_checkpointed'] / GB:.1f}", row
     assert cells[4].startswith("yes" if r["fits"] else "no"), row
+    assert cells[5] == ("-" if r["fits"] else r["instead"][0].split(": ", 1)[1]), row
 
 
 def _flags(argv: list[str]) -> dict:

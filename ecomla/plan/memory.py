@@ -212,11 +212,10 @@ def fits(p: Plan, memory: float, reserve: float = RESERVE) -> bool:
 
 
 def largest_batch(s: Shapes, setup: Setup, memory: float, reserve: float = RESERVE) -> int:
-    """The largest micro-batch (blocks per device) that fits, 0 if none; the global batch is kept by raising
-    --grad-accum."""
-    best, total = 0, setup.batch * setup.grad_accum
-    for b in range(1, total + 1):
-        if not fits(plan(s, replace(setup, batch=b, grad_accum=-(-total // b))), memory, reserve):
-            break
-        best = b
-    return best
+    """The largest micro-batch (blocks per device) that fits and divides the global batch, which --grad-accum then
+    keeps; 0 if none."""
+    total = setup.batch * setup.grad_accum
+    for b in sorted((b for b in range(1, total + 1) if total % b == 0), reverse=True):
+        if fits(plan(s, replace(setup, batch=b, grad_accum=total // b)), memory, reserve):
+            return b
+    return 0

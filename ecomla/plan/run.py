@@ -107,19 +107,21 @@ def plan_run(args: PlanArgs) -> dict:
 
 
 def alternatives(s, setup: Setup, memory: float) -> list[str]:
-    """What would fit: a smaller micro-batch (same global batch), gradient checkpointing, another strategy."""
+    """What would fit, per strategy: the largest micro-batch that keeps the global batch (--grad-accum raised),
+    without and with gradient checkpointing."""
     global_batch = setup.batch * setup.grad_accum
     found = []
     for strategy in dict.fromkeys((setup.strategy, *STRATEGIES)):
+        options = []
         for ckpt in (False, True):
             trial = replace(setup, strategy=strategy, checkpointing=ckpt)
             b = largest_batch(s, trial, memory)
             if b:
-                ga = -(-global_batch // b)
-                found.append(f"--strategy {strategy} --batch-size {b} --grad-accum {ga}"
-                             + (" with gradient checkpointing" if ckpt else "") +
-                             f": peak {plan(s, replace(trial, batch=b, grad_accum=ga)).peak / GB:.1f} GB")
-                break
+                peak = plan(s, replace(trial, batch=b, grad_accum=global_batch // b)).peak / GB
+                options.append(("with gradient checkpointing " if ckpt else "")
+                               + f"--batch-size {b} --grad-accum {global_batch // b} ({peak:.1f} GB)")
+        if options:
+            found.append(f"--strategy {strategy}: " + "; ".join(options))
     return found or ["nothing at this world size and sequence length: more devices or a shorter --seq-len"]
 
 
