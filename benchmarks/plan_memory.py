@@ -123,12 +123,21 @@ def planned(name: str, student: str) -> dict:
                              compile_loss=flags.get("compile_loss", True)))
 
 
+def row(name: str, m: dict, r: dict) -> str:
+    if "failed" in m:
+        return f"{name:<20}{r['peak'] / 1e9:9.3f}  failed: {m['failed'][:200]}"
+    return (f"{name:<20}{r['peak'] / 1e9:9.3f}{m['measured'] / 1e9:13.3f}{r['peak'] / m['measured']:15.3f}"
+            f"{m['peak_rss'] / 1e9:13.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--student", required=True, help="an MLA checkpoint (from `ecomla convert`)")
     p.add_argument("--out", default="/work/runs/plan/mem", help="run folders and results.json")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--from-results", action="store_true",
+                   help="no new runs: the measurements in OUT/results.json against the plan of this checkout")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--flags", help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
@@ -136,17 +145,19 @@ def main() -> None:
     if args.worker:
         return worker(args)
     out = Path(args.out)
+    stored = {r["config"]: r for r in json.loads((out / "results.json").read_text())} if args.from_results else {}
     results = []
-    print(f"{'config':<18}{'plan GB':>9}{'measured GB':>13}{'plan/measured':>15}{'peak RSS GB':>13}")
+    print(f"{'config':<20}{'plan GB':>9}{'measured GB':>13}{'plan/measured':>15}{'peak RSS GB':>13}")
     for name in args.configs.split(","):
-        m, r = measure(name, args.student, args.steps, out), planned(name, args.student)
-        results.append({"config": name, "plan": r["peak"], "plan_rows": r["rows"], **m})
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        if "failed" in m:
-            print(f"{name:<18}{r['peak'] / 1e9:9.3f}  failed: {m['failed'][:200]}", flush=True)
+        if args.from_results and name not in stored:
             continue
-        print(f"{name:<18}{r['peak'] / 1e9:9.3f}{m['measured'] / 1e9:13.3f}{r['peak'] / m['measured']:15.3f}"
-              f"{m['peak_rss'] / 1e9:13.3f}", flush=True)
+        m = stored[name] if args.from_results else measure(name, args.student, args.steps, out)
+        m = {k: v for k, v in m.items() if k not in ("config", "plan", "plan_rows")}
+        r = planned(name, args.student)
+        results.append({"config": name, "plan": r["peak"], "plan_rows": r["rows"], **m})
+        print(row(name, m, r), flush=True)
+        if not args.from_results:
+            (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,27 +35,27 @@ class PlanArgs:
                        "its header's `ecomla convert` line is the student, its keys the teacher and batch); or a source "
                        "model (folder, config.json, 'default', hub id) with --kv-rank, as `ecomla convert` would make "
                        "it", positional=True)
-    teacher: str | None = arg("teacher: 'source', a folder, config.json or hub id (default: the recipe's, else "
+    teacher: str | None = arg("teacher: 'source', a folder, config.json or hub id (unset: the recipe's, else "
                               "'source')", default=None)
     strategy: str = arg("how the student is spread over devices: ddp (replicated), fsdp or zero3 (sharded)",
                         default="ddp", choices=STRATEGIES)
     world_size: int = arg("devices (processes)", default=1)
     memory_per_device: str = arg("memory of one device, e.g. 40GB, 80GB (GB = 10^9 bytes); "
                                  f"{RESERVE // GB} GB of it is kept for the CUDA context and allocator", default="80GB")
-    seq_len: int | None = arg("tokens per block (default: the recipe's, else distill's)", default=None)
-    batch_size: int | None = arg("blocks per micro-batch per device (default: the recipe's, else distill's)",
+    seq_len: int | None = arg("tokens per block (unset: the recipe's, else distill's)", default=None)
+    batch_size: int | None = arg("blocks per micro-batch per device (unset: the recipe's, else distill's)",
                                  default=None)
-    grad_accum: int | None = arg("micro-batches per optimizer step (default: the recipe's, else distill's)",
+    grad_accum: int | None = arg("micro-batches per optimizer step (unset: the recipe's, else distill's)",
                                  default=None)
-    precision: str | None = arg("bf16 (autocast) or fp32 (default: the recipe's; 'auto' plans bf16, a GPU's)",
+    precision: str | None = arg("bf16 (autocast) or fp32 (unset: the recipe's; its 'auto' plans bf16, a GPU's)",
                                 default=None, choices=("bf16", "fp32"))
     kv_rank: int | None = arg("a source STUDENT: its latent rank r_kv, as `ecomla convert --kv-rank`", default=None)
     rope_dim: int = arg("a source STUDENT: d_rope, as `ecomla convert --rope-dim`", default=32)
     q_rank: str = arg("a source STUDENT: r_q, as `ecomla convert --q-rank`", default="auto")
-    trainable: str | None = arg("distill's --trainable (default: the recipe's, else all)", default=None,
+    trainable: str | None = arg("distill's --trainable (unset: the recipe's, else all)", default=None,
                                 choices=TRAINABLE, advanced=True)
-    chunk: int | None = arg("distill's --chunk (default: the recipe's, else distill's)", default=None, advanced=True)
-    compile_loss: bool | None = arg("distill's --compile-loss (default: the recipe's, else on)", default=None,
+    chunk: int | None = arg("distill's --chunk (unset: the recipe's, else distill's)", default=None, advanced=True)
+    compile_loss: bool | None = arg("distill's --compile-loss (unset: the recipe's, else on)", default=None,
                                     advanced=True)
     json: bool = arg("print the plan as JSON", default=False)
 
