@@ -4,6 +4,7 @@
     ecomla info out/smollm2-4x --json
     ecomla generate out/smollm2-4x --chat --prompt "Hi!"
     ecomla export out/smollm2-4x out/smollm2-4x-dsv3 --format deepseek-v3
+    ecomla plan recipes/distill-gpu-llama-3.2-1b-kv64-teacher-8b.yaml --strategy fsdp --world-size 8
 
 Each subcommand is (arguments dataclass, stage function): the dataclass's fields are the flags (ecomla/args.py),
 a `--config` YAML recipe supplies defaults. A `UserError` (a mistake the user can fix) prints one line and exits 2;
@@ -31,6 +32,7 @@ from .eval.run import EvalArgs, evaluate
 from .export.export import ExportArgs, export
 from .generate.generate import GenerateArgs, generate_text
 from .info import InfoArgs, info
+from .plan import PlanArgs, run_plan
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ COMMANDS = {
     "assets": Command(AssetsArgs, fetch_assets, "fetch / verify the offline default model and data"),
     "convert": Command(ConvertArgs, convert, "GQA checkpoint -> MLA checkpoint (initialised as --init says)"),
     "info": Command(InfoArgs, info, "KV-cache accounting of a checkpoint"),
+    "plan": Command(PlanArgs, run_plan, "memory per device of a distill run, before any weights load"),
     "distill": Command(DistillArgs, distill, "stage 1: layer-wise alignment + end-to-end KD"),
     "dpo": Command(DPOArgs, run_dpo, "stage 2: DPO with TRL"),
     "eval": Command(EvalArgs, evaluate, "perplexity, teacher-KL, lm-eval tasks; a report"),

@@ -125,8 +125,29 @@ def mla_config(args: ConvertArgs, source: SourceModel, plans: dict[int, LayerPla
         if specs[i].cache_elements >= shape.kv_elements_per_layer:
             log(f"warning: layer {i} caches {specs[i].cache_elements} elements per token, not fewer than the "
                 f"source's {shape.kv_elements_per_layer}")
-    return EcoMLAConfig(**source.fields, architectures=["EcoMLAForCausalLM"], mla_rope_parameters=source.mla_rope,
-                        mla_layers=[specs[i].to_dict() if i in specs else None for i in range(shape.num_layers)])
+    return student_config(source.fields, specs, source.mla_rope)
+
+
+def student_config(fields: dict, specs: dict[int, MLASpec], mla_rope: dict | None) -> EcoMLAConfig:
+    """The converted model's config from the source's fields (families.py) and the MLA spec of each MLA layer."""
+    return EcoMLAConfig(**fields, architectures=["EcoMLAForCausalLM"], mla_rope_parameters=mla_rope,
+                        mla_layers=[specs[i].to_dict() if i in specs else None
+                                    for i in range(fields["num_hidden_layers"])])
+
+
+def planned_config(args: ConvertArgs, src_config) -> EcoMLAConfig:
+    """The config `ecomla convert` would write for `args`, from the source's config alone (no weights): the shapes
+    `ecomla plan` needs. The rank must be fixed (--kv-rank; --rank-energy reads the weights); rotary pairs and
+    latent norm gains change no shape."""
+    if args.kv_rank is None or args.q_rank_energy is not None:
+        raise UserError("a plan needs the ranks without the weights: give --kv-rank R (and an integer or 'auto' "
+                        "--q-rank), not --rank-energy / --q-rank-energy")
+    fields, shape = source_fields(src_config), SourceShape.of(src_config)
+    d_nope = check_shapes(args, shape)
+    spec = MLASpec.for_source(shape, args.kv_rank, args.rope_dim, args.q_rank_choice, nope_dim=d_nope,
+                              latent_norm=args.latent_norm)
+    specs = {i: spec for i in parse_layers(args.layers, shape.num_layers)}
+    return student_config(fields, specs, mla_rope_parameters(args, fields))
 
 
 def build_state_dict(source: SourceModel, config: EcoMLAConfig, plans: dict[int, LayerPlan] | None = None,
