@@ -6,7 +6,8 @@
 Marked `slow` and `engines`; skipped, with the reason, when the engine venv is absent (LLAMA_CPP_VENV, default
 ~/.cache/ecomla/engines/llama-cpp). llama.cpp runs engines/llama_cpp_run.py, which evaluates each sequence from an
 empty cache (every position reads its keys back from llama.cpp's cache) and logs llama.cpp's KV cache report.
-Bounded: one tiny model, and the default model converted once at 4x (0 tokens, no training), about 5 minutes.
+Bounded: one tiny model, and the default model converted once at 4x (0 tokens, no training; the conversion took
+20 minutes on the shared 2-core machine at a load average of 10, most of it fitting the latent norms).
 """
 
 import json
