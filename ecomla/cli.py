@@ -4,6 +4,7 @@
     ecomla info out/smollm2-4x --json
     ecomla generate out/smollm2-4x --chat --prompt "Hi!"
     ecomla export out/smollm2-4x out/smollm2-4x-dsv3 --format deepseek-v3
+    ecomla export out/smollm2-4x out/smollm2-4x-gguf --format gguf
     ecomla plan recipes/distill-gpu-llama-3.2-1b-kv64-teacher-8b.yaml --strategy fsdp --world-size 8
 
 Each subcommand is (arguments dataclass, stage function): the dataclass's fields are the flags (ecomla/args.py),
@@ -51,7 +52,8 @@ COMMANDS = {
     "dpo": Command(DPOArgs, run_dpo, "stage 2: DPO with TRL"),
     "eval": Command(EvalArgs, evaluate, "perplexity, teacher-KL, lm-eval tasks; a report"),
     "generate": Command(GenerateArgs, generate_text, "generate text with the latent cache"),
-    "export": Command(ExportArgs, export, "write an MLA checkpoint as DeepSeek-V3 (stock transformers, vLLM, SGLang)"),
+    "export": Command(ExportArgs, export,
+                      "write an MLA checkpoint as DeepSeek-V3 (transformers, vLLM, SGLang) or GGUF (llama.cpp)"),
     "bench": Command(BenchArgs, bench, "decode speed and memory vs the GQA source"),
     "demo": Command(DemoArgs, demo, "the whole pipeline on the embedded default, with a report"),
 }

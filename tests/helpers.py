@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -20,6 +20,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 VOCAB = 128
+BPE_VOCAB = 320  # 4 special tokens, 256 bytes, 60 merges
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
@@ -28,6 +29,20 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
         vocab[f"<extra_{i}>"] = i
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
+                                  eos_token="<|im_end|>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_bpe_tokenizer(vocab_size: int = BPE_VOCAB) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2's pre-tokenizer, as SmolLM2's), trained on WORDS: what the GGUF export can write."""
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
                                   eos_token="<|im_end|>", pad_token="<pad>")
     tok.chat_template = CHAT_TEMPLATE
@@ -51,16 +66,19 @@ def tiny_config(family: str, **kw):
 MODEL_CLASSES = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
 
 
-def make_source(family: str, out: Path, seed: int = 0, **kw) -> Path:
-    """A tiny random source checkpoint + tokenizer in `out`. Biases (Qwen2) are made non-trivial."""
+def make_source(family: str, out: Path, seed: int = 0, tokenizer=make_tokenizer, **kw) -> Path:
+    """A tiny random source checkpoint + tokenizer in `out`. Biases (Qwen2) are made non-trivial. With
+    `tokenizer=make_bpe_tokenizer` the vocab is that tokenizer's."""
     torch.manual_seed(seed)
+    if tokenizer is make_bpe_tokenizer:
+        kw.setdefault("vocab_size", BPE_VOCAB)
     model = MODEL_CLASSES[family](tiny_config(family, **kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.2)
     model.save_pretrained(out)
-    make_tokenizer().save_pretrained(out)
+    tokenizer().save_pretrained(out)
     return Path(out)
 
 

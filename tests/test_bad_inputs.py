@@ -70,6 +70,10 @@ def P(llama_dir, tmp_path_factory):
     paths["no_nope"] = _copy(mla, root / "no_nope", lambda d: _edit_config(  # export reads only config.json first
         d, mla_layers=[dict(json.loads((d / "config.json").read_text())["mla_layers"][0], qk_rope_head_dim=16,
                             qk_nope_head_dim=0, latent_norm=True)] * 3))
+    dsv3 = dict(json.loads((mla / "config.json").read_text())["mla_layers"][0], latent_norm=True)  # a format's shape
+    paths["word_level"] = _copy(mla, root / "word_level", lambda d: _edit_config(d, mla_layers=[dsv3] * 3))
+    paths["lite27"] = _copy(mla, root / "lite27", lambda d: _edit_config(  # llama.cpp reads 27 layers as V2-Lite
+        d, num_hidden_layers=27, mla_layers=[dsv3] * 27, layer_types=None))
     paths["mla_no_source"] = _copy(mla, root / "mla_no_source", lambda d: (d / "ecomla_convert.json").unlink())
     yamls = {"binary": weights[:300], "broken": "a: [1\n", "list": "- a\n- b\n", "scalar": "just some text\n",
              "int_keys": "1: 2\n", "unknown_key": "nosuch: 1\n", "int_type": "max_new_tokens: lots\n",
@@ -312,6 +316,10 @@ CASES = [
                  id="convert-target-no-nope-dims"),
     pytest.param(lambda P: ["export", str(P.no_nope), str(P.out)], r"cannot be written exactly .*: --rope-dim 16 "
                  r"equals the head dim.*convert with a --rope-dim below 16", id="export-no-nope-dims"),
+    pytest.param(lambda P: ["export", str(P.word_level), str(P.out), "--format", "gguf"], r"tokenizer is not one the "
+                 r"GGUF export writes .*export with --format deepseek-v3", id="export-gguf-word-level-tokenizer"),
+    pytest.param(lambda P: ["export", str(P.lite27), str(P.out), "--format", "gguf"], r"cannot be written exactly in "
+                 r"the gguf format: llama.cpp reads a 27-layer .* convert with --q-rank none", id="export-gguf-lite"),
 ]
 
 

@@ -1,4 +1,5 @@
-"""`ecomla export MODEL OUT --format deepseek-v3`: an ecomla checkpoint as a stock DeepseekV3ForCausalLM folder.
+"""`ecomla export MODEL OUT --format deepseek-v3 | gguf`: an ecomla checkpoint as a stock DeepseekV3ForCausalLM
+folder, or as a llama.cpp deepseek2 GGUF file written from the same weights (llama_cpp.py).
 
     ecomla convert default out/smollm2-4x --kv-rank 64 --rope-dim 32 --init rope-whitened --target deepseek-v3
     ecomla export out/smollm2-4x out/smollm2-4x-dsv3
@@ -38,8 +39,10 @@ from ..io import load_config, load_model, load_tokenizer
 from ..mla import deepseek
 from ..mla.config import EcoMLAConfig
 from ..mla.rope import layer_frequencies
+from . import llama_cpp
 
-FORMATS = (deepseek.FORMAT,)
+GGUF = "gguf"
+FORMATS = (deepseek.FORMAT, GGUF)
 DEEPSEEK_EPS = 1e-6  # the eps transformers' DeepSeek-V3 latent norms are built with (and DeepSeek-V3's own)
 
 
@@ -47,7 +50,8 @@ DEEPSEEK_EPS = 1e-6  # the eps transformers' DeepSeek-V3 latent norms are built 
 class ExportArgs:
     model: str = arg("ecomla checkpoint to export (from convert, distill or dpo)", positional=True)
     out: str = arg("output folder (written atomically)", positional=True)
-    format: str = arg("checkpoint format: 'deepseek-v3' (DeepseekV3ForCausalLM; transformers, vLLM, SGLang)",
+    format: str = arg("checkpoint format: 'deepseek-v3' (DeepseekV3ForCausalLM; transformers, vLLM, SGLang) or "
+                      "'gguf' (llama.cpp's deepseek2, OUT/model.gguf)",
                       default=deepseek.FORMAT, choices=FORMATS)
     dtype: str = arg("dtype of the written weights ('auto' = the model's)", default="auto", choices=("auto", *DTYPES))
     overwrite: bool = arg("replace OUT if it holds an earlier output of this command (never other files)",
@@ -108,16 +112,17 @@ def deepseek_state_dict(model) -> tuple[dict[str, torch.Tensor], dict]:
     return out, folds
 
 
-def check_exportable(config, model: str) -> EcoMLAConfig:
+def check_exportable(config, model: str, fmt: str = deepseek.FORMAT) -> EcoMLAConfig:
     if not isinstance(config, EcoMLAConfig):
         raise UserError(f"{model} is not an ecomla checkpoint (model_type {getattr(config, 'model_type', None)!r}); "
                         "convert it first: ecomla convert SRC OUT --target deepseek-v3 ...")
     broken = deepseek.problems(config)
+    if fmt == GGUF and not broken:
+        broken = deepseek.llama_cpp_problems(config)
     if len(broken) == 1:  # one line, as every refusal
-        raise UserError(f"{model} cannot be written exactly in the {deepseek.FORMAT} format: {broken[0]}")
+        raise UserError(f"{model} cannot be written exactly in the {fmt} format: {broken[0]}")
     if broken:
-        raise UserError(f"{model} cannot be written exactly in the {deepseek.FORMAT} format:\n  - "
-                        + "\n  - ".join(broken))
+        raise UserError(f"{model} cannot be written exactly in the {fmt} format:\n  - " + "\n  - ".join(broken))
     return config
 
 
@@ -151,26 +156,39 @@ the latent cache (r_kv + d_rope values per token and layer) is what vLLM and SGL
 
 def export(args: ExportArgs, log=print) -> dict:
     config, model_dir = load_config(args.model)
-    config = check_exportable(config, args.model)
+    config = check_exportable(config, args.model, args.format)
     check_out(args.out, "export", [model_dir], overwrite=args.overwrite)
+    vocab = llama_cpp.gguf_vocab(load_tokenizer(args.model), config.vocab_size, args.model) if args.format == GGUF \
+        else None  # checked before the weights are read
     model, path = load_model(args.model, dtype="auto")
     dtype = model.dtype if args.dtype == "auto" else DTYPES[args.dtype]
     sd, folds = deepseek_state_dict(model)
-    ds_config = deepseek_config(config)
+    meta = {"source": str(path), "format": args.format, "dtype": str(dtype), "folds": folds}
+    with atomic_dir(args.out, "export", [model_dir], overwrite=args.overwrite) as tmp:
+        if vocab is not None:
+            llama_cpp.write_gguf(tmp / llama_cpp.FILE, Path(args.model).name, config,
+                                 llama_cpp.gguf_tensors(sd, config), vocab, llama_cpp.QTYPES[dtype],
+                                 folds["rope"]["rope_theta"], DEEPSEEK_EPS)
+            report = llama_cpp.report(config)
+        else:
+            report = write_deepseek(tmp, args.model, config, model, sd, dtype, folds, log)
+        (tmp / "ecomla_export.json").write_text(json.dumps(meta, indent=2))
+    log(f"wrote {args.out} ({args.format}, {dtype})\n{report}")
+    return meta
+
+
+def write_deepseek(tmp: Path, name: str, config: EcoMLAConfig, model, sd: dict, dtype, folds: dict, log) -> str:
+    """The DeepSeek-V3 folder (weights, tokenizer, generation config, model card); returns the serving report."""
+    ds_config = deepseek_config(config)  # reads the rotary table: not on the meta device
     with torch.device("meta"):
         ds_model = DeepseekV3ForCausalLM(ds_config)
     ds_model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
-    report = deepseek.serving_report(config)
-    with atomic_dir(args.out, "export", [model_dir], overwrite=args.overwrite) as tmp:
-        ds_model.save_pretrained(tmp)
-        try:
-            load_tokenizer(str(path)).save_pretrained(tmp)
-        except UserError as err:
-            log(f"warning: {err}; the output has no tokenizer")
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(args.model, config, folds))
-        meta = {"source": str(path), "format": args.format, "dtype": str(dtype), "folds": folds}
-        (tmp / "ecomla_export.json").write_text(json.dumps(meta, indent=2))
-    log(f"wrote {args.out} ({deepseek.FORMAT}, {dtype})\n{report}")
-    return meta
+    ds_model.save_pretrained(tmp)
+    try:
+        load_tokenizer(name).save_pretrained(tmp)
+    except UserError as err:
+        log(f"warning: {err}; the output has no tokenizer")
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    (tmp / "README.md").write_text(model_card(name, config, folds))
+    return deepseek.serving_report(config)

@@ -111,6 +111,21 @@ def problems(config: EcoMLAConfig) -> list[str]:
     return source_problems(config) + layer_problems(config)
 
 
+# llama.cpp's deepseek2 loader takes its DeepSeek-V2-Lite shape (no query latent: it never reads q_lora_rank) from the
+# layer count alone (src/models/deepseek2.cpp, llama-cpp-python 0.3.36)
+LLAMA_CPP_LITE = ((26, None), (27, None), (48, 128256))  # (layers, vocab or None for any)
+
+
+def llama_cpp_problems(config: EcoMLAConfig) -> list[str]:
+    """Why a DeepSeek-V3-expressible config would be misread by llama.cpp's deepseek2 loader (export --format gguf)."""
+    L, spec = config.num_hidden_layers, config.mla_spec(0)
+    lite = any(L == n and vocab in (None, config.vocab_size) for n, vocab in LLAMA_CPP_LITE)
+    if lite and spec.q_lora_rank:
+        return [f"llama.cpp reads a {L}-layer deepseek2 model as DeepSeek-V2-Lite, which has no query latent, and "
+                f"would ignore q_lora_rank {spec.q_lora_rank}; convert with --q-rank none"]
+    return []
+
+
 def fresh_rope_is_plain(config: EcoMLAConfig, rope_dim: int) -> bool:
     """Would fresh d_rope-dim rotary dims built from the source's rope parameters (the inits without a rope-aware
     layout) be a plain RoPE?"""
@@ -201,9 +216,7 @@ def serving_report(config: EcoMLAConfig) -> str:
     unless vLLM's CPU build takes it, the --kv-rank / --rope-dim that reach each other vLLM width."""
     spec = config.mla_spec(0)
     width, d_nope = spec.cache_elements, spec.qk_nope_head_dim
-    per_layer = SourceShape.of(config).kv_elements_per_layer
-    lines = [f"latent width r_kv + d_rope = {spec.kv_lora_rank} + {spec.qk_rope_head_dim} = {width} "
-             f"({per_layer / width:.2f}x smaller than the source's {per_layer} per layer)"]
+    lines = [latent_line(config)]
     for engine, device in ENGINES:
         accepted = engine_widths(engine, device)
         takes = [b for b in servable_by(width, d_nope) if (b.engine, b.device) == (engine, device)]
@@ -213,6 +226,13 @@ def serving_report(config: EcoMLAConfig) -> str:
     if width not in engine_widths("vLLM", "CPU"):
         lines += width_tips(config)
     return "\n".join(lines)
+
+
+def latent_line(config: EcoMLAConfig) -> str:
+    """The cached latent's width against the source's K/V values per token and layer."""
+    spec, per_layer = config.mla_spec(0), SourceShape.of(config).kv_elements_per_layer
+    return (f"latent width r_kv + d_rope = {spec.kv_lora_rank} + {spec.qk_rope_head_dim} = {spec.cache_elements} "
+            f"({per_layer / spec.cache_elements:.2f}x smaller than the source's {per_layer} per layer)")
 
 
 def backend_label(b: Backend, width: int) -> str:
@@ -260,6 +280,7 @@ def max_plain_rope_dim(config: EcoMLAConfig) -> int:
     return 0
 
 
-__all__ = ["FORMAT", "plain_rope_theta", "problems", "source_problems", "layer_problems", "nope_problem",
-           "fresh_rope_is_plain", "evenly_spaced_pairs", "max_plain_rope_dim", "Backend", "BACKENDS",
-           "VLLM_MLA_WIDTHS", "engine_widths", "servable_by", "width_settings", "serving_report", "next_pow2"]
+__all__ = ["FORMAT", "plain_rope_theta", "problems", "llama_cpp_problems", "source_problems", "layer_problems",
+           "nope_problem", "fresh_rope_is_plain", "evenly_spaced_pairs", "max_plain_rope_dim", "Backend", "BACKENDS",
+           "VLLM_MLA_WIDTHS", "engine_widths", "servable_by", "width_settings", "serving_report", "latent_line",
+           "next_pow2"]
