@@ -97,6 +97,10 @@ def test_one_case_by_hand(tmp_path):
     assert rows["student weights"] == 4 * P and rows["gradients"] == 4 * P
     assert rows["DDP gradient buckets"] == 4 * P and rows["AdamW states"] == 8 * P
     assert rows["teacher weights (replicated)"] == 4 * P_teacher
+    fsdp = plan_run(PlanArgs(student=str(student), teacher=str(teacher), world_size=2, precision="fp32", batch_size=2,
+                             seq_len=32, chunk=1024, memory_per_device="2GB", strategy="fsdp"))["rows"]
+    root = V * D + D  # tied embeddings and head, final norm: whole on every device, as distill's shard_frozen keeps them
+    assert fsdp["teacher weights (layers sharded)"] == 4 * (root + 3 * teacher_layer / 2 + 2 * teacher_layer)
     N, tokens = 2 * 31, 2 * 32
     per_token = 4 * (6 * D + 4 * I + 24 + 20 + 2 * H * 16 + H * 24 + H * 16 + H + 2 + 2 * 8 + 32 / 2)
     assert rows["activations"] == pytest.approx(3 * per_token * tokens + 4 * (2 * D + 1) * tokens + 8 * tokens

@@ -35,7 +35,9 @@ one included; backward adds the lm_head gradient, or one [chunk, V] gradient (ea
 less one (checkpointed). Those counts were measured on this CPU (benchmarks/plan_memory.py). The teacher's final
 hidden states at the target rows stay for the whole step (c N D_teacher).
 
-Strategies (per device; P_s student, P_t trained, P_teacher; the teacher is replicated, as distill loads it):
+Strategies (per device; P_s student, P_t trained, P_teacher). The frozen teacher follows distill's rule
+(`ecomla.distill.sharding.shard_frozen`): under fsdp its decoder layers are sharded like the student's (c P_root +
+c (P_teacher - P_root) / W, plus two of its layers gathered, one prefetched); otherwise it is replicated (c P_teacher).
     ddp    weights 4 P_s, gradients 4 P_t, DDP's gradient buckets 4 P_t (W > 1), AdamW 8 P_t
     fsdp   weights 4 P_s / W, gradients 4 P_t / W, AdamW 8 P_t / W, plus the unsharded working set in c bytes:
            parameters of the root (embeddings, lm_head, final norm) and two decoder layers (one prefetched), and
@@ -84,6 +86,8 @@ class Shapes:
     layer_params: int  # the largest decoder layer
     head_params: int  # lm_head (its gradient appears first in backward)
     teacher_params: int
+    teacher_root_params: int  # the teacher's embeddings, lm_head and final norm: whole on every device
+    teacher_layer_params: int  # its largest decoder layer
     teacher_hidden: int  # D of the teacher
 
 
@@ -192,10 +196,19 @@ def state_bytes(s: Shapes, setup: Setup) -> dict:
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {setup.strategy!r}")
 
 
+def teacher_bytes(s: Shapes, setup: Setup) -> dict:
+    """The frozen teacher's row, by distill's rule (see the module docstring)."""
+    if setup.strategy != "fsdp":
+        return {"teacher weights (replicated)": setup.c * s.teacher_params}
+    layers = s.teacher_params - s.teacher_root_params
+    return {"teacher weights (layers sharded)": setup.c * (s.teacher_root_params + layers / setup.world
+                                                           + 2 * s.teacher_layer_params)}
+
+
 def plan(s: Shapes, setup: Setup) -> Plan:
     """The per-device plan of one KD step."""
     rows = state_bytes(s, setup)
-    rows["teacher weights (replicated)"] = setup.c * s.teacher_params
+    rows.update(teacher_bytes(s, setup))
     rows["activations"] = activation_bytes(s, setup)
     kd = logits_bytes(s, setup)
     rows["KD teacher hidden rows"] = kd["teacher rows"]

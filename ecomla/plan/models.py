@@ -140,4 +140,7 @@ def shapes(student_config: EcoMLAConfig, teacher_config, trainable: str) -> Shap
         linear_params=sum(w.numel() for w in linears), root_params=unique_numel(root),
         layer_params=max(unique_numel(layer.parameters()) for layer in student.model.layers),
         head_params=student.lm_head.weight.numel(), teacher_params=unique_numel(teacher.parameters()),
+        teacher_root_params=unique_numel([*teacher.model.embed_tokens.parameters(), *teacher.model.norm.parameters(),
+                                          *teacher.lm_head.parameters()]),
+        teacher_layer_params=max(unique_numel(layer.parameters()) for layer in teacher.model.layers),
         teacher_hidden=teacher_config.hidden_size)

@@ -6,7 +6,7 @@
     ecomla plan default --kv-rank 64 --rope-dim 32 --teacher default             # a source, as it would convert
 
 Prints weights, gradients and AdamW states (sharded or not by --strategy and --world-size), the frozen teacher
-(replicated: distill loads it whole on every device), the activations at batch x seq-len with and without gradient
+(replicated, or under fsdp its decoder layers sharded, as distill does), the activations at batch x seq-len with and without gradient
 checkpointing, the chunked KD logits, the step's peak, and whether it fits --memory-per-device; if not, the micro-batch
 or strategy that would. The arithmetic and what it counts: memory.py. Checked against measured peaks on a CPU:
 benchmarks/plan_memory.py.
@@ -130,7 +130,9 @@ def format_plan(r: dict) -> str:
     gb = lambda b: f"{b / GB:8.2f}"  # noqa: E731
     lines = [f"student  {r['student']}: {r['student_params'] / 1e6:,.1f}M params, {r['trained_params'] / 1e6:,.1f}M "
              f"trained ({r['trainable']})",
-             f"teacher  {r['teacher']}: {r['teacher_params'] / 1e6:,.1f}M params, replicated on every device",
+             f"teacher  {r['teacher']}: {r['teacher_params'] / 1e6:,.1f}M params, "
+             + ("its decoder layers sharded like the student's" if st["strategy"] == "fsdp"
+                else "replicated on every device"),
              f"KD step on {st['world']} device(s), {st['strategy']}, {st['precision']}: micro-batch {st['batch']} x "
              f"{st['seq_len']} ({st['batch'] * (st['seq_len'] - 1):,} target rows at most), grad_accum "
              f"{st['grad_accum']}, chunk {st['chunk']}", "", f"{'per device':<34}{'GB':>8}"]
