@@ -4,7 +4,7 @@
 # pays it), the conversion shared. Held-out instrument: chat KL / top-1 / ppl and BoolQ-passage text KL / ppl
 # (`ecomla eval --tasks none --max-tokens 8192`, text = boolq: read by no training stream).
 # On one quiet machine, from the repository root (about 3 hours; the CPU goes in the record):
-#   bash benchmarks/levers.sh            # OUT=out/levers by default
+#   bash benchmarks/levers.sh            # OUT=out/levers by default; LEVERS="..." runs a subset
 set -euo pipefail
 OUT=${OUT:-out/levers}
 CONVERT="--kv-rank 64 --rope-dim 32 --init fitted"
@@ -25,6 +25,8 @@ declare -A V=(
   [topk64]="$BASE --teacher-topk 64"
 )
 ORDER=(base every-token mla-lr3e-4 mla-lr1e-3 seq512-bs2 bs2 bs8 bs4-ga2 text25 ild16k topk64)
+# a subset, in this order (base first: topk64 sizes its fill from it): LEVERS="base every-token bs2" bash benchmarks/levers.sh
+if [ -n "${LEVERS:-}" ]; then read -r -a ORDER <<< "$LEVERS"; fi
 one() { python benchmarks/study.py --out "$OUT" --work "$OUT/models" --eval "$EVAL" --variant "$1" "$CONVERT" "${V[$1]}"; }
 for name in "${ORDER[@]}"; do
   if [ "$name" = topk64 ]; then

@@ -14,8 +14,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..common import UserError
-from ..convert.families import source_fields
-from ..mla.config import EcoMLAConfig, MLASpec, SourceShape, parse_q_rank
+from ..convert.args import ConvertArgs
+from ..convert.layers import planned_config
+from ..mla.config import EcoMLAConfig
 from ..mla.model import EcoMLAForCausalLM
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -56,11 +57,10 @@ def shape_config(name: str) -> LlamaConfig:
 
 
 def mla_config(src_config, kv_rank: int, rope_dim: int, q_rank: str = "auto") -> EcoMLAConfig:
-    """Every layer of the source becomes MLA of --kv-rank / --rope-dim / --q-rank (`MLASpec.for_source`)."""
-    fields = source_fields(src_config)  # an unsupported family is a UserError there
-    spec = MLASpec.for_source(SourceShape.of(src_config), kv_rank, rope_dim, parse_q_rank(q_rank))
-    return EcoMLAConfig(**fields, mla_layers=[spec.to_dict()] * fields["num_hidden_layers"],
-                        architectures=["EcoMLAForCausalLM"])
+    """The config `ecomla convert --kv-rank R --rope-dim D --q-rank Q` would write for this source (every layer MLA,
+    the default init's layout): `planned_config`, the one place a conversion's shapes come from."""
+    return planned_config(ConvertArgs(src="(synthetic)", out="-", kv_rank=kv_rank, rope_dim=rope_dim, q_rank=q_rank),
+                          src_config)
 
 
 def synthetic_model(config, dtype: torch.dtype, device: str, seed: int):
