@@ -36,6 +36,7 @@ from typing import Callable
 from ecomla.args import from_namespace, load_yaml_defaults
 from ecomla.cli import COMMANDS, build_parser
 from ecomla.common import UserError
+from ecomla.distill.quiet import library_bars_off
 from ecomla.eval.report import plot_quality_vs_kv, table
 from ecomla.outputs import MANIFEST, started
 
@@ -109,7 +110,8 @@ def run_steps(steps: list[tuple[str, object, Path]], log) -> None:
             continue
         if stage == "distill" and started(out):
             args.resume = True
-        COMMANDS[stage].run(args)
+        with library_bars_off():  # as `ecomla STAGE` shows it: the stage's own bar, not "Loading weights"
+            COMMANDS[stage].run(args)
 
 
 def measure(model: str, src: str, eval_argv: list[str], out: Path, log) -> dict:

@@ -196,3 +196,10 @@ def test_the_frontier_measures_students_at_each_cache_width_on_the_baselines_tok
 
     assert plot_frontier(pts, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_the_eval_table_gives_the_bytes_ratio_beside_the_bytes():
+    from ecomla.eval.report import table
+
+    row = {"name": "s", "tasks": {}, "kv_bytes_per_token": 1800, "compression": 4.0, "bytes_compression": 12.8}
+    assert "| s | 1800 | 12.80x smaller |" in table({"models": [row]})[2]  # a 4-bit 4x latent: bytes, not elements

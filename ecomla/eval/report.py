@@ -30,12 +30,13 @@ def table(results: dict) -> list[str]:
     models = results["models"]
     tasks = [t for t in TASK_ORDER if any(t in m["tasks"] for m in models)]
     tasks += sorted({t for m in models for t in m["tasks"]} - set(tasks))
-    head = ["model", "KV B/token", "smaller", "KL to teacher", "top-1 agree", "KL text", "ppl chat", "ppl text", *tasks,
-            "avg"]
+    head = ["model", "KV B/token", "vs bf16 source", "KL to teacher", "top-1 agree", "KL text", "ppl chat",
+            "ppl text", *tasks, "avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in models:
         ppl = m.get("ppl") or {}
-        cells = [m["name"], str(m.get("kv_bytes_per_token")), f"{m.get('compression', 1):.2f}x",
+        cells = [m["name"], str(m.get("kv_bytes_per_token")),
+                 f"{m.get('bytes_compression', m.get('compression', 1)):.2f}x smaller",  # bytes, as the column before
                  _fmt(m.get("kl_to_teacher")), _fmt(m.get("top1_agreement")), _fmt(m.get("kl_text")),
                  _fmt(ppl.get("chat"), digits=2),
                  _fmt(ppl.get("text"), digits=2)]
