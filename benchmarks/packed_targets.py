@@ -3,7 +3,7 @@
     python benchmarks/packed_targets.py                       # the default chat data, 256-token blocks, seed 0
     python benchmarks/packed_targets.py --blocks 4000 --seq-len 512 --no-mask-prompt
 
-With `--mask-prompt` (the distill default) only assistant tokens are targets, so a block inside a long prompt has
+With `ecomla distill --mask-prompt` only assistant tokens are targets, so a block inside a long prompt has
 none: it costs a teacher forward and a student forward and backward, and teaches nothing. `ecomla distill` packs
 with `skip_untargeted` (ecomla/data/packing.py). Prints, for the first --blocks blocks of the train split, the
 blocks without a target, the quartiles of the target share, and the sha256 of the first 200 blocks (ids and mask)

@@ -55,6 +55,10 @@ class DemoArgs:
     model: str = arg("source model", default="default")
     data: str = arg("chat data for calibration, training and held-out metrics", default="default")
     text: str = arg("plain text for the text perplexity ('boolq', 'lambada' or a file)", default="boolq")
+    train_text: str = arg("plain text for a quarter of the training blocks, so the student keeps more than chat "
+                          "('lambada': 402k tokens of book passages, read by no evaluation; a file; 'none': chat "
+                          "only). 12 minutes at 4x: held-out text KL 1.205 against 1.240 chat-only, chat 0.960 "
+                          "against 0.929", default="lambada")
     rope_dim: int = arg("d_rope", default=32)
     cache_bits: int = arg("latent cache bits: 4 or 8 (c_kv and the rotary part in groups of 32 with a scale and zero "
                           "each), trained for with quantization-aware KD and measured as decoding reads it, or 16; "
@@ -62,8 +66,9 @@ class DemoArgs:
                           "section 5)", default=4)
     ild_tokens: int = arg("tokens for layer-wise alignment before KD (0: KD only, which keeps the fitted start; "
                           "docs/RESULTS.md)", default=0)
-    seq_len: int = arg("training block length", default=256)
-    batch_size: int = arg("training blocks per step", default=4)
+    seq_len: int = arg("training block length (512 x 2 measured a little better than 256 x 4 per minute)",
+                       default=512)
+    batch_size: int = arg("training blocks per step", default=2)
     tasks: str = arg("lm-eval tasks ('all' = the paper's 7 available offline, 'none')", default="all")
     limit: str | None = arg("documents per task (default: sized to --budget-minutes)", default=None)
     eval_tokens: int = arg("held-out target tokens for KL / perplexity", default=4096)
@@ -107,6 +112,8 @@ class DemoArgs:
             except UserError as err:
                 raise UserError(f"--model: {err}") from None
         check_text(self.text, "--text")
+        if self.train_text != "none":
+            check_text(self.train_text, "--train-text")
         data = Path(self.data)
         if (self.data.startswith((".", "/", "~")) or data.suffix in (".json", ".jsonl", ".parquet", ".arrow")) \
                 and not data.exists():
@@ -177,6 +184,7 @@ class Demo:
                            stage="both", ild_tokens=self.a.ild_tokens,  # the minutes size the schedule
                            max_minutes=self.a.budget_minutes, seq_len=self.a.seq_len, batch_size=self.a.batch_size,
                            eval_tokens=0, save_every=20, resume=started(folder) and not done,
+                           text_data=None if self.a.train_text == "none" else self.a.train_text, text_share=0.25,
                            cache_bits=None if self.a.cache_bits == 16 else self.a.cache_bits)
         if self.announce("distill", args, done=done, folder=folder):
             distill(args)

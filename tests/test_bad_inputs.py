@@ -236,6 +236,8 @@ CASES = [
     pytest.param(lambda P: ["demo", "--model", str(P.root / "nosuch"), "--out", str(P.out)], r"--model: no such",
                  id="demo-model-missing"),
     pytest.param(demo("--text", "/nonexistent/text.txt"), r"--text .*no such text file", id="demo-text-missing"),
+    pytest.param(demo("--train-text", "/nonexistent/prose.txt"), r"--train-text .*no such text file .*lambada",
+                 id="demo-train-text-missing"),
     pytest.param(demo("--data", "/nonexistent/chat.jsonl"), r"--data .*no such data file", id="demo-data-missing"),
     # ---- distill: the plain-text mix ------------------------------------------------------------------------------
     pytest.param(dist("--text-data", "/nonexistent/prose.txt"), r"--text-data .*no such text file .*lambada",

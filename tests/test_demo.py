@@ -14,7 +14,8 @@ def test_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows(300)))
     (tmp_path / "text.txt").write_text("\n\n".join([" ".join(WORDS)] * 40))
     argv = ["demo", "--model", str(src), "--data", str(tmp_path / "chat.jsonl"), "--text", str(tmp_path / "text.txt"),
-            "--out", str(tmp_path / "demo"), "--rope-dim", "8", "--budget-minutes", "0.05", "--ild-tokens", "128",
+            "--train-text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "demo"), "--rope-dim", "8",
+            "--budget-minutes", "0.05", "--ild-tokens", "128",
             "--seq-len", "16", "--batch-size", "2", "--tasks", "none", "--eval-tokens", "64", "--bench-contexts", "16",
             "--bench-batch", "1", "--max-new-tokens", "4", "--calib-seqs", "4"]
     assert main(argv) == 0
@@ -28,6 +29,7 @@ def test_demo_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
     assert kd["compression"] == 4.0 and kd["tokens_trained"] > 0
     assert set(res["demo"]["chat"]["answers"]) == {"teacher", "student-0tok", "student-kd"}
     assert any(r["run"] == "absorbed" for r in res["demo"]["bench"]) and "--cache-bits 4" in res["demo"]["commands"]["distill"]
+    assert f"--text-data {tmp_path / 'text.txt'} --text-share 0.25" in res["demo"]["commands"]["distill"]
     for f in ("report.md", "training.png", "quality_vs_kv.png", "frontier.png", "tokens_per_s.png"):
         assert (out / f).is_file(), f
     assert "ecomla demo finished" in capsys.readouterr().out

@@ -133,6 +133,10 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert [schedule(s, None, 2, 0.1, hold=6) for s in range(8)] == [0.5, 1.0] + [1.0] * 6
     timed = [schedule(s, 20, 2, 0.1, hold=6) for s in range(20)]
     assert timed[:7] == [0.5] + [1.0] * 6 and timed[-1] == pytest.approx(0.1) and timed[7] < 1.0
+    # planned for 20 steps, planned again at step 12 for 30: the same curve up to 12, then on from its angle there
+    bent = [schedule(s, 30, 2, 0.1, hold=6, bend=(12, 20)) for s in range(30)]
+    assert bent[:12] == timed[:12] and bent[-1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(bent[6:], bent[7:])) and bent[12] > timed[12]  # slower now, still no restart
 
 
 def test_steps_to_fill_keeps_the_margin_and_pays_for_checkpoints():
@@ -354,30 +358,36 @@ def fake_clock(trainer, slower_after=None, seconds=10.0, slower=13.0):
     return trainer
 
 
-@pytest.mark.parametrize("case", ["fills the minutes", "machine slows down", "max-tokens ends first"])
+@pytest.mark.parametrize("case", ["fills the minutes", "machine slows down", "machine speeds up",
+                                  "max-tokens ends first"])
 def test_a_time_budget_sizes_the_schedule_to_end_at_its_floor(setup, tmp_path, case):
     """10 s a step, 105 s: the length is fixed after CALIBRATION steps (60 s spent) at CALIBRATION + 4 steps (the
-    45 s left, less MARGIN, hold 4 steps), stored in the checkpoint saved then and in the summary; the LR is at its
-    floor on the last step. A machine that gets slower after the measurement is stopped by the clock, before the
-    floor. Given both flags, a smaller --max-tokens ends the run, its schedule at the floor too."""
+    45 s left, less MARGIN, hold 4 steps), stored in the checkpoint saved then, and fixed again halfway (R = 8) from
+    the speed since: a machine that gets slower (13 s) ends a step earlier, one that gets faster (7 s) runs two more,
+    each with the LR at its floor on its last step. Given both flags, a smaller --max-tokens ends the run (no second
+    look: too short), its schedule at the floor too."""
     cap = 64 * 8 if case == "max-tokens ends first" else None  # 8 steps
     trainer = Trainer(args(setup, tmp_path / "t", stage="kd", max_tokens=cap, max_minutes=105 / 60, save_every=4,
                            keep_last=9))
-    fake_clock(trainer, slower_after=CALIBRATION if case == "machine slows down" else None)
+    later = {"machine slows down": 13.0, "machine speeds up": 7.0}.get(case)
+    fake_clock(trainer, slower_after=CALIBRATION if later else None, slower=later or 10.0)
     res = trainer.run()
     curve, rows = losses(tmp_path / "t")
-    want = {"fills the minutes": (10, "max-minutes", 10), "machine slows down": (10, "clock", 9),
-            "max-tokens ends first": (8, "max-tokens", 8)}[case]
+    want = {"fills the minutes": (10, "max-minutes", 10), "machine slows down": (9, "max-minutes", 9),
+            "machine speeds up": (12, "max-minutes", 12), "max-tokens ends first": (8, "max-tokens", 8)}[case]
     assert (res["kd_steps"], res["stopped"], len(curve)) == want
-    kd = json.loads((tmp_path / "t" / "checkpoints" / f"step-{CALIBRATION:07d}" / "trainer.json").read_text())["kd"]
-    assert kd["steps"] == res["kd_steps"] and kd["step_s"] == [10.0] * (CALIBRATION - 2)  # the first two: not timed
-    assert json.loads((tmp_path / "t" / "ecomla_train.json").read_text())["kd_steps"] == res["kd_steps"]
+    ckpt = lambda step: json.loads((tmp_path / "t" / "checkpoints" / f"step-{step:07d}" / "trainer.json").read_text())
+    kd = ckpt(CALIBRATION)["kd"]
+    assert kd["steps"] == kd["first_steps"] == (8 if cap else 10) and kd["step_s"] == [10.0] * (CALIBRATION - 2)
+    summary = json.loads((tmp_path / "t" / "ecomla_train.json").read_text())
+    assert summary["kd_steps"] == res["kd_steps"]
+    if case != "max-tokens ends first":  # fixed again at R = 8, from steps 6 and 7; stored in the checkpoint there
+        assert ckpt(8)["kd"]["steps"] == res["kd_steps"] and ckpt(8)["kd"]["mid_s"] == [later or 10.0] * 2
+        assert summary["kd_length"]["replanned_at"] == 8
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[:CALIBRATION] == [1.5e-3] + [3e-3] * (CALIBRATION - 1)  # 2 warmup steps, the peak held
-    if case != "machine slows down":
-        assert lrs[-1] == pytest.approx(3e-3 * 0.1) and lrs[-2] > lrs[-1]  # the floor, on the last step
-    else:
-        assert lrs[-1] > 3e-3 * 0.1
+    assert lrs[-1] == pytest.approx(3e-3 * 0.1) and lrs[-2] > lrs[-1]  # the floor, on the last step
+    assert all(a >= b for a, b in zip(lrs[CALIBRATION:], lrs[CALIBRATION + 1:]))  # no restart at the second look
 
 
 def test_a_changed_budget_kind_is_refused_on_resume(setup, tmp_path):

@@ -79,12 +79,13 @@ TRAINED = ("4x", "8x")  # past the GQA caches' reach; 2x with a 4-bit latent (4.
 
 def frontier() -> Spec:
     """Students at 2x/4x/8x, at 0 tokens (each latent cache width) and after the demo's KD tokens with a 4-bit
-    latent cache (quantization-aware), on kv_quant_baselines' held-out tokens."""
+    latent cache (quantization-aware) and the demo's stream (every token a target, 512-token blocks, a quarter
+    plain text), on kv_quant_baselines' held-out tokens."""
     converts = tuple(f"python -m ecomla convert default out/frontier/s{r} --kv-rank {RANKS[r]} --rope-dim 32 "
                      "--init fitted" for r in ("4x", "8x", "2x"))
     kd = tuple(f"python -m ecomla distill out/frontier/s{r} --out out/frontier/s{r}-int4-kd --stage kd "
-               f"--max-tokens {KD_TOKENS} --seq-len 256 --batch-size 4 --eval-tokens 0 --cache-bits 4 --no-progress"
-               for r in TRAINED)
+               f"--max-tokens {KD_TOKENS} --seq-len 512 --batch-size 2 --text-data lambada --eval-tokens 0 "
+               "--cache-bits 4 --no-progress" for r in TRAINED)
     students = ",".join([f"{r}=out/frontier/s{r}" for r in RANKS] + [f"{r}-int4-kd=out/frontier/s{r}-int4-kd"
                                                                     for r in TRAINED])
     return Spec((*converts[:2], *kd, converts[2], f"python benchmarks/frontier.py --students {students} --cache-bits 16,8,4 "

@@ -67,8 +67,9 @@ class DistillArgs:
     temperature: float = arg("KD temperature (loss scaled by T^2)", default=1.0)
     kl_weight: float = arg("weight of the divergence", default=1.0)
     ce_weight: float = arg("weight of plain cross-entropy on the data (paper default 0)", default=0.0)
-    mask_prompt: bool = arg("KD on assistant tokens only (the default); --no-mask-prompt: on every token (the "
-                            "teacher gives a distribution at every position)", default=True)
+    mask_prompt: bool = arg("KD on assistant tokens only; by default every token is a target (the teacher gives a "
+                            "distribution at every position: after 12 minutes of KD at 4x, held-out chat KL 0.93 "
+                            "against 1.05 with --mask-prompt)", default=False)
     trainable: str = arg("KD trainable set: all (paper), attention, mla", default="all", choices=TRAINABLE)
     cache_bits: int | None = arg("train for a latent cache of 8 or 4 bits: every forward reads the latent fake-"
                                  "quantized as that cache stores it (straight-through gradients); recorded in the "

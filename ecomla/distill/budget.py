@@ -12,15 +12,21 @@ machine. So the schedule before step CALIBRATION (= 6) depends on nothing unknow
 the peak held. After step CALIBRATION finishes, a checkpoint is saved (timed: what each later one will cost) and
 S is fixed from the speed measured over the KD steps of [SKIP, CALIBRATION) (each process skips its first SKIP
 steps: compiling, first allocations) and the minutes left; the cosine runs from step CALIBRATION down to the floor on
-step S-1. S and the measured seconds go into every checkpoint's trainer.json, so a resumed run uses the stored S
-and is bit-identical to the run never interrupted; a run resumed before S was fixed measures again, with the step
+step S-1.
+
+A shared machine's speed moves by 10-30% within a run, and the first steps are rarely typical (12 minutes of KD on
+the AMD CPU: the calibrated length used 84-90% of the minutes in four runs of five; notebook 2026-12-07). So the
+clock is read once more, halfway: at step R = CALIBRATION + (S - CALIBRATION) // 2, S is fixed again from the
+speed of the steps since CALIBRATION and the minutes left, and the cosine goes on from the angle it had reached
+at step R-1 to the floor on the new last step (continuous, no restart). A checkpoint is saved there too. The
+lengths, R and the seconds measured go into every checkpoint's trainer.json, so a resumed run uses the stored lengths and is
+bit-identical to the run never interrupted; a run resumed before a length was fixed measures again, with the step
 times stored so far.
 
-MARGIN (3%) of the time left is kept for speed noise. The clock still stops a run that gets slower than measured:
-cut at 90% of the cosine, the LR is 1.2x its floor (the tail is flat), so noise costs a few steps near the floor.
-A margin sized for the 10-30% noise of a shared machine would leave that share of every quiet machine's minutes
-unused. Given both flags, S is the smaller of the two counts: whichever ends first ends the run, with the schedule
-at its floor.
+MARGIN (3%) of the time left is kept for speed noise. The clock still stops a run that gets slower than measured
+after R: cut at 90% of the cosine, the LR is 1.2x its floor (the tail is flat), so noise costs a few steps near
+the floor. Given both flags, S is the smaller of the two counts: whichever ends first ends the run, with the
+schedule at its floor.
 """
 
 from __future__ import annotations
@@ -42,17 +48,24 @@ def warmup_steps(steps: int, ratio: float) -> int:
     return max(1, round(ratio * steps))
 
 
-def schedule(step: int, steps: int | None, warmup: int, floor: float, hold: int | None = None) -> float:
+def schedule(step: int, steps: int | None, warmup: int, floor: float, hold: int | None = None,
+             bend: tuple[int, int] | None = None) -> float:
     """Multiplier for step `step` of a `steps`-step stage: linear warmup over `warmup` steps (the first step already
     moves), the peak held until step `hold` (default: the warmup's end), then cosine down to `floor` on the last
-    step. steps None: the length is not known yet, the peak is held."""
+    step. steps None: the length is not known yet, the peak is held. bend (R, S1): the cosine was planned for S1
+    steps and re-planned at step R; from R it goes on from the angle of step R-1 to pi on step steps-1."""
     if step < warmup:
         return (step + 1) / warmup
     start = warmup if hold is None else hold
     if steps is None or step < start:
         return 1.0
-    p = (step - start) / max(1, steps - 1 - start)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    if bend is None or step < bend[0]:
+        angle = math.pi * min(1.0, (step - start) / max(1, (steps if bend is None else bend[1]) - 1 - start))
+    else:  # on from the angle of step R-1, the last one run under the first plan, to pi on step steps-1
+        last = bend[0] - 1
+        reached = math.pi * min(1.0, max(0, last - start) / max(1, bend[1] - 1 - start))
+        angle = reached + (math.pi - reached) * min(1.0, (step - last) / max(1, steps - 1 - last))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(angle))
 
 
 def steps_to_fill(left_s: float, step_s: float, save_s: float, save_every: int, margin: float = MARGIN) -> int:
@@ -73,6 +86,10 @@ class Budget:
     steps: int | None = None
     step_s: list[float] = field(default_factory=list)  # KD step seconds measured before the length was fixed
     save_s: float | None = None  # seconds of the checkpoint saved at step CALIBRATION
+    first_steps: int | None = None  # the length fixed at CALIBRATION (S1)
+    replan_at: int | None = None  # R: where the length is fixed again (None: too short to bother)
+    mid_s: list[float] = field(default_factory=list)  # KD step seconds measured in [CALIBRATION, R)
+    replanned: bool = False
 
     def __post_init__(self):
         if not self.timed:
@@ -86,12 +103,18 @@ class Budget:
     def multiplier(self, k: int, warmup_ratio: float, floor: float) -> float:
         if not self.timed:
             return schedule(k, self.steps, warmup_steps(self.steps, warmup_ratio), floor)
-        return schedule(k, self.steps, WARMUP, floor, hold=CALIBRATION)
+        bend = (self.replan_at, self.first_steps) if self.replanned else None
+        return schedule(k, self.steps, WARMUP, floor, hold=CALIBRATION, bend=bend)
 
-    def measuring(self, k: int, done_here: int) -> bool:
-        """Whether KD step k (k < 0: an ILD step), after `done_here` KD steps in this process, is timed for the
-        calibration."""
-        return self.timed and self.steps is None and 0 <= k < CALIBRATION and done_here >= SKIP
+    def record(self, k: int, done_here: int, seconds: float) -> None:
+        """Keep the seconds of KD step k (run after `done_here - 1` KD steps in this process) if a length will be
+        fixed from it: before CALIBRATION, or between CALIBRATION and R."""
+        if not self.timed or done_here <= SKIP or k < 0:  # each process's first SKIP KD steps are not timed
+            return
+        if self.steps is None and k < CALIBRATION:
+            self.step_s.append(seconds)
+        elif self.replan_at is not None and not self.replanned and CALIBRATION <= k < self.replan_at:
+            self.mid_s.append(seconds)
 
     def due(self, done: int) -> bool:
         """Whether the length is fixed now, `done` KD steps into the stage (later than CALIBRATION only after a
@@ -106,6 +129,24 @@ class Budget:
         self.steps = CALIBRATION + steps_to_fill(left, step_s, save_s, self.save_every)
         if self.cap is not None:
             self.steps = min(self.steps, self.cap)
+        self.first_steps = self.steps
+        half = (self.steps - CALIBRATION) // 2
+        self.replan_at = CALIBRATION + half if half >= 2 else None
+        return self.steps
+
+    def replan_due(self, done: int) -> bool:
+        """Whether the length is fixed again now, `done` KD steps into the stage."""
+        return self.timed and self.replan_at is not None and not self.replanned and done >= self.replan_at
+
+    def replan(self, spent_s: float) -> int:
+        """The length again, at R, from the speed since CALIBRATION (or the calibration's, when a resume at R
+        measured none) and the `spent_s` seconds used; never below R + 1."""
+        times = self.mid_s or self.step_s
+        step_s = max(sum(times) / len(times), 1e-6) if times else 1e-6
+        left = self.minutes * 60 - spent_s
+        steps = self.replan_at + max(1, steps_to_fill(left, step_s, self.save_s or 0.0, self.save_every))
+        self.steps = steps if self.cap is None else min(steps, self.cap)
+        self.replanned = True
         return self.steps
 
     def ended_by(self) -> str:
@@ -116,14 +157,19 @@ class Budget:
         """What a checkpoint stores (trainer.json) and the run's summary reports."""
         return {"steps": self.steps, "cap": self.cap, "timed": self.timed, "step_s": self.step_s,
                 "save_s": self.save_s, "calibration": CALIBRATION if self.timed else None,
-                "margin": MARGIN if self.timed else None}
+                "margin": MARGIN if self.timed else None, "first_steps": self.first_steps,
+                "replan_at": self.replan_at, "mid_s": self.mid_s, "replanned": self.replanned}
 
     def summary(self) -> dict:
         """For the run's summary: the length, what sized it, and the mean measured step."""
         mean = sum(self.step_s) / len(self.step_s) if self.step_s else None
+        mid = sum(self.mid_s) / len(self.mid_s) if self.mid_s else None
         return {"by": "max-minutes" if self.timed else "max-tokens", "kd_steps": self.steps,
                 "max_tokens_steps": self.cap, "measured_step_s": mean, "checkpoint_s": self.save_s,
-                "margin": MARGIN if self.timed else None}
+                "margin": MARGIN if self.timed else None, "first_kd_steps": self.first_steps,
+                "replanned_at": self.replan_at if self.replanned else None, "mid_step_s": mid}
 
     def load(self, state: dict) -> None:
         self.steps, self.step_s, self.save_s = state["steps"], list(state["step_s"]), state["save_s"]
+        self.first_steps, self.replan_at = state.get("first_steps"), state.get("replan_at")
+        self.mid_s, self.replanned = list(state.get("mid_s", [])), state.get("replanned", False)

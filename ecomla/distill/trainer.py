@@ -292,10 +292,13 @@ class Trainer:
         self.acc.wait_for_everyone()
         return final
 
-    def _fix_length(self, spent: float, save_s: float) -> None:
-        """The KD stage's length from the main process's measurements, the same on every process."""
-        steps = self.budget.fix(spent, save_s) if self.acc.is_main_process else None
-        self.budget.steps = broadcast_object_list([steps])[0]
+    def _fix_length(self, spent: float, save_s: float | None = None, replan: bool = False) -> None:
+        """The KD stage's length from the main process's measurements (at CALIBRATION, or again at R: budget.py),
+        the same on every process."""
+        if self.acc.is_main_process:
+            self.budget.replan(spent) if replan else self.budget.fix(spent, save_s)
+        state = broadcast_object_list([self.budget.state() if self.acc.is_main_process else None])[0]
+        self.budget.load(state)
 
     def resume(self) -> None:
         """Restore the newest checkpoint (none yet: start at step 0). Nothing in it is unpickled: tensors load
@@ -391,15 +394,18 @@ class Trainer:
                 if self._out_of_time(spent(), times):
                     stopped = "clock"
                     break
-                measured = self.budget.measuring(self.step - self.ild_steps, self.kd_here)
                 row = self._train_step()
                 self.log({**row, "elapsed_s": round(spent(), 2)})
                 show(bar, row)
                 times.append(self.clock() - start)
-                if measured:
-                    self.budget.step_s.append(times[-1])
+                self.budget.record(self.step - 1 - self.ild_steps, self.kd_here, times[-1])
                 if self.budget.due(self.step - self.ild_steps):
                     self.save_checkpoint(spent(), fix_length=True)
+                    bar.total = self.total_steps
+                    bar.refresh()
+                elif self.budget.replan_due(self.step - self.ild_steps):
+                    self._fix_length(spent(), replan=True)
+                    self.save_checkpoint(spent())
                     bar.total = self.total_steps
                     bar.refresh()
                 elif self.step % a.save_every == 0 and self._more():
