@@ -206,7 +206,7 @@ CASES = [
     pytest.param(bench("--shape", "tiny", "--steps", "0"), r"--steps and --repeats >= 1", id="bench-steps-zero"),
     pytest.param(bench("--shape", "tiny", "--threads", "0"), r"--threads must be >= 1", id="bench-threads-zero"),
     pytest.param(bench("--shape", "tiny", "--runs", "nosuch"), r"--runs: unknown run", id="bench-unknown-run"),
-    pytest.param(bench("--shape", "tiny", "--kv-rank", "0", "--rope-dim", "8"), r"kv_lora_rank must be >= 1",
+    pytest.param(bench("--shape", "tiny", "--kv-rank", "0", "--rope-dim", "8"), r"--kv-rank must be >= 1, got 0",
                  id="bench-kv-rank-zero"),
     pytest.param(bench("--shape", "tiny", "--kv-rank", "8", "--rope-dim", "3"), r"positive even number",
                  id="bench-rope-dim-odd"),

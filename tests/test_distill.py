@@ -255,7 +255,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(setup, tmp_pat
 
 
 def test_text_data_puts_a_share_of_plain_text_blocks_in_every_batch(setup, tmp_path):
-    trainer = Trainer(args(setup, tmp_path / "mix", stage="kd", text_data=str(setup / "prose.txt"), text_share=0.25))
+    trainer = Trainer(args(setup, tmp_path / "mix", stage="kd", text_data=str(setup / "prose.txt"), text_share=0.25,
+                           mask_prompt=True))  # chat blocks: assistant tokens only, so the text rows stand out
     try:
         for step in range(3):
             b = trainer.batch(trainer.blocks(step, 0))
