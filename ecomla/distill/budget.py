@@ -19,9 +19,9 @@ the AMD CPU: the calibrated length used 84-90% of the minutes in four runs of fi
 clock is read once more, halfway: at step R = CALIBRATION + (S - CALIBRATION) // 2, S is fixed again from the
 speed of the steps since CALIBRATION and the minutes left, and the cosine goes on from the angle it had reached
 at step R-1 to the floor on the new last step (continuous, no restart). A checkpoint is saved there too. The
-lengths, R and the seconds measured go into every checkpoint's trainer.json, so a resumed run uses the stored lengths and is
-bit-identical to the run never interrupted; a run resumed before a length was fixed measures again, with the step
-times stored so far.
+lengths, R and the seconds measured go into every checkpoint's trainer.json, so a resumed run uses the stored
+lengths and is bit-identical to the run never interrupted; a run resumed before a length was fixed measures again,
+with the step times stored so far.
 
 MARGIN (3%) of the time left is kept for speed noise. The clock still stops a run that gets slower than measured
 after R: cut at 90% of the cosine, the LR is 1.2x its floor (the tail is flat), so noise costs a few steps near
