@@ -43,7 +43,7 @@ class ConvertArgs:
     kv_rank: int | None = arg("latent rank r_kv per MLA layer (or use --rank-energy). Where it pays, on SmolLM2-135M "
                               "(docs/RESULTS.md section 5): 64 with d_rope 32 and a 4-bit latent cache (`distill "
                               "--cache-bits 4`) is 12.8x smaller than the bf16 GQA cache and, after 46k KD tokens, "
-                              "below the source's 2-bit quantized caches (5.5x) in KL (0.97 / 1.21 chat / text "
+                              "below the source's 2-bit quantized caches (5.5x) in KL (0.95 / 1.17 chat / text "
                               "against 1.55 / 1.30). Up to ~3.3x, quantizing the source's own cache is the better choice "
                               "(4-bit: KL 0.016, against 0.39 for r_kv 160 at 0 tokens)", default=None)
     rope_dim: int = arg("d_rope: decoupled rotary dims, one rotary key shared by all heads", default=32)
