@@ -391,6 +391,30 @@ def test_a_time_budget_sizes_the_schedule_to_end_at_its_floor(setup, tmp_path, c
     assert all(a >= b for a, b in zip(lrs[CALIBRATION:], lrs[CALIBRATION + 1:]))  # no restart at the second look
 
 
+def test_a_time_budget_killed_after_its_second_look_resumes_bit_identically(setup, tmp_path, monkeypatch):
+    """The speeds-up case above (12 steps, the length fixed again at R = 8), interrupted at step 10 and resumed: the
+    stored lengths and R give the uninterrupted run's steps, losses and LRs."""
+    kw = dict(stage="kd", max_tokens=None, max_minutes=105 / 60, save_every=4, keep_last=9)
+    make = lambda out, **more: fake_clock(Trainer(args(setup, out, **kw, **more)), slower_after=CALIBRATION,  # noqa
+                                          slower=7.0)
+    make(tmp_path / "full").run()
+    original = Trainer.kd_step
+
+    def dies_at_step_10(self, step):
+        if step == 10:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "kd_step", dies_at_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path / "cut").run()
+    monkeypatch.setattr(Trainer, "kd_step", original)
+    res = make(tmp_path / "cut", resume=True).run()
+    (full, full_rows), (cut, rows) = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows[:-1]]
+    assert res["kd_steps"] == 12 and len(cut) == len(full) == 12 and untimed(rows) == untimed(full_rows)
+
+
 def test_a_changed_budget_kind_is_refused_on_resume(setup, tmp_path):
     Trainer(args(setup, tmp_path / "r", stage="kd", max_tokens=64 * 2)).run()
     with pytest.raises(UserError, match="--max-minutes given"):  # the schedule's kind is part of the run

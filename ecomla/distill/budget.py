@@ -15,7 +15,7 @@ steps: compiling, first allocations) and the minutes left; the cosine runs from 
 step S-1.
 
 A shared machine's speed moves by 10-30% within a run, and the first steps are rarely typical (12 minutes of KD on
-the AMD CPU: the calibrated length used 84-90% of the minutes in four runs of five; notebook 2026-12-07). So the
+the AMD CPU: the calibrated length used 84-90% of the minutes in four runs of six; notebook 2026-12-07). So the
 clock is read once more, halfway: at step R = CALIBRATION + (S - CALIBRATION) // 2, S is fixed again from the
 speed of the steps since CALIBRATION and the minutes left, and the cosine goes on from the angle it had reached
 at step R-1 to the floor on the new last step (continuous, no restart). A checkpoint is saved there too. The

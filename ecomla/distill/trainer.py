@@ -295,8 +295,10 @@ class Trainer:
     def _fix_length(self, spent: float, save_s: float | None = None, replan: bool = False) -> None:
         """The KD stage's length from the main process's measurements (at CALIBRATION, or again at R: budget.py),
         the same on every process."""
-        if self.acc.is_main_process:
-            self.budget.replan(spent) if replan else self.budget.fix(spent, save_s)
+        if self.acc.is_main_process and replan:
+            self.budget.replan(spent)
+        elif self.acc.is_main_process:
+            self.budget.fix(spent, save_s)
         state = broadcast_object_list([self.budget.state() if self.acc.is_main_process else None])[0]
         self.budget.load(state)
 
