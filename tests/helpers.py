@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -35,14 +35,28 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def make_bpe_tokenizer(vocab_size: int = BPE_VOCAB) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (GPT-2's pre-tokenizer, as SmolLM2's), trained on WORDS: what the GGUF export can write."""
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+def make_bpe_tokenizer(vocab_size: int = BPE_VOCAB, style: str = "smollm") -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on WORDS (and a few numbers), split as SmolLM2's tokenizer splits text (GPT-2's
+    pattern inside ByteLevel), or with `style` "llama3" / "qwen2" as theirs do (tokenizer.json's Split pattern, then
+    ByteLevel without its own; Llama-3's BPE ignores merges for whole words in the vocab, Qwen2's normalizes to
+    NFC): the pre-tokenizers the GGUF export can write."""
+    from ecomla.export.llama_cpp import SPLIT_PRE
+
+    tk = Tokenizer(models.BPE(ignore_merges=style == "llama3"))
+    if style == "smollm":
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        pattern = next(p for p, (name, _) in SPLIT_PRE.items() if name == {"llama3": "llama-bpe"}.get(style, style))
+        tk.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        if style == "qwen2":
+            tk.normalizer = normalizers.NFC()
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))], trainer)
+    numbers = "" if style == "smollm" else " 2024 365 1234567 42"  # SmolLM2's vocab merges no digits
+    tk.train_from_iterator([" ".join(WORDS[i:] + WORDS[:i]) + numbers for i in range(len(WORDS))], trainer)
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<|im_start|>",
                                   eos_token="<|im_end|>", pad_token="<pad>")
     tok.chat_template = CHAT_TEMPLATE

@@ -6,6 +6,7 @@ RMSNorm eps), so the key and tensor conventions are checked on every run.
 """
 
 import json
+import re
 import math
 import shutil
 
@@ -189,6 +190,49 @@ def test_float16_writes_f16_matrices_and_f32_norms(mla, tmp_path):
     assert kinds["blk.0.attn_k_b.weight"] == kinds["token_embd.weight"] == gguf.GGMLQuantizationType.F16
     assert kinds["blk.0.attn_kv_a_norm.weight"] == kinds["output_norm.weight"] == gguf.GGMLQuantizationType.F32
     assert field(r, "general.file_type") == gguf.LlamaFileType.MOSTLY_F16
+
+
+@pytest.mark.parametrize("style, pre", [("llama3", "llama-bpe"), ("qwen2", "qwen2")])
+def test_llama_3_and_qwen2_tokenizers_are_written_with_their_pre_tokenizer(mla, tmp_path, style, pre):
+    shutil.copytree(mla(), tmp_path / "mla")
+    tok = make_bpe_tokenizer(style=style)
+    tok.save_pretrained(tmp_path / "mla")
+    r = to_gguf(tmp_path / "mla", tmp_path / "g")
+    assert field(r, "tokenizer.ggml.pre") == pre
+    f = r.fields["tokenizer.ggml.tokens"]
+    assert [bytes(f.parts[i]).decode() for i in f.data] == tok.convert_ids_to_tokens(list(range(BPE_VOCAB)))
+
+
+@pytest.mark.parametrize("change", ["llama3 pattern without ignore_merges", "qwen2 pattern with ignore_merges",
+                                    "another split pattern", "a prefix space"])
+def test_a_split_pre_tokenizer_llama_cpp_would_split_differently_is_refused(mla, tmp_path, change):
+    shutil.copytree(mla(), tmp_path / "mla")
+    tok = make_bpe_tokenizer(style="qwen2" if change.startswith("qwen2") else "llama3")
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    split, byte_level = spec["pre_tokenizer"]["pretokenizers"]
+    if "ignore_merges" in change:
+        spec["model"]["ignore_merges"] = not spec["model"]["ignore_merges"]
+    elif change == "another split pattern":
+        split["pattern"]["Regex"] = split["pattern"]["Regex"].replace(r"\p{N}{1,3}", r"\p{N}{1,2}")
+    else:
+        byte_level["add_prefix_space"] = True
+    (tmp_path / "mla" / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError, match="tokenizer is not one the GGUF export writes.*Llama-3's or Qwen2's"):
+        export(ExportArgs(model=str(tmp_path / "mla"), out=str(tmp_path / "g"), format="gguf"), **QUIET)
+    assert not (tmp_path / "g").exists()
+
+
+def test_the_export_names_llama_cpps_cache_type_for_a_model_trained_with_a_quantized_latent(mla, tmp_path):
+    shutil.copytree(mla(), tmp_path / "mla")
+    lines = []
+    export(ExportArgs(model=str(tmp_path / "mla"), out=str(tmp_path / "g16"), format="gguf"), log=lines.append)
+    assert "trained for" not in "\n".join(lines)
+    for bits, says in ((8, "--cache-type-k q8_0"), (4, "--cache-type-k q4_1.*straddle c_kv and the rotary part")):
+        config = json.loads((tmp_path / "mla" / "config.json").read_text())
+        (tmp_path / "mla" / "config.json").write_text(json.dumps({**config, "cache_bits": bits}))
+        lines = []
+        export(ExportArgs(model=str(tmp_path / "mla"), out=str(tmp_path / f"g{bits}"), format="gguf"), log=lines.append)
+        assert re.search(f"trained for an? {bits}-bit latent cache: .*{says}", "\n".join(lines))
 
 
 def test_a_word_level_tokenizer_is_refused_before_anything_is_written(mla, tmp_path):

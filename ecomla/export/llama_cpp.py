@@ -16,7 +16,8 @@ llama-cpp-python 0.3.36's vendored src/models/deepseek2.cpp and llama-model.cpp)
   the loader); expert_feed_forward_length and expert_shared_count are required, so they are written (unused);
 - every RMSNorm uses the one layer_norm_rms_epsilon: the export's 1e-6, with the source's eps folded in;
 - rotary: llama.cpp's normal (adjacent-pair) RoPE, the layout the DeepSeek-V3 export writes; no YaRN keys;
-- the tokenizer (byte-level BPE) and chat template are embedded; norms are F32 as llama.cpp's converter writes them.
+- the tokenizer (byte-level BPE split as SmolLM2's, Llama-3's or Qwen2's) and chat template are embedded; norms are
+  F32 as llama.cpp's converter writes them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ FILE_TYPES = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
 # a ByteLevel BPE vocab where no two digits and no space and digit ever merge: llama.cpp's "smollm" pre-tokenizer
 # (digits split singly, then GPT-2's pattern, no space clean-up when decoding) splits text exactly as ByteLevel does
 DIGIT_MERGE = re.compile(r"\d\d|Ġ\d")
+# the Split patterns of tokenizer.json files that llama.cpp's pre-tokenizers reproduce (it writes the case-insensitive
+# contractions out; llama-vocab.cpp): Llama-3's (numbers in runs of up to 3; whole words found in the vocab are not
+# merged: BPE ignore_merges) and Qwen2's (single digits)
+SPLIT_PRE = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        ("llama-bpe", True),
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        ("qwen2", False),
+}
 
 
 @dataclass
@@ -57,17 +67,37 @@ class Vocab:
     chat_template: str | None = None
 
 
+def pre_tokenizer(spec: dict) -> str | None:
+    """llama.cpp's name for the pre-tokenizer of a tokenizer.json `spec` (byte-level BPE), or None if it has none
+    that splits text the same way: SmolLM2's ("smollm"), Llama-3's ("llama-bpe") or Qwen2's ("qwen2")."""
+    bpe, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if (bpe.get("type") != "BPE" or bpe.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel"
+            or (spec.get("normalizer") or {}).get("type", "NFC") != "NFC"):  # NFC: Qwen2's; llama.cpp skips it
+        return None
+    if pre.get("type") == "ByteLevel":  # GPT-2's pattern inside ByteLevel
+        plain = (pre.get("use_regex", True) and not pre.get("add_prefix_space") and not bpe.get("ignore_merges")
+                 and spec.get("normalizer") is None)
+        return "smollm" if plain and not any(DIGIT_MERGE.search(t) for t in bpe["vocab"]) else None
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") != "Sequence" or len(steps) != 2:
+        return None
+    split, byte_level = steps
+    if (split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert")
+            or byte_level.get("type") != "ByteLevel" or byte_level.get("use_regex", True)
+            or byte_level.get("add_prefix_space")):
+        return None
+    name, ignore_merges = SPLIT_PRE.get((split.get("pattern") or {}).get("Regex"), (None, None))
+    return name if name is not None and bool(bpe.get("ignore_merges")) == ignore_merges else None
+
+
 def gguf_vocab(tok, vocab_size: int, model: str) -> Vocab:
     """The GGUF vocabulary of a transformers fast tokenizer, or a UserError if llama.cpp would tokenize differently."""
     spec = json.loads(tok.backend_tokenizer.to_str())
-    bpe, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
-    byte_level = (bpe.get("type") == "BPE" and not bpe.get("byte_fallback") and not bpe.get("ignore_merges")
-                  and spec.get("normalizer") is None and (spec.get("decoder") or {}).get("type") == "ByteLevel"
-                  and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"))
-    if not byte_level or any(DIGIT_MERGE.search(t) for t in bpe["vocab"]):
-        raise UserError(f"{model}'s tokenizer is not one the GGUF export writes (a byte-level BPE with GPT-2's "
-                        "pre-tokenizer and no merged digits, as SmolLM2's); export with --format deepseek-v3 and "
-                        "convert that folder with llama.cpp's convert_hf_to_gguf.py")
+    bpe, pre = spec.get("model") or {}, pre_tokenizer(spec)
+    if pre is None:
+        raise UserError(f"{model}'s tokenizer is not one the GGUF export writes (a byte-level BPE that splits text as "
+                        "SmolLM2's, Llama-3's or Qwen2's); export with --format deepseek-v3 and convert that folder "
+                        "with llama.cpp's convert_hf_to_gguf.py")
     ids = {**bpe["vocab"], **{a["content"]: a["id"] for a in spec.get("added_tokens", [])}}
     if max(ids.values()) >= vocab_size:
         raise UserError(f"{model}'s tokenizer has ids up to {max(ids.values())}, beyond the model's vocab of "
@@ -82,7 +112,7 @@ def gguf_vocab(tok, vocab_size: int, model: str) -> Vocab:
     merges = [" ".join(m) if isinstance(m, list) else m for m in bpe.get("merges", [])]
     plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
     special = {k: getattr(tok, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
-    return Vocab(pre="smollm", tokens=tokens, types=types, merges=merges,
+    return Vocab(pre=pre, tokens=tokens, types=types, merges=merges,
                  special={k: v for k, v in special.items() if v is not None},
                  add_bos=full[:1] != plain[:1] and full[0] == tok.bos_token_id,
                  add_eos=full[-1:] != plain[-1:] and full[-1] == tok.eos_token_id,
@@ -174,4 +204,20 @@ def write_gguf(path: Path, name: str, config: EcoMLAConfig, tensors: dict[str, t
 
 def report(config: EcoMLAConfig) -> str:
     return (f"{deepseek.latent_line(config)}\n  llama.cpp (deepseek2, any width) caches these values per token and "
-            "layer at its cache type's size (f16: 2 bytes each; q8_0: 34 bytes per 32)")
+            "layer at its cache type's size (f16: 2 bytes each; q8_0: 34 bytes per 32; q4_1: 20 bytes per 32)"
+            + cache_tip(config))
+
+
+def cache_tip(config: EcoMLAConfig) -> str:
+    """The llama.cpp cache type for a checkpoint trained with a quantized latent (`distill --cache-bits`)."""
+    spec = config.mla_spec(0)
+    if config.cache_bits == 16:
+        return ""
+    if config.cache_bits == 8:
+        return ("\n  trained for an 8-bit latent cache: llama.cpp's nearest is --cache-type-k q8_0 with flash attention "
+                "(symmetric, 34 bytes per 32 values)")
+    aligned = spec.kv_lora_rank % 32 == 0 and spec.qk_rope_head_dim % 32 == 0
+    return ("\n  trained for a 4-bit latent cache: run llama.cpp with --cache-type-k q4_1 and flash attention; its "
+            "blocks of 32 are ecomla's 4-bit groups" + (" exactly (r_kv and d_rope are multiples of 32)" if aligned
+            else f", but they straddle c_kv and the rotary part here (r_kv {spec.kv_lora_rank}, d_rope "
+                 f"{spec.qk_rope_head_dim}: not multiples of 32), so they are not the groups it was trained for"))
