@@ -12,6 +12,7 @@ as `ecomla convert` does), and prints the coefficient of variation of rms(c) per
 from __future__ import annotations
 
 import argparse
+import inspect
 
 import torch
 
@@ -42,7 +43,7 @@ def main() -> None:
     with torch.no_grad():
         for ids in calibration_batches(load_tokenizer(path), "default", a.seqs, a.seq_len, 0):
             model(input_ids=ids, use_cache=False)
-    default_clip = norms.steady_basis.__defaults__[-1]
+    default_clip = inspect.signature(norms.steady_basis).parameters["max_condition"].default
     print(f"| layer | raw | basis, no clip | condition | basis, clip {default_clip:g} | condition |")
     print("|---|---|---|---|---|---|")
     for i in layers:

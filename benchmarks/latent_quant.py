@@ -11,7 +11,10 @@ are per token and layer of the cache, scales included, against the bf16 GQA sour
 Variants: c_kv in per-token groups of 32 or 64 at 8 and 4 bits; the rotary part in fp16, in per-token 8- or 4-bit
 groups (exact: no window), or 4-bit with a static per-pair scale (a rotated pair keeps its radius: the largest radius
 of each pair over --calib-tokens training tokens, symmetric codes; it needs calibration and ships in the weights,
-so it is measured here before anything is built for it).
+so it is measured here before anything is built for it). Below 4 bits: c_kv at 3 bits (groups of 32) and 2 bits
+(32 or 64), also after a fixed random rotation of c_kv (`rotated`, an exact fold): what a wider latent would need to
+reach 12x (the 2x student at 2 bits in groups of 64 is 10.7x). They break (docs/notebook/LOG.md, 2026-12-07), so
+the cache has no 3- or 2-bit format.
 """
 
 from __future__ import annotations
@@ -58,7 +61,28 @@ def variants(r_kv: int, d_rope: int, radius: torch.Tensor) -> dict:
     f = lambda bits, group=32, rope=16: LatentFormat(r_kv, d_rope, bits, rope_bits=rope, group=group)  # noqa: E731
     return {"16-bit": None, "int8 g32": f(8), "int8 g64": f(8, 64), "int4 g32": f(4), "int4 g64": f(4, 64),
             "int4 g32 rope8": f(4, rope=8), "int4 g32 rope4": f(4, rope=4),
-            "int4 g32 rope4-static": StaticRope(f(4), radius)}
+            "int4 g32 rope4-static": StaticRope(f(4), radius),
+            "int3 g32 rope4": f(3, rope=4), "int2 g32 rope4": f(2, rope=4), "int2 g64 rope4": f(2, 64, rope=4),
+            "rotated int3 g32 rope4": f(3, rope=4), "rotated int2 g64 rope4": f(2, 64, rope=4)}
+
+
+def rotated(model, seed: int = 0) -> torch.nn.Module:
+    """A copy of `model` with each layer's c_kv turned by a fixed random orthogonal R (an exact fold: kv_a_proj's
+    c_kv rows become R W, kv_b_proj's columns W R^T; no latent norm), so every per-token group mixes all channels
+    instead of holding the latent's strongest (or weakest) directions together. Measured as the `rotated` variants."""
+    m, g = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    for attn in m.mla_attention():
+        r = attn.spec.kv_lora_rank
+        if attn.kv_a_layernorm is not None:
+            raise SystemExit("the rotated variants fold R through the latent; a latent norm's gains do not commute")
+        R = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0].to(attn.kv_b_proj.weight.dtype)
+        with torch.no_grad():
+            a = attn.kv_a_proj_with_mqa
+            a.weight[:r] = R @ a.weight[:r]
+            if a.bias is not None:
+                a.bias[:r] = R @ a.bias[:r]
+            attn.kv_b_proj.weight.copy_(attn.kv_b_proj.weight @ R.T)
+    return m
 
 
 def rope_radius(model, tok, tokens: int) -> dict[int, torch.Tensor]:
@@ -110,11 +134,12 @@ def main() -> None:
         batches = heldout_batches(tok, EvalArgs(models=[spec], tasks="none", max_tokens=a.max_tokens))
         radius = rope_radius(model, tok, a.calib_tokens) if any("static" in n for n in names) else {}
         twins, row_bytes = {}, {}
+        turned = rotated(model) if any(n.startswith("rotated") for n in names) else None
         for name in names:
             def make(attn, name=name):
                 s = attn.spec
                 return variants(s.kv_lora_rank, s.qk_rope_head_dim, radius.get(attn.layer_idx))[name]
-            twins[name] = with_formats(model, make)
+            twins[name] = with_formats(turned if name.startswith("rotated") else model, make)
             fmts = [attn.latent_format for attn in twins[name].mla_attention()]
             row_bytes[name] = sum(2 * (a.spec.cache_elements) if f is None else f.row_bytes
                                   for f, a in zip(fmts, model.mla_attention())) / len(fmts)

@@ -207,10 +207,11 @@ def test_default_4x_in_llama_cpp(default_4x, tmp_path, weights, cache):
         assert stats["kl"] < 1e-4  # issue 29's top-1 target of 99.9% is not met by this undistilled student
 
 
-def test_default_4x_q4_1_cache_is_ecomlas_4_bit_latent(default_4x, tmp_path):
-    """llama.cpp's q4_1 blocks (32 values, an fp16 scale and minimum, codes rounded from the minimum) are ecomla's
-    4-bit latent format, group for group when r_kv is a multiple of 32: the GGUF of a model trained for
-    `--cache-bits 4` is served at that cache's bytes. Compared with ecomla's own 4-bit cache."""
+def test_default_4x_q4_1_cache_holds_20_bytes_per_32_values(default_4x, tmp_path):
+    """llama.cpp's q4_1 blocks (32 values, an fp16 scale and minimum) have the size of ecomla's 4-bit groups, and
+    the same grouping when r_kv is a multiple of 32. Its outputs are not ecomla's 4-bit cache's: measured on a
+    student trained for that cache (2026-12-07, docs/SERVING.md), llama.cpp's q4_1 agrees with ecomla's 4-bit cache
+    on fewer positions than with its 16-bit one. So this checks the bytes and prints both agreements."""
     d = default_4x
     ours = ecomla_outputs(d["mla"], d["seqs"], d["prompt"], cache_bits=4)
     theirs, kv = llama_cpp(d["root"] / "float32" / "model.gguf", tmp_path, "q4_1", d["seqs"], d["prompt"],
@@ -219,11 +220,8 @@ def test_default_4x_q4_1_cache_is_ecomlas_4_bit_latent(default_4x, tmp_path):
     show("default 4x, float32 GGUF, q4_1 cache against ecomla's 4-bit cache", stats, kv)
     fp = compare(d["ours"], theirs, len(d["seqs"]))
     print(f"the same q4_1 run against ecomla's 16-bit cache: top-1 {fp['top1']:.4%}, KL {fp['kl']:.2e}")
-    same = int((theirs["greedy"][:len(ours[2])] == ours[2]).cumprod().sum())
-    print(f"greedy chat tokens: the first {same} of {len(ours[2])} equal ecomla's with its 4-bit cache")
     assert kv["k_type"] == "q4_1"
     assert abs(kv["k"] + kv["v"] - expected_mib(kv, d["width"], "q4_1")) <= 0.006
-    assert stats["kl"] < fp["kl"] / 10
 
 
 def test_default_4x_kv_bytes_are_the_latents_share_of_the_gqa_sources(default_4x, tmp_path):

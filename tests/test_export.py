@@ -272,6 +272,30 @@ def test_steady_basis_makes_the_latent_rms_steadier():
     assert torch.equal(norms.steady_basis(c[:, 1:] * 0 + 1.0), torch.eye(7, dtype=torch.float64))  # already steady
 
 
+def test_the_sink_weight_brings_the_first_tokens_latent_to_the_others_rms():
+    """The first token of each sequence (the attention sink) with a latent 10x smaller than the rest, along a
+    direction of its own: uniform weights leave a latent norm to scale it up about 10x; the sink share does not."""
+    from ecomla.convert import norms
+
+    g = torch.Generator().manual_seed(0)
+    batch, seq, r = 16, 64, 8
+    c = torch.randn(batch, seq, r, generator=g, dtype=torch.float64)
+    c[:, 1:, 0] *= 0.02  # the other tokens barely use the sink's direction, so stretching it spares them
+    c[:, 0] = 0.1 * (torch.tensor([1.0] + [0.0] * (r - 1), dtype=torch.float64) + 0.01 * c[:, 0])
+    c = c.reshape(-1, r)
+    sink = torch.zeros(batch, seq, dtype=torch.bool)
+    sink[:, 0] = True
+    sink = sink.flatten()
+    assert torch.isclose(norms.sink_weights(sink)[sink].sum(), torch.tensor(norms.SINK_SHARE, dtype=torch.float64))
+
+    def sink_ratio(B):
+        rms = (c @ B.T).pow(2).mean(-1).sqrt().reshape(batch, seq)
+        return float(rms[:, 0].mean() / rms[:, 1:].median())
+    assert sink_ratio(norms.steady_basis(c)) < 0.2
+    B = norms.steady_basis(c, sink=sink)
+    assert sink_ratio(B) > 0.25 and float(torch.linalg.cond(B)) <= 30.0 + 1e-6  # 0.33; uniform: 0.10
+
+
 # ---- the serving rules on a Llama-3.2-1B-shaped layer -------------------------------------------------------------
 def test_llama_3_2_1b_shape_at_288_plus_32_passes_the_serving_rules(root, tmp_path):
     """D 2048, 32 query heads, 8 KV heads of 64 dims (Llama-3.2-1B), one layer; 288 + 32 = 320 wide."""

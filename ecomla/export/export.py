@@ -51,7 +51,8 @@ class ExportArgs:
     model: str = arg("ecomla checkpoint to export (from convert, distill or dpo)", positional=True)
     out: str = arg("output folder (written atomically)", positional=True)
     format: str = arg("checkpoint format: 'deepseek-v3' (DeepseekV3ForCausalLM; transformers, vLLM, SGLang) or "
-                      "'gguf' (llama.cpp's deepseek2, OUT/model.gguf)",
+                      "'gguf' (llama.cpp's deepseek2, OUT/model.gguf; byte-level BPE tokenizers that split text as "
+                      "SmolLM2's, Llama-3's or Qwen2's)",
                       default=deepseek.FORMAT, choices=FORMATS)
     dtype: str = arg("dtype of the written weights ('auto' = the model's)", default="auto", choices=("auto", *DTYPES))
     overwrite: bool = arg("replace OUT if it holds an earlier output of this command (never other files)",
