@@ -322,6 +322,8 @@ CASES = [
                  r"GGUF export writes .*export with --format deepseek-v3", id="export-gguf-word-level-tokenizer"),
     pytest.param(lambda P: ["export", str(P.lite27), str(P.out), "--format", "gguf"], r"cannot be written exactly in "
                  r"the gguf format: llama.cpp reads a 27-layer .* convert with --q-rank none", id="export-gguf-lite"),
+    pytest.param(lambda P: ["export", str(P.no_nope), str(P.out), "--dtype", "q8_0"], r"--dtype q8_0 is a GGUF block "
+                 r"type; use it with --format gguf", id="export-q8_0-without-gguf"),
 ]
 
 

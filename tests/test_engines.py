@@ -170,7 +170,7 @@ def default_4x(tmp_path_factory):
                 **QUIET)
     config = load_model(str(mla), dtype="float32")[0].config
     (width,) = {config.mla_spec(i).cache_elements for i in range(config.num_hidden_layers)}  # r_kv + d_rope
-    for dtype in ("float32", "float16"):
+    for dtype in ("float32", "float16", "q8_0"):
         export(ExportArgs(model=str(mla), out=str(root / dtype), format="gguf", dtype=dtype), **QUIET)
     tok, heldout = load_tokenizer(str(mla)), split_chat(load_chat("default"))["heldout"]
     seqs, n = [], 0
@@ -189,7 +189,7 @@ def default_4x(tmp_path_factory):
 
 
 @pytest.mark.parametrize("weights, cache", [("float32", "f32"), ("float16", "f16"), ("float32", "f16"),
-                                            ("float16", "q8_0")])
+                                            ("float16", "q8_0"), ("q8_0", "f16")])
 def test_default_4x_in_llama_cpp(default_4x, tmp_path, weights, cache):
     d = default_4x
     theirs, kv = llama_cpp(d["root"] / weights / "model.gguf", tmp_path, cache, d["seqs"], d["prompt"],
@@ -203,8 +203,8 @@ def test_default_4x_in_llama_cpp(default_4x, tmp_path, weights, cache):
     assert abs(kv["k"] + kv["v"] - expected_mib(kv, d["width"], cache)) <= 0.006  # r_kv + d_rope per token and layer
     if cache == "f32":
         assert stats["max_logprob_diff"] < 5e-3 and same == len(d["ours"][2])
-    if cache == "f16":  # measured 2026-12-07: KL 5.1e-6 (f32 file) and 5.4e-5 (f16 file), top-1 99.76% and 99.04%:
-        assert stats["kl"] < 1e-4  # issue 29's top-1 target of 99.9% is not met by this undistilled student
+    if cache == "f16" and weights != "q8_0":  # measured 2026-12-07 (docs/SERVING.md): KL 1.4e-6 (f32 file) and
+        assert stats["kl"] < 1e-4  # 6.1e-6 (f16 file) at 0 tokens; top-1 99.93% with the f32 file after KD
 
 
 def test_default_4x_q4_1_cache_holds_20_bytes_per_32_values(default_4x, tmp_path):

@@ -235,6 +235,30 @@ def test_the_export_names_llama_cpps_cache_type_for_a_model_trained_with_a_quant
         assert re.search(f"trained for an? {bits}-bit latent cache: .*{says}", "\n".join(lines))
 
 
+def test_q8_0_writes_whole_block_matrices_in_q8_0_within_half_a_step(mla, tmp_path):
+    r32, r8 = to_gguf(mla(), tmp_path / "f32"), to_gguf(mla(), tmp_path / "q8", dtype="q8_0")
+    assert field(r8, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    want = {t.name: torch.from_numpy(t.data.copy()) for t in r32.tensors}
+    kinds = set()
+    for t in r8.tensors:
+        kind = t.tensor_type
+        kinds.add(kind)
+        if len(t.shape) == 1:
+            assert kind == gguf.GGMLQuantizationType.F32
+            continue
+        w = want[t.name]
+        assert kind == (gguf.GGMLQuantizationType.Q8_0 if w.shape[-1] % 32 == 0 else gguf.GGMLQuantizationType.F16)
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, kind).copy()).reshape(w.shape).float()
+        step = w.reshape(-1, 32).abs().amax(-1, keepdim=True) / 127 if kind == gguf.GGMLQuantizationType.Q8_0 \
+            else w.reshape(-1, 1).abs() / 1024
+        # half a step, plus the scale's own fp16 rounding (up to 127 codes x 2^-11 of a step)
+        # (F16: 2^-11 relative, and fp16's subnormal spacing, 6e-8, near zero)
+        assert ((got - w).reshape(step.shape[0], -1).abs() <= 0.57 * step + 6e-8).all(), t.name
+    assert gguf.GGMLQuantizationType.Q8_0 in kinds and gguf.GGMLQuantizationType.F16 in kinds  # both paths seen
+    with pytest.raises(UserError, match="--dtype q8_0 is a GGUF block type; use it with --format gguf"):
+        ExportArgs(model=str(mla()), out=str(tmp_path / "ds"), format="deepseek-v3", dtype="q8_0")
+
+
 def test_a_word_level_tokenizer_is_refused_before_anything_is_written(mla, tmp_path):
     shutil.copytree(mla(), tmp_path / "mla")
     make_tokenizer().save_pretrained(tmp_path / "mla")  # the tests' WordLevel tokenizer: llama.cpp has no such model

@@ -54,9 +54,16 @@ class ExportArgs:
                       "'gguf' (llama.cpp's deepseek2, OUT/model.gguf; byte-level BPE tokenizers that split text as "
                       "SmolLM2's, Llama-3's or Qwen2's)",
                       default=deepseek.FORMAT, choices=FORMATS)
-    dtype: str = arg("dtype of the written weights ('auto' = the model's)", default="auto", choices=("auto", *DTYPES))
+    dtype: str = arg("dtype of the written weights ('auto' = the model's); 'q8_0' (--format gguf only): matrices in "
+                     "llama.cpp's Q8_0 blocks (32 int8 and an fp16 scale: 8.5 bits per weight), those whose rows are "
+                     "not whole blocks in F16", default="auto", choices=("auto", *DTYPES, llama_cpp.Q8_0))
     overwrite: bool = arg("replace OUT if it holds an earlier output of this command (never other files)",
                           default=False)
+
+    def __post_init__(self):
+        if self.dtype == llama_cpp.Q8_0 and self.format != GGUF:
+            raise UserError(f"--dtype q8_0 is a GGUF block type; use it with --format gguf, or give --format "
+                            f"{self.format} a float dtype ({', '.join(DTYPES)})")
 
 
 def interleave(m: int) -> torch.Tensor:
@@ -162,19 +169,20 @@ def export(args: ExportArgs, log=print) -> dict:
     vocab = llama_cpp.gguf_vocab(load_tokenizer(args.model), config.vocab_size, args.model) if args.format == GGUF \
         else None  # checked before the weights are read
     model, path = load_model(args.model, dtype="auto")
-    dtype = model.dtype if args.dtype == "auto" else DTYPES[args.dtype]
+    dtype = model.dtype if args.dtype == "auto" else DTYPES.get(args.dtype, torch.float32)  # q8_0 from float32
     sd, folds = deepseek_state_dict(model)
-    meta = {"source": str(path), "format": args.format, "dtype": str(dtype), "folds": folds}
+    meta = {"source": str(path), "format": args.format, "folds": folds,
+            "dtype": args.dtype if args.dtype == llama_cpp.Q8_0 else str(dtype)}
     with atomic_dir(args.out, "export", [model_dir], overwrite=args.overwrite) as tmp:
         if vocab is not None:
             llama_cpp.write_gguf(tmp / llama_cpp.FILE, Path(args.model).name, config,
-                                 llama_cpp.gguf_tensors(sd, config), vocab, llama_cpp.QTYPES[dtype],
+                                 llama_cpp.gguf_tensors(sd, config), vocab, llama_cpp.qtype(args.dtype, dtype),
                                  folds["rope"]["rope_theta"], DEEPSEEK_EPS)
             report = llama_cpp.report(config)
         else:
             report = write_deepseek(tmp, args.model, config, model, sd, dtype, folds, log)
         (tmp / "ecomla_export.json").write_text(json.dumps(meta, indent=2))
-    log(f"wrote {args.out} ({args.format}, {dtype})\n{report}")
+    log(f"wrote {args.out} ({args.format}, {meta['dtype']})\n{report}")
     return meta
 
 

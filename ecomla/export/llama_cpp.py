@@ -39,7 +39,14 @@ QTYPES = {torch.float32: gguf.GGMLQuantizationType.F32, torch.float16: gguf.GGML
           torch.bfloat16: gguf.GGMLQuantizationType.BF16}  # the export's --dtype -> the GGUF's matrix type
 FILE_TYPES = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
               gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
-              gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16}
+              gguf.GGMLQuantizationType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+              gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}
+Q8_0 = "q8_0"  # export --dtype: matrices in Q8_0 blocks, written by the gguf package's own quantizer
+
+
+def qtype(name: str, dtype: torch.dtype) -> gguf.GGMLQuantizationType:
+    """The GGUF matrix type of an export --dtype (`name`; the float `dtype` it resolved to otherwise)."""
+    return gguf.GGMLQuantizationType.Q8_0 if name == Q8_0 else QTYPES[dtype]
 # a ByteLevel BPE vocab where no two digits and no space and digit ever merge: llama.cpp's "smollm" pre-tokenizer
 # (digits split singly, then GPT-2's pattern, no space clean-up when decoding) splits text exactly as ByteLevel does
 DIGIT_MERGE = re.compile(r"\d\d|Ġ\d")
@@ -185,7 +192,8 @@ def write_vocab(w: gguf.GGUFWriter, v: Vocab) -> None:
 
 def write_gguf(path: Path, name: str, config: EcoMLAConfig, tensors: dict[str, torch.Tensor], vocab: Vocab,
                qtype: gguf.GGMLQuantizationType, theta: float, eps: float) -> None:
-    """Write the file: 1-D tensors (norms) in F32, the others in `qtype` (tensors are float32 here)."""
+    """Write the file: 1-D tensors (norms) in F32, the others in `qtype` (tensors are float32 here); with Q8_0, a
+    matrix whose rows are not whole blocks of 32 in F16 (as llama.cpp's own converter does)."""
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
@@ -195,6 +203,8 @@ def write_gguf(path: Path, name: str, config: EcoMLAConfig, tensors: dict[str, t
     write_vocab(w, vocab)
     for tname, t in tensors.items():
         q = qtype if t.dim() > 1 else gguf.GGMLQuantizationType.F32
+        if q == gguf.GGMLQuantizationType.Q8_0 and t.shape[-1] % 32:
+            q = gguf.GGMLQuantizationType.F16
         w.add_tensor(tname, gguf.quants.quantize(t.float().numpy(), q), raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
