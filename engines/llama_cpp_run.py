@@ -2,7 +2,7 @@
 
     LLAMA_CPP_VENV/bin/python engines/llama_cpp_run.py REQUEST.json OUT.npz
 
-REQUEST.json: {"model": path, "n_ctx": int, "type_k": "f32" | "f16" | "q8_0" | "q4_1" | "q4_0", "flash_attn": bool,
+REQUEST.json: {"model": path, "n_ctx": int, "type_k": "f32" | "f16" | "q8_0" | "q4_1", "flash_attn": bool,
                "seqs": [[ids]], "full": int, "prompt": [ids], "new_tokens": int, "texts": [str]}
 OUT.npz: top1_<i> (the argmax at every position of seqs[i]), logits (seqs[0]'s first `full` positions, float32),
          greedy (new_tokens argmax continuations of prompt, each fed back), text_ids_<i> (llama.cpp's tokenization of
@@ -17,7 +17,7 @@ import llama_cpp
 import numpy as np
 
 CACHE_TYPES = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0,
-               "q4_1": llama_cpp.GGML_TYPE_Q4_1, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+               "q4_1": llama_cpp.GGML_TYPE_Q4_1}
 
 
 def main(request_path: str, out_path: str) -> None:

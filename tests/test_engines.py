@@ -43,8 +43,8 @@ POSITIONS = 4096  # held-out chat positions for top-1 agreement
 FULL = 256  # positions of the first sequence whose full logits are compared
 # bytes per cached value: q8_0 is blocks of 32 int8 codes and an fp16 scale; q4_1 blocks of 32 4-bit codes, an fp16
 # scale and an fp16 minimum: ecomla's 4-bit latent format (codes round((x - min) / scale), scale (max - min) / 15)
-BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32}
-QUANTIZED = ("q8_0", "q4_1", "q4_0")  # llama.cpp quantizes a cache only with flash attention
+BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_1": 20 / 32}
+QUANTIZED = ("q8_0", "q4_1")  # llama.cpp quantizes a cache only with flash attention
 KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers.*?K \((\w+)\): +([\d.]+) "
                      r"MiB, V \((\w+)\): +([\d.]+) MiB")
 
@@ -160,12 +160,16 @@ def test_llama_3_and_qwen2_style_tokenizers_tokenize_in_llama_cpp_as_in_transfor
 @pytest.fixture(scope="module")
 def default_4x(tmp_path_factory):
     """`ecomla convert default OUT --kv-rank 64 --rope-dim 32 --init fitted --target deepseek-v3` (0 tokens), or
-    the checkpoint ECOMLA_LLAMA_CPP_MLA names; its f32 and f16 GGUFs, held-out chat sequences and ecomla's float32
+    the checkpoint ECOMLA_LLAMA_CPP_MLA names; its f32, f16 and Q8_0 GGUFs, held-out chat sequences and ecomla's float32
     outputs on them."""
     engine()
     root = tmp_path_factory.mktemp("default4x")
-    mla = Path(os.environ.get("ECOMLA_LLAMA_CPP_MLA", root / "mla"))
-    if not (mla / "config.json").is_file():
+    mine = os.environ.get("ECOMLA_LLAMA_CPP_MLA")
+    mla = Path(mine) if mine else root / "mla"
+    if mine and not (mla / "config.json").is_file():
+        pytest.fail(f"ECOMLA_LLAMA_CPP_MLA={mine} is not a checkpoint folder (no config.json): point it at a "
+                    "`ecomla convert --target deepseek-v3` or distill output, or unset it to convert one here")
+    if not mine:
         convert(ConvertArgs(src="default", out=str(mla), kv_rank=64, rope_dim=32, init="fitted", target="deepseek-v3"),
                 **QUIET)
     config = load_model(str(mla), dtype="float32")[0].config

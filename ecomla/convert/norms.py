@@ -111,7 +111,8 @@ def fit_latent_norms(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_
                      max_seqs: int = 16) -> None:
     """Latent norms that keep the model close to the norm-free one: per MLA layer and latent, a change
     of latent basis B that steadies the latent's rms over calibration tokens (folded into the down-projection's
-    rows and the up-projection's columns: the norm-free layer is unchanged), then the gain g = mean rms(B c).
+    rows and the up-projection's columns: the norm-free layer is unchanged), then the gain g = mean rms(B c); each
+    sequence's first token (the attention sink) carries SINK_SHARE of both.
     Measured on the norm-free model; updates `new_sd` in place."""
     model = materialise(norm_free(config), new_sd, torch.float32, args.seed)
     n_seqs = min(args.calib_seqs, max_seqs)
