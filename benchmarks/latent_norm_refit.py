@@ -1,11 +1,14 @@
 """The latent norms' sink weighting on an existing `--target deepseek-v3` conversion: its latent norms refitted by
 `ecomla.convert.norms.fit_latent_norms` as committed (on the norm-free model, where any earlier change of basis
-composes), then held-out chat KL to the teacher on 1,024 tokens: as converted, refitted, and without the norms.
+composes), then held-out chat KL to the teacher (`ecomla eval --max-tokens 1024`'s chat sample, 3,234 target tokens): as
+converted, refitted, and without the norms.
 
     python benchmarks/latent_norm_refit.py out/s4x-ds3     # a conversion made before the sink weighting
 
-2026-12-07 (AMD EPYC, 4x --init fitted --target deepseek-v3 converted at 962de55): as converted 10.77, refitted
-2.46, norm-free 1.24 (docs/notebook/LOG.md).
+2026-12-07 (AMD EPYC, 4x --init fitted --target deepseek-v3): converted at 962de55 (no sink weight): as converted
+10.77, refitted with the sink weight 2.46, norm-free 1.24; converted at 976a53d (sink weight): as converted 4.48,
+refitted with the pad-or-basis rule 1.61 (1 of 60 latents padded: the refit starts from the basis the conversion
+already chose, so its bases compound), norm-free 1.24 (docs/notebook/LOG.md).
 """
 
 import copy

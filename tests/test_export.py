@@ -296,6 +296,41 @@ def test_the_sink_weight_brings_the_first_tokens_latent_to_the_others_rms():
     assert sink_ratio(B) > 0.25 and float(torch.linalg.cond(B)) <= 30.0 + 1e-6  # 0.33; uniform: 0.10
 
 
+def test_the_pad_brings_the_sink_to_the_others_rms_and_costs_the_least_useful_direction():
+    """A sink whose input has a feature of its own (as a massive activation is) that the latent ignores, so its
+    latent is 10x smaller than the rest along every direction: no basis fixes that; the pad channel, computed from the
+    input, does. fit_latent picks it; the up-projection then misses only the direction it uses least."""
+    from ecomla.convert import norms
+
+    g = torch.Generator().manual_seed(0)
+    batch, seq, d, r, out = 16, 64, 24, 8, 40
+    x = torch.randn(batch, seq, d, generator=g, dtype=torch.float64)
+    x[:, :, 0] = 0.05 * x[:, :, 0]
+    x[:, 0] *= 0.1
+    x[:, 0, 0] = 5.0  # the sink's own feature
+    x[:, 1:, 1] = 1.0 + 0.05 * x[:, 1:, 1]  # and one that every other token has about equally
+    x = x.reshape(-1, d)
+    w_down = torch.randn(r, d, generator=g, dtype=torch.float64)
+    w_down[:, :2] = 0  # which the latent ignores
+    w_up = torch.randn(out, r, generator=g, dtype=torch.float64) * torch.tensor([1.0] * (r - 1) + [0.05])
+    c = x @ w_down.T
+    sink = torch.zeros(batch, seq, dtype=torch.bool)
+    sink[:, 0] = True
+    sink = sink.flatten()
+
+    def sink_ratio(latent):
+        rms = latent.pow(2).mean(-1).sqrt().reshape(batch, seq)
+        return float(rms[:, 0].mean() / rms[:, 1:].median())
+    assert sink_ratio(c) < 0.15
+    down, up, gain, (cv0, cv1) = norms.fit_latent(c, x, w_down, w_up, sink)
+    padded = x @ down.T
+    assert torch.equal(up[:, -1], torch.zeros(out, dtype=torch.float64))  # the pad: read by nothing
+    assert 0.8 < sink_ratio(padded) < 1.25 and cv1 < 0.5 * cv0
+    assert abs(gain - norms.mean_rms(padded, norms.sink_weights(sink))) < 1e-9
+    lost = (x @ (up @ down - w_up @ w_down).T).norm() / (c @ w_up.T).norm()
+    assert lost < 0.1  # what the up-projection gave up: about the last direction's 5%
+
+
 # ---- the serving rules on a Llama-3.2-1B-shaped layer -------------------------------------------------------------
 def test_llama_3_2_1b_shape_at_288_plus_32_passes_the_serving_rules(root, tmp_path):
     """D 2048, 32 query heads, 8 KV heads of 64 dims (Llama-3.2-1B), one layer; 288 + 32 = 320 wide."""

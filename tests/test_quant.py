@@ -149,3 +149,18 @@ def test_training_reads_the_fake_quantized_latent_and_gradients_reach_the_latent
         losses[bits], grads[bits] = loss.item(), model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.grad
     assert losses[4] != losses[16]
     assert grads[4] is not None and grads[4].abs().sum() > 0 and not torch.equal(grads[4], grads[16])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantization_aware_training_runs_under_cpu_bf16_autocast(bits):
+    """distill --precision auto trains in bf16 autocast on CPUs with bf16 units (AMX); the fake quantization must
+    run there and give the same codes as without autocast (CPU autocast refuses to stack fp16 tensors)."""
+    x = torch.randn(3, 5, 40)
+    fmt = LatentFormat(32, 8, bits)
+    plain = (*quantize_groups(x, bits, 32), fmt.fake(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(torch.equal(a, b) for a, b in zip((*quantize_groups(x, bits, 32), fake_quantize(x, fmt)), plain))
+        model = tiny(HYBRID).set_cache_bits(bits).train()
+        ids = torch.randint(3, 97, (2, 8))
+        model(ids, labels=ids, use_cache=False).loss.backward()
+    assert model.model.layers[0].self_attn.kv_a_proj_with_mqa.weight.grad.abs().sum() > 0

@@ -89,8 +89,8 @@ class ConvertArgs:
     sigma: str = arg("where the singular values go: 'up' (paper: W_D=U) or 'down' (authors' code)",
                      default="up", choices=svd.SIGMA_PLACEMENTS, advanced=True)
     latent_norm: bool = arg("RMSNorm on the q/kv latents (DeepSeek), fitted on calibration data (a latent basis "
-                            "with a steadier rms, gain = mean rms) so the model stays close to the norm-free one; "
-                            "off in the paper (Table 13)", default=False)
+                            "with a steadier rms or a pad channel that evens it, gain = mean rms) so the model "
+                            "stays close to the norm-free one; off in the paper (Table 13)", default=False)
     target: str = arg("checkpoint format the conversion must be expressible in: 'ecomla' (any layout) or "
                       "'deepseek-v3' (what `ecomla export --format deepseek-v3` and stock engines take: latent "
                       "norms, a plain RoPE subset, one shape for every layer, no biases)", default="ecomla",

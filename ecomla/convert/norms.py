@@ -18,6 +18,14 @@ B's singular values are then normalised to a geometric mean of 1 and clipped to 
 scales that way are then so small that training's first Adam steps (which move every weight by about the learning
 rate) overwhelm them. What the clip costs in steadiness, and what the unclipped basis did to training:
 `benchmarks/latent_norm_basis.py`, docs/RESULTS.md section 9.
+
+A basis cannot make the attention sink's latent (up to 10x smaller than the others') as large as the rest without
+stretching the other tokens' share of its direction. So each latent gets the better of two fits (`fit_latent`),
+judged by how close the normed up-projection's output stays to the norm-free one's on the calibration tokens: the
+basis above, or a pad (`pad_latent`): the latent in a basis ordered by what the up-projection makes of each
+direction, its least useful coordinate given up to a pad channel a^T x computed from the layer's input and fitted
+by least squares so that ||c||^2 is about the same for every token, the sink included; the up-projection ignores
+the pad. What it costs and gains: docs/notebook/LOG.md, 2026-12-07.
 """
 
 from __future__ import annotations
@@ -106,6 +114,51 @@ def steady_basis(c: torch.Tensor, steps: int = 300, lr: float = 3e-3, max_condit
     return B
 
 
+def pad_latent(c: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, weight: torch.Tensor,
+               quantile: float = 0.99) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T [r, r], a [D]) (float64): the latent c [N, r] in the basis T c, whose coordinates are whitened and ordered by
+    what the up-projection w_up [out, r] makes of them (the least last), with that last coordinate replaced by the
+    pad a^T x (x [N, D], the down-projection's input), fitted by ridge least squares to sqrt(K - ||(T c)_<r||^2),
+    K the `quantile` of ||(T c)_<r||^2 over the tokens, each token weighted by `weight` [N]."""
+    c, x, w = c.double(), x.double(), weight.double() / weight.double().sum()
+    ev, q = torch.linalg.eigh(c.T @ c / len(c))
+    ev = ev.clamp(min=float(ev.max()) * 1e-10)
+    half, inv_half = (q * ev.sqrt()) @ q.T, (q / ev.sqrt()) @ q.T  # C^(1/2), C^(-1/2)
+    vh = torch.linalg.svd(w_up.double() @ half, full_matrices=False)[2]  # singular values descending
+    T = vh @ inv_half
+    kept = (c @ T.T)[:, :-1].pow(2).sum(-1)  # [N]
+    target = (torch.quantile(kept, quantile) - kept).clamp(min=0).sqrt()  # [N]
+    xw = x * w[:, None]
+    gram = x.T @ xw
+    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+    a = torch.linalg.solve(gram + ridge, xw.T @ target)
+    return T, a
+
+
+def fit_latent(c: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, sink: torch.Tensor):
+    """(w_down' [r, D], w_up' [out, r], gain, (cv before, cv after)): the latent c [N, r] = w_down x refitted for a
+    norm by `steady_basis` or `pad_latent`, whichever brings the normed up-projection's output closer to the
+    norm-free one's, c w_up^T (relative squared error over the tokens, the sinks weighted as in `sink_weights`)."""
+    weight = sink_weights(sink)
+    w_down, w_up = w_down.double(), w_up.double()
+    want = c.double() @ w_up.T  # [N, out]
+
+    def fit(down, up):
+        latent = x.double() @ down.T
+        gain = mean_rms(latent, weight)
+        got = gain * latent / latent.pow(2).mean(-1, keepdim=True).sqrt() @ up.T
+        err = float((weight * (got - want).pow(2).sum(-1)).sum() / (weight * want.pow(2).sum(-1)).sum())
+        return err, down, up, gain, steadiness(latent, weight)
+
+    B = steady_basis(c, sink=sink)
+    T, a = pad_latent(c, x, w_up, weight)
+    up = torch.linalg.solve(T.T, w_up.T).T  # W_up T^-1, its last column (the pad's) zeroed
+    up[:, -1] = 0
+    best = min(fit(B @ w_down, torch.linalg.solve(B.T, w_up.T).T),  # W_up B^-1
+               fit(torch.cat([(T @ w_down)[:-1], a[None].to(w_down)]), up), key=lambda f: f[0])
+    return best[1], best[2], best[3], (steadiness(c, weight), best[4])
+
+
 @torch.no_grad()
 def fit_latent_norms(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_path, log,
                      max_seqs: int = 16) -> None:
@@ -117,11 +170,14 @@ def fit_latent_norms(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_
     model = materialise(norm_free(config), new_sd, torch.float32, args.seed)
     n_seqs = min(args.calib_seqs, max_seqs)
     latents: dict[tuple[int, str], list] = {}  # (layer, "kv" | "q") -> [c [B*T, r], ...]
+    inputs: dict[int, list] = {}  # layer -> [x [B*T, D], ...], the input of both down-projections
     sinks: list[torch.Tensor] = []  # per batch [B*T]: True at each sequence's first token
 
     def record(key, width: int):
-        def hook(_m, _args, out):
+        def hook(_m, args, out):
             latents.setdefault(key, []).append(out[..., :width].reshape(-1, width).float())
+            if key[1] == "kv":
+                inputs.setdefault(key[0], []).append(args[0].reshape(-1, args[0].shape[-1]).float())
         return hook
 
     handles = []
@@ -141,25 +197,27 @@ def fit_latent_norms(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_
         for h in handles:
             h.remove()
     names = {"kv": ("kv_a_proj_with_mqa", "kv_b_proj", "kv_a_layernorm"), "q": ("q_a_proj", "q_b_proj", "q_a_layernorm")}
-    before, after = [], []
+    before, after, pads = [], [], 0
     sink = torch.cat(sinks)
-    token_weight = sink_weights(sink)
     for (i, kind), chunks in tqdm(latents.items(), desc="latent norms", leave=False):
-        c = torch.cat(chunks)
-        B = steady_basis(c, sink=sink)
+        c, x = torch.cat(chunks), torch.cat(inputs[i])
         down, up, norm = (f"model.layers.{i}.self_attn.{n}" for n in names[kind])
         r = c.shape[1]
         w = new_sd[down + ".weight"].double()
-        new_sd[down + ".weight"] = torch.cat([B @ w[:r], w[r:]])  # kv_a also holds the rotary key rows
+        if down + ".bias" in new_sd:  # a bias rides along as one more input column, constant 1
+            w = torch.cat([w, new_sd[down + ".bias"].double()[:, None]], 1)
+            x = torch.cat([x, torch.ones(len(x), 1)], 1)
+        w_down, w_up, gain, (cv0, cv1) = fit_latent(c, x, w[:r], new_sd[up + ".weight"], sink)
+        w = torch.cat([w_down, w[r:]])  # kv_a also holds the rotary key rows
         if down + ".bias" in new_sd:
-            b = new_sd[down + ".bias"].double()
-            new_sd[down + ".bias"] = torch.cat([B @ b[:r], b[r:]])
-        new_sd[up + ".weight"] = torch.linalg.solve(B.T, new_sd[up + ".weight"].double().T).T  # W_up B^-1
-        c_new = c.double() @ B.T
-        new_sd[norm + ".weight"] = torch.full((r,), mean_rms(c_new, token_weight), dtype=torch.float64)
+            w, new_sd[down + ".bias"] = w[:, :-1], w[:, -1]
+        new_sd[down + ".weight"], new_sd[up + ".weight"] = w, w_up
+        new_sd[norm + ".weight"] = torch.full((r,), gain, dtype=torch.float64)
+        pads += bool((w_up[:, -1] == 0).all())
         if kind == "kv":
-            before.append(steadiness(c, token_weight))
-            after.append(steadiness(c_new, token_weight))
+            before.append(cv0)
+            after.append(cv1)
     log(f"latent norms: on {n_seqs} x {args.calib_len} calibration tokens, the KV latent's rms varies by "
         f"{sum(before) / len(before):.3f} (mean coefficient of variation over layers, the sequences' first tokens "
-        f"weighted {SINK_SHARE:.0%}), {sum(after) / len(after):.3f} after the change of basis; gains = mean rms")
+        f"weighted {SINK_SHARE:.0%}), {sum(after) / len(after):.3f} after refitting; {pads} of {len(latents)} "
+        f"latents padded; gains = mean rms")

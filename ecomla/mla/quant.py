@@ -69,10 +69,12 @@ def quantize_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     acc = torch.promote_types(x.dtype, torch.float32)
     xg = _grouped(x.to(acc), group)  # [.., n_g, g]
     lo, hi = xg.amin(-1), xg.amax(-1)
-    scale, zero = ((hi - lo) / qmax).to(torch.float16), lo.to(torch.float16)
+    # stacked before the cast: CPU bf16 autocast (training on AMX) refuses to stack fp16 tensors
+    scale_zero = torch.stack([(hi - lo) / qmax, lo], dim=-1).to(torch.float16)  # [.., n_g, 2]
+    scale, zero = scale_zero.unbind(-1)
     step = torch.where(scale > 0, scale, 1).to(acc)  # a constant group keeps code 0: it reads back as zero
     q = ((xg - zero.to(acc)[..., None]) / step[..., None]).round_().clamp_(0, qmax)
-    return q.flatten(-2)[..., : x.shape[-1]].to(torch.uint8), torch.stack([scale, zero], dim=-1)
+    return q.flatten(-2)[..., : x.shape[-1]].to(torch.uint8), scale_zero
 
 
 def dequantize_groups(codes: torch.Tensor, scale_zero: torch.Tensor, group: int, dtype: torch.dtype,
