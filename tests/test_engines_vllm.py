@@ -73,7 +73,7 @@ class Server:
     """`python -m vllm.entrypoints.openai.api_server` on 127.0.0.1 (not `vllm serve`: engines/vllm_cpu.sh,
     workaround 3), fp32, in its default compiled mode (never --enforce-eager: workaround 4)."""
 
-    def __init__(self, python: str, model: Path, log: Path):
+    def __init__(self, python: str, model: Path, log: Path, *extra: str):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -84,7 +84,7 @@ class Server:
         # machine's RAM; a shutdown timeout: with the default 0 it kills its engine process instead of stopping it
         cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", "127.0.0.1",
                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "256", "--seed", "0",
-               "--kv-cache-memory-bytes", str(KV_GIB << 30), "--shutdown-timeout", "30"]
+               "--kv-cache-memory-bytes", str(KV_GIB << 30), "--shutdown-timeout", "30", *extra]
         with open(log, "w") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         self._wait_healthy()
@@ -170,7 +170,10 @@ def worst_logprob_gap(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def mla_server(vllm_python, models, tmp_path_factory):
-    server = Server(vllm_python, models["ds"], tmp_path_factory.mktemp("vllm-logs") / "mla.log")
+    # on a CPU with AMX vLLM picks AMX_MLA, which takes 16-bit weights only ("expect weight to be bfloat16, float16,
+    # ..."): the fp32 check names the reference backend, which an AVX2 CPU picks anyway
+    server = Server(vllm_python, models["ds"], tmp_path_factory.mktemp("vllm-logs") / "mla.log",
+                    "--attention-backend", "CPU_MLA")
     yield server
     server.stop()
 
