@@ -136,7 +136,7 @@ def pad_latent(c: torch.Tensor, x: torch.Tensor, w_up: torch.Tensor, weight: tor
 
 
 def fit_latent(c: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, sink: torch.Tensor):
-    """(w_down' [r, D], w_up' [out, r], gain, (cv before, cv after)): the latent c [N, r] = w_down x refitted for a
+    """(w_down' [r, D], w_up' [out, r], gain, (cv before, cv after), padded): the latent c [N, r] = w_down x refitted for a
     norm by `steady_basis` or `pad_latent`, whichever brings the normed up-projection's output closer to the
     norm-free one's, c w_up^T (relative squared error over the tokens, the sinks weighted as in `sink_weights`)."""
     weight = sink_weights(sink)
@@ -154,9 +154,9 @@ def fit_latent(c: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, w_up: tor
     T, a = pad_latent(c, x, w_up, weight)
     up = torch.linalg.solve(T.T, w_up.T).T  # W_up T^-1, its last column (the pad's) zeroed
     up[:, -1] = 0
-    best = min(fit(B @ w_down, torch.linalg.solve(B.T, w_up.T).T),  # W_up B^-1
-               fit(torch.cat([(T @ w_down)[:-1], a[None].to(w_down)]), up), key=lambda f: f[0])
-    return best[1], best[2], best[3], (steadiness(c, weight), best[4])
+    best = min((*fit(B @ w_down, torch.linalg.solve(B.T, w_up.T).T), False),  # W_up B^-1
+               (*fit(torch.cat([(T @ w_down)[:-1], a[None].to(w_down)]), up), True), key=lambda f: f[0])
+    return best[1], best[2], best[3], (steadiness(c, weight), best[4]), best[5]
 
 
 @torch.no_grad()
@@ -207,13 +207,13 @@ def fit_latent_norms(args: ConvertArgs, config: EcoMLAConfig, new_sd: dict, src_
         if down + ".bias" in new_sd:  # a bias rides along as one more input column, constant 1
             w = torch.cat([w, new_sd[down + ".bias"].double()[:, None]], 1)
             x = torch.cat([x, torch.ones(len(x), 1)], 1)
-        w_down, w_up, gain, (cv0, cv1) = fit_latent(c, x, w[:r], new_sd[up + ".weight"], sink)
+        w_down, w_up, gain, (cv0, cv1), padded = fit_latent(c, x, w[:r], new_sd[up + ".weight"], sink)
         w = torch.cat([w_down, w[r:]])  # kv_a also holds the rotary key rows
         if down + ".bias" in new_sd:
             w, new_sd[down + ".bias"] = w[:, :-1], w[:, -1]
         new_sd[down + ".weight"], new_sd[up + ".weight"] = w, w_up
         new_sd[norm + ".weight"] = torch.full((r,), gain, dtype=torch.float64)
-        pads += bool((w_up[:, -1] == 0).all())
+        pads += padded
         if kind == "kv":
             before.append(cv0)
             after.append(cv1)
