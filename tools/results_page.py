@@ -108,6 +108,8 @@ RECORDS: dict[str, Spec] = {
     "latent-decode": Spec(("python -m ecomla bench default --kv-rank 64 --rope-dim 32 --contexts 4k --batches 8 "
                            "--runs absorbed,gqa-static --cache-bits 16,8,4 --fill synthetic --warmup 2 --steps 5 "
                            "--repeats 5 --threads 2 --out out/latent-decode",), "out/latent-decode/results.json"),
+    "fit-ablation": Spec(("python benchmarks/fit_ablation.py --out out/fit-ablation",),
+                         "out/fit-ablation/results.json"),
     "export": Spec(("python -m ecomla convert default out/export/model --kv-rank 64 --rope-dim 32 --init fitted "
                     "--target deepseek-v3",
                     "python -m ecomla export out/export/model out/export/deepseek-v3",
