@@ -168,7 +168,7 @@ def losses(out):
     return [r["loss"] for r in rows if "loss" in r], rows
 
 
-def test_twenty_steps_lower_the_kl_and_write_a_loadable_checkpoint(setup, tmp_path, monkeypatch):
+def test_twenty_steps_lower_the_kl_and_write_a_loadable_checkpoint(setup, tmp_path, monkeypatch, capsys):
     import ecomla.distill.trainer as T
     from ecomla import outputs
 
@@ -180,6 +180,7 @@ def test_twenty_steps_lower_the_kl_and_write_a_loadable_checkpoint(setup, tmp_pa
     curve, rows = losses(tmp_path / "run")
     assert len(curve) == 20 and sum(curve[-5:]) < sum(curve[:5])
     assert res["heldout"]["kl_to_teacher"] is not None
+    assert "held-out check" not in capsys.readouterr().err  # --no-progress hides the final check's bar too
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")  # the output folder is a checkpoint

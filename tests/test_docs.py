@@ -72,6 +72,9 @@ def fake_result(name: str) -> dict:
                   "chat": {"kl": kl, "tokens": 2400}, "text": {"kl": kl, "tokens": 4088}}
                  for s, x, kl in (("4x", 7.4, 0.8), ("8x", 10.1, 1.4))]
         return {"bf16_gqa_bytes_per_token": 46080, "context": 4096, "rows": rows}
+    if name == "fit-ablation":
+        return [{"variant": v, "init": "fitted", "changes": ch, "kl": kl, "top1": 0.4, "ppl_chat": 30.0, "tokens": 3234}
+                for v, ch, kl in (("default", {}, 1.7), ("no-o-refit", {"o_target": "none"}, 2.0))]
     if name.startswith("demo-"):
         models = [eval_model("teacher", 0.0), eval_model("student-0tok", 1.2, tokens_trained=0),
                   eval_model("student-kd", 0.8, tokens_trained=46080)]
@@ -148,3 +151,18 @@ def test_an_exact_export_of_a_broken_model_is_called_broken():
     model_row = recs["export"]["result"]["models"][0]
     model_row["ppl"]["chat"] = 11 * recs["teacher"]["result"]["models"][0]["ppl"]["chat"]
     assert "**The model exported here is broken**" in rp.render(recs)
+
+
+def test_a_record_names_the_code_its_command_started_on(tmp_path, monkeypatch):
+    """The tree may be edited (or committed) while a long measurement runs: the record keeps the commit it began on."""
+    import sys
+
+    from tools import record
+
+    said = iter(["abc1234", "def5678-dirty"])
+    monkeypatch.setattr(record, "commit", lambda: next(said))
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-c", f"open({str(out)!r}, 'w').write('{{\"x\": 1}}')"]
+    assert record.main([str(tmp_path / "rec.json"), "--result", str(out), "--", *cmd]) == 0
+    rec = json.loads((tmp_path / "rec.json").read_text())
+    assert rec["commit"] == "abc1234" and rec["result"] == {"x": 1}

@@ -46,6 +46,22 @@ def test_rows_hold_the_fake_quantized_latent_bit_for_bit(fmt):
     assert not torch.equal(fmt.fake(latent), latent)
 
 
+@pytest.mark.parametrize("fmt", [LatentFormat(64, 32, 4, rope_bits=4), LatentFormat(16, 32, 4, rope_bits=4),
+                                 LatentFormat(160, 32, 8, rope_bits=8), LatentFormat(48, 24, 4),
+                                 LatentFormat(37, 6, 4, group=8), LatentFormat(40, 8, 8, rope_bits=4, group=16)])
+def test_planes_cover_the_latent_and_read_it_back_bit_for_bit(fmt):
+    """The CPU decode GEMMs read these: every element in exactly one plane, each the value `dequantize` gives."""
+    rows = fmt.quantize(torch.randn(3, 5, fmt.r_kv + fmt.d_rope) * 3)
+    want, got = fmt.dequantize(rows, torch.float32), torch.full((3, 5, fmt.r_kv + fmt.d_rope), float("nan"))
+    planes = fmt.dequantize_planes(rows)
+    for where, x in planes:
+        assert x.dtype == torch.float32 and got[..., where].isnan().all()  # no element twice
+        got[..., where] = x
+    assert torch.equal(got, want)
+    uniform = fmt.r_kv % fmt.group == 0 or fmt.r_kv < fmt.group
+    assert (planes[0][0].step == 2) == (fmt.bits == 4 and uniform and fmt.r_kv % 2 == 0)  # the nibbles apart
+
+
 def test_row_bytes_count_scales_and_match_the_smollm2_accounting():
     """Bytes per token and layer against the bf16 GQA cache of SmolLM2 (768). `--cache-bits` (LatentFormat.of)
     quantizes c_kv and the rotary part alike: 64 + 32 at 4 bits is 12.8x, at 8 bits 7.1x; 160 + 32 at 4 bits 6.4x.

@@ -46,10 +46,12 @@ def commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def write_record(path: str | os.PathLike, result, command: list[str] | None = None) -> dict:
-    """Write a record of `result` (JSON-able) measured by `command` (default: this process's command line)."""
+def write_record(path: str | os.PathLike, result, command: list[str] | None = None, code: str | None = None) -> dict:
+    """Write a record of `result` (JSON-able) measured by `command` (default: this process's command line) on
+    `code` (default: `commit()` now; pass what `commit()` said when the command started, since the tree may have
+    been edited while it ran)."""
     argv = command if command is not None else [Path(sys.executable).name, *sys.argv]
-    record = {"command": shlex.join(argv), "cpu": cpu_label(), "commit": commit(),
+    record = {"command": shlex.join(argv), "cpu": cpu_label(), "commit": code or commit(),
               "date": datetime.date.today().isoformat(), "result": result}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("record", help="the record to write (docs/results/NAME.json)")
     parser.add_argument("--result", required=True, help="the JSON file the command writes")
     args, command = parser.parse_args(argv[:cut]), argv[cut + 1:]
+    code = commit()  # the code the command runs: the tree as it starts
     if subprocess.run(command).returncode != 0:
         sys.exit(f"{shlex.join(command)} failed: no record written")
-    write_record(args.record, json.loads(Path(args.result).read_text()), command)
+    write_record(args.record, json.loads(Path(args.result).read_text()), command, code)
     print(f"wrote {args.record}")
     return 0
 

@@ -287,6 +287,17 @@ def inits_table(recs: dict) -> list[str]:
     return table(head, rows)
 
 
+def ablation_table(recs: dict) -> list[str]:
+    """benchmarks/fit_ablation.py's rows: the fitted init and one of its choices changed at a time."""
+    head = ["variant", "changed", "KL", "top-1", "ppl chat", "command", "CPU"]
+    rec = recs.get("fit-ablation")
+    if not rec:
+        return table(head, [blank_row("-", "fit-ablation", len(head))])
+    return table(head, [[r["variant"], ", ".join(f"`{k}={v}`" for k, v in r["changes"].items())
+                         or f"`--init {r['init']}`", num(r["kl"], ".3f"), num(r["top1"], ".3f"),
+                         num(r["ppl_chat"], ".2f"), *cite(recs, "fit-ablation")] for r in rec["result"]])
+
+
 def decode_table(recs: dict) -> list[str]:
     head = ["B", "context", "MLA 8x tok/s", "GQA StaticCache tok/s", "GQA DynamicCache tok/s",
             "MLA vs StaticCache", "MLA vs DynamicCache", "command", "CPU"]
@@ -502,12 +513,17 @@ def targets_table(recs: dict) -> list[str]:
 
 
 def commands_section(recs: dict) -> list[str]:
-    """Per record: an anchor, where and when it was measured, and its commands as an indented code block."""
+    """Per record: an anchor, where and when it was measured, and its commands (one inline, more as an indented
+    code block)."""
     out = []
     for name, spec in RECORDS.items():
         rec = recs[name]
         meta = f"{rec['cpu']}, commit {rec['commit']}, {rec['date']}" if rec else f"not measured yet: {rerun_line(name)}"
-        out += [f'<a id="{name}"></a>**`{name}`**: {meta}.', "", *(f"    {step}" for step in spec.steps), ""]
+        head = f'<a id="{name}"></a>**`{name}`**: {meta}'
+        if len(spec.steps) == 1:
+            out += [f"{head}: `{spec.steps[0]}`", ""]
+        else:
+            out += [f"{head}.", "", *(f"    {step}" for step in spec.steps), ""]
     return out[:-1]
 
 
@@ -551,7 +567,7 @@ def render_readme(recs: dict[str, dict | None], readme: str) -> str:
 
 
 TABLES = {"teacher": teacher_table, "zero": zero_table, "demo": demo_table, "inits": inits_table,
-          "decode": decode_table, "export": export_table, "frontier": frontier_table, "targets": targets_table,
+          "ablation": ablation_table, "decode": decode_table, "export": export_table, "frontier": frontier_table, "targets": targets_table,
           "commands": commands_section}
 
 

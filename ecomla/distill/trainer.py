@@ -445,7 +445,8 @@ class Trainer:
         heldout = PackedChat(self.split["heldout"], self.tok, a.seq_len, seed=0)
         batches = heldout.take_tokens(a.eval_tokens, a.batch_size)
         with self.acc.autocast(), gathered(self.model, self.acc):
-            res = fidelity({"student": student}, self.teacher, batches, desc="held-out check")
+            res = fidelity({"student": student}, self.teacher, batches, desc="held-out check",
+                           progress=a.progress and self.acc.is_main_process)
         if not self.acc.is_main_process:
             return None
         s = res["student"]

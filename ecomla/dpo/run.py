@@ -191,7 +191,8 @@ def heldout_check(args, state, model_path: str, out: Path, teacher_spec: str | N
         log(f"[check] teacher {teacher_spec} has another vocabulary: perplexity only")
         teacher = None
     batches = PackedChat(chat["heldout"], load_tokenizer(str(out)), 256, seed=0).take_tokens(args.eval_tokens, 4)
-    res = fidelity({"before": before, "after": after}, teacher, batches, desc="held-out check")
+    res = fidelity({"before": before, "after": after}, teacher, batches, desc="held-out check",
+                   progress=args.progress)
     keys = ("kl", "top1_agreement", "ppl", "tokens")
     return {"before": {k: res["before"][k] for k in keys}, "after": {k: res["after"][k] for k in keys},
             "teacher_ppl": res["teacher"]["ppl"] if teacher is not None else None, "teacher": teacher_spec}

@@ -36,16 +36,16 @@ def _targets(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def fidelity(models: dict, teacher, batches: list[dict], chunk: int = 1024, desc: str = "fidelity",
-             kv_cache: KVCacheSpec | None = None) -> dict:
+             kv_cache: KVCacheSpec | None = None, progress: bool = True) -> dict:
     """{name: {"nll", "ppl", "tokens", and vs the teacher "kl", "top1_agreement"}}; the teacher is included.
     With teacher=None only perplexities are computed (kl / top1_agreement are None). With `kv_cache` the models
-    (not the teacher) decode through it, and their results gain "kv_cache" (`kvcache.bytes_summary`)."""
+    (not the teacher) decode through it, and their results gain "kv_cache" (`kvcache.bytes_summary`). `progress` False hides the bar (a run's --no-progress)."""
     ref = teacher if teacher is not None else next(iter(models.values()))
     device = next(ref.parameters()).device
     names = ("teacher", *models) if teacher is not None else tuple(models)
     stats = {name: {"nll": 0.0, "kl": 0.0, "agree": 0, "tokens": 0} for name in names}
     caches = {}
-    for batch in tqdm(batches, desc=desc, leave=False):
+    for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
         ids, sel, labels = _targets(batch, device)
         t_h = final_hidden(teacher, ids)[:, :-1][sel] if teacher is not None else None  # [N, D]
         hidden = {}

@@ -12,8 +12,9 @@ GEMMs, [H, W] x [W, S] and [H, S] x [S, r_kv].
 - `mla_decode_torch`: those two batched GEMMs with an fp32 softmax (without autograd: exp in place and the
   normalisation applied to the [B, H, r_kv] output). Exact in fp32 and the CPU decode path; for other dtypes it
   computes in fp32 (a copy of the cache), which is what a reference should do. A quantized cache (byte rows,
-  `ecomla.mla.quant`) is dequantized a few sequences at a time, then the same two GEMMs run: on a CPU the GEMMs
-  need float operands anyway, and the small fp32 copy stays in cache while the DRAM reads shrink to the bytes.
+  `ecomla.mla.quant`) is dequantized a few sequences at a time into planes (`LatentFormat.dequantize_planes`: for
+  4 bits the even and the odd elements apart, so no pass interleaves nibbles), and each GEMM becomes a sum over
+  the planes: q[..., where] @ plane^T for the scores, p @ plane into o[..., where] for the output.
 Both take a per-row key mask, so a left-padded batch decodes through the kernel too.
 - `mla_decode_triton` (in `triton_mla.py`): the fused split-KV kernel for CUDA, imported lazily so the
   package works without triton.
@@ -47,9 +48,9 @@ def mla_decode_torch(
     latent = _rows(latent)
     keep = _keep(latent, lengths, key_mask)
     if fmt is None:
-        return _attend(q_lat, q_rope, latent, None, scale, keep)
-    out = [_attend(q_lat[i], q_rope[i], *fmt.dequantize_parts(latent[i], torch.float32), scale,
-                   None if keep is None else keep[i]) for i in _chunks(latent, fmt)]
+        return _attend(q_lat, q_rope, [(slice(None), latent)], scale, keep)
+    out = [_attend(q_lat[i], q_rope[i], fmt.dequantize_planes(latent[i]), scale, None if keep is None else keep[i])
+           for i in _chunks(latent, fmt)]
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
@@ -71,29 +72,36 @@ def _chunks(latent: torch.Tensor, fmt) -> list[slice]:
     return [slice(i, min(B, i + step)) for i in range(0, B, step)]
 
 
-def _attend(q_lat, q_rope, latent, k_rope, scale: float, keep) -> torch.Tensor:
-    """The two GEMMs with an fp32 softmax over latent [B, S, W] (k_rope None), or over c_kv = latent [B, S, r_kv]
-    and k_rope [B, S, d_rope] apart (a dequantized cache: no copy joins them); keep [B, S] bool or None."""
-    r_kv = q_lat.shape[-1]
-    out_dtype = q_lat.dtype
-    if latent.dtype != torch.float32:
-        q_lat, q_rope, latent = q_lat.float(), q_rope.float(), latent.float()
-        k_rope = None if k_rope is None else k_rope.float()
-    if k_rope is None:
-        q = torch.cat([q_lat, q_rope], dim=-1) * scale  # [B, H, W]
-        scores = torch.bmm(q, latent.transpose(1, 2))  # [B, H, S]
-    else:
-        scores = torch.baddbmm(torch.bmm(q_rope * scale, k_rope.transpose(1, 2)), q_lat * scale,
-                               latent.transpose(1, 2))  # [B, H, S]
+def _attend(q_lat, q_rope, planes: list[tuple[slice, torch.Tensor]], scale: float, keep) -> torch.Tensor:
+    """The two GEMMs with an fp32 softmax over the latent [B, S, W] given as planes (where, values [B, S, m]) with
+    latent[..., where] == values: the whole latent once, or a dequantized cache's planes; keep [B, S] bool or None."""
+    r_kv, out_dtype = q_lat.shape[-1], q_lat.dtype
+    q = torch.cat([q_lat, q_rope], dim=-1).float() * scale  # [B, H, W]
+    planes = [(where, x.float()) for where, x in planes]  # a half-precision cache is read in fp32
+    scores = None
+    for where, x in planes:  # scores = sum over planes of q[..., where] @ x^T
+        part = q[..., where].contiguous()  # [B, H, m] (a strided one sends baddbmm_ down a per-batch loop)
+        scores = (torch.bmm(part, x.transpose(1, 2)) if scores is None
+                  else scores.baddbmm_(part, x.transpose(1, 2)))  # [B, H, S]
     if keep is not None:
         scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
     if torch.is_grad_enabled():
-        return torch.bmm(torch.softmax(scores, dim=-1), latent[..., :r_kv]).to(out_dtype)  # [B, H, r_kv]
-    # Inference: exponentiate in place and normalise the [B, H, r_kv] result instead of the [B, H, S] weights
-    # (one pass less over the scores and no separate softmax output).
-    top = scores.amax(dim=-1, keepdim=True)
-    p = scores.sub_(top).exp_()
-    return torch.bmm(p, latent[..., :r_kv]).div_(p.sum(dim=-1, keepdim=True)).to(out_dtype)
+        p = torch.softmax(scores, dim=-1)
+    else:  # exponentiate in place and normalise the [B, H, r_kv] result instead of the [B, H, S] weights
+        p = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()  # (one pass less, no separate softmax output)
+    o = _gather_out(p, planes, r_kv)  # [B, H, r_kv]
+    return (o if torch.is_grad_enabled() else o.div_(p.sum(dim=-1, keepdim=True))).to(out_dtype)
+
+
+def _gather_out(p: torch.Tensor, planes, r_kv: int) -> torch.Tensor:
+    """o_lat [B, H, r_kv] = p @ c_kv, from the planes that hold c_kv elements (one GEMM for a whole latent)."""
+    parts = [(where, x) for where, x in planes if (where.start or 0) < r_kv]
+    if len(parts) == 1 and parts[0][0] == slice(None):
+        return torch.bmm(p, parts[0][1][..., :r_kv])
+    o = p.new_empty(*p.shape[:-1], r_kv)
+    for where, x in parts:  # every c_kv element is in exactly one of them
+        o[..., where] = torch.bmm(p, x)
+    return o
 
 
 def _rows(latent: torch.Tensor) -> torch.Tensor:

@@ -165,21 +165,47 @@ class LatentFormat:
 
     def dequantize(self, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[.., row_bytes] uint8 -> [.., r_kv + d_rope] in `dtype`."""
-        return torch.cat(self.dequantize_parts(rows, dtype), dim=-1)
-
-    def dequantize_parts(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """c_kv [.., r_kv] and k_rope [.., d_rope] in `dtype` from rows [.., row_bytes] (a reader that uses the two
-        parts apart, like the CPU decode GEMMs, skips the copy that joins them)."""
         half = rows[..., : self.head_bytes].view(torch.float16)  # [.., head_bytes / 2]
         n_c = 2 * self.groups(self.r_kv)
         start, (bytes_c, bytes_r) = self.head_bytes, self.codes_bytes
         c = dequantize_groups(rows[..., start : start + bytes_c], half[..., :n_c].unflatten(-1, (-1, 2)),
                               self.group, dtype, self._nibbles(self.bits, self.r_kv))
         if self.rope_bits == 16:
-            return c, half[..., n_c : n_c + self.d_rope].to(dtype)
-        return c, dequantize_groups(rows[..., start + bytes_c : start + bytes_c + bytes_r],
-                                    half[..., n_c:].unflatten(-1, (-1, 2)), self.group, dtype,
-                                    self._nibbles(self.rope_bits, self.d_rope))
+            return torch.cat([c, half[..., n_c : n_c + self.d_rope].to(dtype)], dim=-1)
+        return torch.cat([c, dequantize_groups(rows[..., start + bytes_c : start + bytes_c + bytes_r],
+                                               half[..., n_c:].unflatten(-1, (-1, 2)), self.group, dtype,
+                                               self._nibbles(self.rope_bits, self.d_rope))], dim=-1)
+
+    def dequantize_planes(self, rows: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+        """The fp32 latent from rows [.., row_bytes] as planes that cover [c_kv | k_rope]: (where, values [.., m])
+        with latent[..., where] == values. A part whose groups are all equal (its width a multiple of the group, or
+        less than one) comes in planes by a code's place in its byte: for 4 bits the even and the odd elements
+        (slices of step 2), for 8 bits the part itself, each unpacked and scaled by contiguous passes; any other
+        part comes whole, as `dequantize` reads it. A reader whose math is a sum over elements (the CPU
+        decode GEMMs) uses the planes as they are and never interleaves the nibbles (docs/notebook/LOG.md: 2.5x
+        faster than unpacking into one buffer on a CPU)."""
+        half = rows[..., : self.head_bytes].view(torch.float16)  # [.., head_bytes / 2]
+        n_c = 2 * self.groups(self.r_kv)
+        start, (bytes_c, bytes_r) = self.head_bytes, self.codes_bytes
+        planes = self._planes(rows[..., start : start + bytes_c], half[..., :n_c], self.bits, 0, self.r_kv)
+        if self.rope_bits == 16:
+            return planes + [(slice(self.r_kv, None), half[..., n_c : n_c + self.d_rope].float())]
+        return planes + self._planes(rows[..., start + bytes_c : start + bytes_c + bytes_r], half[..., n_c:],
+                                     self.rope_bits, self.r_kv, self.d_rope)
+
+    def _planes(self, codes: torch.Tensor, half: torch.Tensor, bits: int, at: int, n: int):
+        """One part's planes (see `dequantize_planes`): codes [.., bytes], half [.., 2 n_g] its scales and zeros."""
+        n_g = self.groups(n)
+        sz = half.unflatten(-1, (-1, 2)).float()  # [.., n_g, 2]
+        scale, zero = sz[..., None, 0], sz[..., None, 1]  # [.., n_g, 1]
+        if n % self.group and n_g > 1 or bits == 4 and n % 2:  # a short last group, or a lone last nibble
+            return [(slice(at, at + n), dequantize_groups(codes, sz, self.group, torch.float32,
+                                                           self._nibbles(bits, n)))]
+        codes = codes.contiguous()  # the row's codes apart from its scales: bitwise ops on a strided view are slow
+        if bits == 8:
+            return [(slice(at, at + n), codes.float().unflatten(-1, (n_g, -1)).mul_(scale).add_(zero).flatten(-2))]
+        return [(slice(at + j, at + n, 2), (codes & 15 if j == 0 else codes >> 4).float().unflatten(-1, (n_g, -1))
+                 .mul_(scale).add_(zero).flatten(-2)) for j in (0, 1)]  # codes 2i in low nibbles, 2i + 1 high
 
     @staticmethod
     def _nibbles(bits: int, n: int) -> int | None:
