@@ -97,6 +97,19 @@ def test_torch_decode_reads_quantized_rows_and_key_masks(case, bits, rope_bits, 
             assert torch.allclose(got.double(), want, atol=1e-5), (lens is None, mask is None, budget)
 
 
+def test_torch_decode_over_quantized_planes_carries_gradients_to_the_query():
+    """The planes' autograd form (softmax, outputs gathered per plane) equals the inference form and reaches q."""
+    B, H, r, d_rope, S, _ = CASES[2]
+    q_lat, q_rope, latent, lengths = make_inputs(B, H, r, d_rope, S)
+    rows, fmt, _ = quantized(latent, 4, 4)
+    with torch.no_grad():
+        want = mla_decode_torch(q_lat, q_rope, rows, 0.3, lengths=lengths, fmt=fmt)
+    q_lat.requires_grad_(True)
+    got = mla_decode_torch(q_lat, q_rope, rows, 0.3, lengths=lengths, fmt=fmt)
+    got.square().sum().backward()
+    assert torch.allclose(got.detach(), want, atol=1e-6) and q_lat.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("case", CASES[:3])
 @pytest.mark.parametrize("grad", [False, True])  # inference (in-place exp, late normalisation) and autograd
 def test_torch_decode_matches_explicit_reference(case, grad):
