@@ -17,6 +17,7 @@ import re
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -187,7 +188,9 @@ def train(args, config, policy, ref, tok, dataset, out: Path, model_path: str, l
     trainer.remove_callback(PrinterCallback)  # Progress replaces transformers' per-log dict printing
     trainer.remove_callback(ProgressCallback)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=ckpt)
+    with warnings.catch_warnings():  # TRL's own call of a transformers property deprecated in v5: not the user's to fix
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        trainer.train(resume_from_checkpoint=ckpt)
     if budget.stopped == "interrupted":
         raise KeyboardInterrupt
     save_final(trainer, out, model_path)
