@@ -567,8 +567,8 @@ def render_readme(recs: dict[str, dict | None], readme: str) -> str:
 
 
 TABLES = {"teacher": teacher_table, "zero": zero_table, "demo": demo_table, "inits": inits_table,
-          "ablation": ablation_table, "decode": decode_table, "export": export_table, "frontier": frontier_table, "targets": targets_table,
-          "commands": commands_section}
+          "ablation": ablation_table, "decode": decode_table, "export": export_table, "frontier": frontier_table,
+          "targets": targets_table, "commands": commands_section}
 
 
 def main(argv: list[str] | None = None) -> int:

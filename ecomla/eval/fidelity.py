@@ -39,7 +39,8 @@ def fidelity(models: dict, teacher, batches: list[dict], chunk: int = 1024, desc
              kv_cache: KVCacheSpec | None = None, progress: bool = True) -> dict:
     """{name: {"nll", "ppl", "tokens", and vs the teacher "kl", "top1_agreement"}}; the teacher is included.
     With teacher=None only perplexities are computed (kl / top1_agreement are None). With `kv_cache` the models
-    (not the teacher) decode through it, and their results gain "kv_cache" (`kvcache.bytes_summary`). `progress` False hides the bar (a run's --no-progress)."""
+    (not the teacher) decode through it, and their results gain "kv_cache" (`kvcache.bytes_summary`). `progress`
+    False hides the bar (a run's --no-progress)."""
     ref = teacher if teacher is not None else next(iter(models.values()))
     device = next(ref.parameters()).device
     names = ("teacher", *models) if teacher is not None else tuple(models)
