@@ -5,7 +5,8 @@
 
 Each configuration runs in its own process(es): the Trainer of `ecomla distill` (teacher = source, --precision fp32 by default,
 --stage kd, --no-mask-prompt so that every position is a target, as the plan assumes) for --steps KD steps; the
-2-process one under `accelerate launch` (gloo, DDP). glibc is told to return every allocation of 64 KiB or more to the
+2-process ones under `accelerate launch` (gloo): DDP, and FSDP2 with recipes/accelerate/fsdp-8gpu.yaml's settings on 2
+processes in fp32 (on CPU processes through tests/fsdp_cpu.py, as tests/test_sharded.py runs it). glibc is told to return every allocation of 64 KiB or more to the
 system when it is freed (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors.
 
 On a GPU (`--precision bf16`, the processes see CUDA) the measurement is the allocator's peak over steps 2..N
@@ -15,7 +16,8 @@ On a GPU (`--precision bf16`, the processes see CUDA) the measurement is the all
 
 Measured on a CPU, per process: the peak resident set over steps 2..N (the first step compiles the loss and creates AdamW's
 states; the peak is reset after it), less what is not tensors: the resident set after step 1 less the bytes of every
-tensor alive then (both models' parameters and buffers, AdamW's states, DDP's gradient buckets). The plan is
+tensor alive then (both models' parameters and buffers, AdamW's states, DDP's gradient buckets; under FSDP2 each
+process's own shards). The plan is
 `ecomla plan` with the same settings (world size, batch, sequence length, precision, chunk, compiled loss). The table
 prints both, the ratio, and the peak resident set itself.
 """
@@ -31,14 +33,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-CONFIGS = {  # name: (processes, distill flags)
-    "1p-b4x256": (1, dict(batch_size=4, seq_len=256)),
-    "1p-b4x256-eager": (1, dict(batch_size=4, seq_len=256, compile_loss=False)),
-    "1p-b2x512": (1, dict(batch_size=2, seq_len=512)),
-    "1p-b12x256-eager": (1, dict(batch_size=12, seq_len=256, compile_loss=False)),  # chunks checkpointed
-    "1p-b12x256": (1, dict(batch_size=12, seq_len=256)),  # chunks checkpointed, compiled loss
-    "2p-ddp-b2x256": (2, dict(batch_size=2, seq_len=256)),
+CONFIGS = {  # name: (processes, strategy, distill flags)
+    "1p-b4x256": (1, "ddp", dict(batch_size=4, seq_len=256)),
+    "1p-b4x256-eager": (1, "ddp", dict(batch_size=4, seq_len=256, compile_loss=False)),
+    "1p-b2x512": (1, "ddp", dict(batch_size=2, seq_len=512)),
+    "1p-b12x256-eager": (1, "ddp", dict(batch_size=12, seq_len=256, compile_loss=False)),  # chunks checkpointed
+    "1p-b12x256": (1, "ddp", dict(batch_size=12, seq_len=256)),  # chunks checkpointed, compiled loss
+    "2p-ddp-b2x256": (2, "ddp", dict(batch_size=2, seq_len=256)),
+    "2p-fsdp2-b2x256": (2, "fsdp", dict(batch_size=2, seq_len=256)),
 }
+ROOT = Path(__file__).resolve().parents[1]
 ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -58,18 +62,25 @@ def reset_peak() -> None:
 
 
 def live_tensor_bytes(trainer) -> int:
-    """Bytes of the tensors alive between steps: parameters, buffers, optimizer states, DDP's buckets."""
+    """Bytes of the tensors alive between steps: parameters, buffers, optimizer states, DDP's buckets (of a
+    sharded tensor, this process's shard)."""
     import torch
+    from torch.distributed.tensor import DTensor
 
     storages = {}
+
+    def add(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
     models = [trainer.student] + ([trainer.teacher] if trainer.teacher is not None else [])
     for m in models:
         for t in [*m.parameters(), *m.buffers()]:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            add(t)
     for state in trainer.optimizer.state.values():
         for t in state.values():
             if isinstance(t, torch.Tensor):
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                add(t)
     ddp = trainer.model
     sizes = str(ddp._get_ddp_logging_data().get("bucket_sizes", "")) if hasattr(ddp, "reducer") else ""
     buckets = sum(int(x) for x in sizes.replace(",", " ").split())  # "4004000, 2000": bytes per bucket
@@ -78,6 +89,11 @@ def live_tensor_bytes(trainer) -> int:
 
 def worker(args) -> None:
     """Inside one process of a configuration: build the Trainer, run the steps, write this rank's numbers."""
+    if args.fsdp_on_cpu:
+        sys.path.insert(0, str(ROOT))
+        from tests.fsdp_cpu import allow_fsdp_on_cpu
+
+        allow_fsdp_on_cpu()
     from ecomla.distill import DistillArgs
     from ecomla.distill.trainer import Trainer
 
@@ -104,7 +120,7 @@ def worker(args) -> None:
 
 def measure(name: str, student: str, steps: int, out: Path, precision: str) -> dict:
     """Run one configuration in fresh processes; the largest per-rank measurement."""
-    procs, flags = CONFIGS[name]
+    procs, strategy, flags = CONFIGS[name]
     run = out / name
     run.mkdir(parents=True, exist_ok=True)
     for old in run.glob("memory-*.json"):
@@ -112,9 +128,20 @@ def measure(name: str, student: str, steps: int, out: Path, precision: str) -> d
     shutil.rmtree(run / "distill", ignore_errors=True)
     me = [str(Path(__file__).resolve()), "--worker", "--student", student, "--steps", str(steps),
           "--flags", json.dumps(flags), "--run", str(run / "distill"), "--precision", precision]
-    env = {**os.environ, **ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT)}
     if procs == 1:
         cmd = [sys.executable, *me]
+    elif strategy == "fsdp":  # the FSDP2 recipe's accelerate config on `procs` processes, at this precision
+        import torch
+        import yaml
+
+        config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml").read_text())
+        config.update(num_processes=procs, mixed_precision="bf16" if precision == "bf16" else "no")
+        (run / "fsdp2.yaml").write_text(yaml.safe_dump(config))
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "1"
+            me.append("--fsdp-on-cpu")
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run / "fsdp2.yaml"), *me]
     else:
         import torch
 
@@ -124,8 +151,9 @@ def measure(name: str, student: str, steps: int, out: Path, precision: str) -> d
                "1", "--mixed_precision", "bf16" if precision == "bf16" else "no", "--dynamo_backend", "no",
                "--multi_gpu", *me]
     res = subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
-    if res.returncode:
-        return {"failed": res.stderr.strip().splitlines()[-1]}
+    if res.returncode:  # the error's own line, not the launcher's banner after it
+        lines = res.stderr.strip().splitlines()
+        return {"failed": next((x for x in reversed(lines) if "Error:" in x), lines[-1])}
     rows = [json.loads(p.read_text()) for p in sorted(run.glob("memory-*.json"))]
     return max(rows, key=lambda r: r["measured"])
 
@@ -133,8 +161,9 @@ def measure(name: str, student: str, steps: int, out: Path, precision: str) -> d
 def planned(name: str, student: str, precision: str) -> dict:
     from ecomla.plan import PlanArgs, plan_run
 
-    procs, flags = CONFIGS[name]
-    return plan_run(PlanArgs(student=student, world_size=procs, precision=precision, memory_per_device="80GB",
+    procs, strategy, flags = CONFIGS[name]
+    return plan_run(PlanArgs(student=student, strategy=strategy, world_size=procs, precision=precision,
+                             memory_per_device="80GB",
                              batch_size=flags["batch_size"], seq_len=flags["seq_len"],
                              compile_loss=flags.get("compile_loss", True)))
 
@@ -157,11 +186,14 @@ def main() -> None:
     p.add_argument("--from-results", action="store_true",
                    help="no new runs: the measurements in OUT/results.json against the plan of this checkout")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--fsdp-on-cpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--flags", help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if Path(args.student).exists():  # the runs start in a temporary folder
+        args.student = str(Path(args.student).resolve())
     out = Path(args.out)
     stored = {r["config"]: r for r in json.loads((out / "results.json").read_text())} if args.from_results else {}
     results = []

@@ -162,3 +162,16 @@ def recorded_source(model_path: str | Path) -> str | None:
 def count_params(model) -> int:
     """Unique parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def drop_tied_aliases(models, weights, _folder) -> None:
+    """Keep one name per parameter in each state dict of `weights` (accelerate's save-state hook, and a state
+    gathered from FSDP shards before save_pretrained). A tied parameter (lm_head = embed_tokens) has two names;
+    accelerate would save both, then remove the second with a warning that the checkpoint may be broken, and a
+    gathered state holds two copies that no longer share storage. The model ties them again on load, so the
+    second name is left out here and nothing is warned about."""
+    for model, state in zip(models, weights):
+        first = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                state.pop(name, None)

@@ -5,8 +5,8 @@ accelerate 1.16 keeps FSDP for GPU-type devices: on CPU processes it sets MULTI_
 (ecomla distill then refuses the run: distill/sharding.py). torch's FSDP2 itself shards on CPU with gloo, so this
 launcher sets accelerate's state to FSDP, with the plugin the config built, after accelerate chose MULTI_CPU. From
 there on the code is the one a GPU run executes: accelerate's fully_shard wrapping, its sharded save_state and
-load_state, the gathered state dict, ecomla's trainer. ECOMLA_TEST_KILL_AT=N: the main process kills itself
-(SIGKILL) as step N starts, as a crashed machine would.
+load_state, the gathered state dict, ecomla's trainer (or TRL's, for `dpo`). ECOMLA_TEST_KILL_AT=N: the main
+process kills itself (SIGKILL) as step N starts, as a crashed machine would.
 """
 
 import os
@@ -26,7 +26,18 @@ def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
         self.fsdp_plugin = fsdp_plugin
 
 
-def killed_at(step: int):
+def killed_at(step: int, command: str):
+    if command == "dpo":  # transformers' Trainer: `global_step` steps are done as step global_step + 1 starts
+        from transformers import Trainer
+
+        training_step = Trainer.training_step
+
+        def wrapped(self, *args, **kwargs):
+            if self.state.global_step == step - 1 and self.is_world_process_zero():
+                os.kill(os.getpid(), signal.SIGKILL)
+            return training_step(self, *args, **kwargs)
+        Trainer.training_step = wrapped
+        return
     from ecomla.distill.trainer import Trainer
 
     train_step = Trainer._train_step
@@ -38,10 +49,15 @@ def killed_at(step: int):
     Trainer._train_step = wrapped
 
 
-if __name__ == "__main__":
+def allow_fsdp_on_cpu() -> None:
+    """From here on in this process, accelerate keeps the FSDP its config asks for on CPU processes (see above)."""
     AcceleratorState.__init__ = fsdp_on_cpu
+
+
+if __name__ == "__main__":
+    allow_fsdp_on_cpu()
     if os.environ.get("ECOMLA_TEST_KILL_AT"):
-        killed_at(int(os.environ["ECOMLA_TEST_KILL_AT"]))
+        killed_at(int(os.environ["ECOMLA_TEST_KILL_AT"]), sys.argv[1])
     from ecomla.cli import main
 
     sys.exit(main(sys.argv[1:]))

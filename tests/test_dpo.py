@@ -230,3 +230,53 @@ def test_two_cpu_processes_match_one_process(setup, tmp_path):
     assert len(ddp) == len(one) == 3 and ddp[-1]["loss"] < 0.69
     for key in ("loss", "rewards/margins"):
         assert [r[key] for r in ddp] == pytest.approx([r[key] for r in one], rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow  # three launches of 2 processes and one run in this process: about a minute on 2 shared cores
+def test_fsdp2_on_two_processes_matches_one_process_and_resumes_after_kill_9(setup, tmp_path):
+    """The FSDP2 recipe (fsdp-8gpu.yaml on 2 CPU processes, fp32, through tests/fsdp_cpu.py): each step's loss,
+    reward margin and gradient norm as 1 process at the same global batch, sharded checkpoints, the full model
+    gathered once into OUT; killed (SIGKILL) as step 3 starts, --resume ends on the uninterrupted run's rows and
+    weights. The policy and the reference each come out as the 1-process run's."""
+    import subprocess
+
+    from tests.test_sharded import fsdp2_launch
+
+    common = ["--make-pairs", "--chat-data", str(setup / "chat.jsonl"), "--pairs", "8", "--max-new-tokens", "6",
+              "--lr", "1e-3", "--beta", "0.1", "--max-steps", "4", "--save-every", "2", "--precision", "fp32",
+              "--eval-tokens", "0", "--no-progress"]
+    launch, env = fsdp2_launch(tmp_path)
+
+    def fsdp(out, *extra, kill_at=None):
+        return subprocess.run(launch + ["dpo", str(setup / "mla"), "--out", str(out), "--batch-size", "2", *common,
+                                        *extra], env={**env, **({"ECOMLA_TEST_KILL_AT": str(kill_at)} if kill_at else {})},
+                              capture_output=True, text=True, timeout=400)
+
+    res = fsdp(tmp_path / "fsdp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warn" not in res.stderr.lower(), res.stderr[-3000:]  # no library noise from the gather or the save
+    assert main(["dpo", str(setup / "mla"), "--out", str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    two, one = rows(tmp_path / "fsdp" / "metrics.jsonl"), rows(tmp_path / "one" / "metrics.jsonl")
+    assert [r["step"] for r in two] == [1, 2, 3, 4] == [r["step"] for r in one] and two[-1]["loss"] < 0.69
+    for key in ("loss", "rewards/margins", "grad_norm"):
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5, abs=1e-6), key
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "checkpoint-4"
+    for part in ("pytorch_model_fsdp_0", "optimizer_0"):  # sharded: one file per process
+        assert sorted(p.name for p in (ckpt / part).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    w1, w2 = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "fsdp"))
+    assert sorted(w1) == sorted(w2)
+    assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-5
+    assert json.loads((tmp_path / "fsdp" / "ecomla_dpo.json").read_text())["train"]["world_size"] == 2
+    policy = load_model(str(tmp_path / "fsdp"))[0]  # the head tied to the embeddings again, as saved once
+    assert policy.lm_head.weight.data_ptr() == policy.model.embed_tokens.weight.data_ptr()
+
+    cut = tmp_path / "cut"
+    res = fsdp(cut, kill_at=3)
+    assert res.returncode != 0 and not (cut / "model.safetensors").exists()
+    assert [r["step"] for r in rows(cut / "metrics.jsonl")] == [1, 2]
+    res = fsdp(cut, "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rs]  # noqa: E731
+    assert strip(rows(cut / "metrics.jsonl")) == strip(two)
+    w3 = load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)

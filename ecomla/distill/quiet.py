@@ -1,9 +1,9 @@
 """What a distillation run shows: one progress bar with each step's own numbers, and no library noise (the
-libraries' own loading and writing bars, accelerate's warning on every checkpoint of a model with tied weights).
+libraries' own loading and writing bars; accelerate's warning on every checkpoint of a model with tied weights is
+avoided by `ecomla.io.drop_tied_aliases`, registered as its save-state hook).
 
     with library_bars_off():
         model = load_model(...)                    # no "Loading weights" bar
-    acc.register_save_state_pre_hook(drop_tied_aliases)
     show(bar, row)                                 # "kd loss 0.8123, 412 tok/s, lr 9.70e-05"
 """
 
@@ -30,17 +30,6 @@ def library_bars_off():
             hf_logging.enable_progress_bar()
         if datasets_on:
             datasets.enable_progress_bars()
-
-
-def drop_tied_aliases(models, weights, _folder) -> None:
-    """accelerate's save-state hook: keep one name per parameter. A tied parameter (lm_head = embed_tokens) has
-    two names; accelerate would save both, then remove the second with a warning that the checkpoint may be
-    broken. The model ties them again on load, so the second name is left out here and nothing is warned about."""
-    for model, state in zip(models, weights):
-        first = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if first.setdefault(id(p), name) != name:
-                state.pop(name, None)
 
 
 def show(bar, row: dict) -> None:

@@ -33,14 +33,14 @@ from ..data.chat import load_chat, split_chat
 from ..data.packing import MixedBlocks, PackedChat, PackedText
 from ..data.text import load_texts
 from ..eval.fidelity import fidelity
-from ..io import load_model, load_tokenizer, mla_shapes, recorded_source, resolve
+from ..io import drop_tied_aliases, load_model, load_tokenizer, mla_shapes, recorded_source, resolve
 from ..mla.attention import MLAAttention
 from ..mla.model import with_cache_bits
 from ..outputs import claim_run, mark_finished, publish, temp_path
 from .args import RESUMABLE, DistillArgs
 from .budget import ENDINGS, Budget, schedule, warmup_steps
 from .objective import ILDBatch, KDBatch, Objective
-from .quiet import drop_tied_aliases, library_bars_off, show
+from .quiet import library_bars_off, show
 from .sharding import check_sharding, gathered, shard_frozen, sharded
 from .teacher import TeacherLogits, TopKCache, attention_io
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..io import drop_tied_aliases
 from ..outputs import publish, temp_path
 
 SHOWN = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc"}
@@ -91,10 +92,12 @@ class Budget(TrainerCallback):
 
 
 class MetricsLog(TrainerCallback):
-    """One JSON row per logging step in OUT/metrics.jsonl (TRL's loss, rewards/*, logps/*, lr, grad_norm)."""
+    """One JSON row per logging step in OUT/metrics.jsonl (TRL's loss, rewards/*, logps/*, lr, grad_norm). After
+    a resume, `before` (the last kept row's `CARRIED` counts) continues the run's elapsed seconds and TRL's token
+    count, which restarts at 0 in a new trainer, so the rows read as one uninterrupted run's."""
 
-    def __init__(self, path: Path, elapsed_before: float):
-        self.path, self.elapsed_before, self.t0 = path, elapsed_before, time.time()
+    def __init__(self, path: Path, before: dict):
+        self.path, self.before, self.t0 = path, before, time.time()
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.time()
@@ -102,7 +105,10 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return  # the end-of-training summary goes into ecomla_dpo.json instead
-        row = {"step": state.global_step, **logs, "elapsed_s": round(self.elapsed_before + time.time() - self.t0, 2)}
+        row = {"step": state.global_step, **logs,
+               "elapsed_s": round(self.before.get("elapsed_s", 0.0) + time.time() - self.t0, 2)}
+        if "num_tokens" in row:
+            row["num_tokens"] += self.before.get("num_tokens", 0)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -136,8 +142,12 @@ class Progress(TrainerCallback):
             self.bar.close()
 
 
-def resume_point(out: Path, log=print) -> tuple[str | None, float]:
-    """(newest checkpoint or None, elapsed seconds logged before it); trims metrics.jsonl back to it."""
+CARRIED = ("elapsed_s", "num_tokens")  # counts a resumed run continues from its last kept metrics row
+
+
+def resume_point(out: Path, log=print) -> tuple[str | None, dict]:
+    """(newest checkpoint or None, the `CARRIED` counts of the last row logged before it); trims metrics.jsonl
+    back to it."""
     root = out / "checkpoints"
     ckpt = get_last_checkpoint(str(root)) if root.is_dir() else None
     metrics = out / "metrics.jsonl"
@@ -148,15 +158,24 @@ def resume_point(out: Path, log=print) -> tuple[str | None, float]:
     keep = [r for r in rows if r.get("step", step + 1) <= step]
     if PartialState().is_main_process and metrics.is_file():
         metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    return ckpt, (keep[-1]["elapsed_s"] if keep else 0.0)
+    return ckpt, ({k: keep[-1][k] for k in CARRIED if k in keep[-1]} if keep else {})
 
 
 def save_final(trainer, out: Path, model_path: str) -> None:
-    """The trained policy as a loadable HF folder in OUT (gathered under DeepSpeed / FSDP by save_model, which
-    every process calls with the main process's staging folder), published with MODEL's ecomla_convert.json."""
+    """The trained policy as a loadable HF folder in OUT, published with MODEL's ecomla_convert.json. Every process
+    takes part: under DeepSpeed, save_model gathers the weights into the main process's staging folder; under FSDP
+    (whose sharded state dict type save_model does not write) the state is gathered here, one name per tied weight."""
     main = trainer.is_world_process_zero()
     stage = broadcast_object_list([temp_path(out / ".final") if main else None])[0]
-    trainer.save_model(str(stage))
+    if trainer.is_fsdp_enabled:  # save_model writes nothing for FSDP's sharded state dict type: gather it here
+        state = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every process calls it
+        if main:
+            policy = trainer.accelerator.unwrap_model(trainer.model)
+            drop_tied_aliases([policy], [state], None)
+            policy.save_pretrained(stage, state_dict=state)
+            trainer.processing_class.save_pretrained(stage)
+    else:
+        trainer.save_model(str(stage))
     if main:
         (stage / "training_args.bin").unlink(missing_ok=True)
         publish(stage, out, model_path)
@@ -179,11 +198,11 @@ def train(args, config, policy, ref, tok, dataset, out: Path, model_path: str, l
     returns counts and metrics. Checkpoints go to OUT/checkpoints/checkpoint-N."""
     from trl import DPOTrainer
 
-    ckpt, elapsed_before = resume_point(out, log) if args.resume else (None, 0.0)
+    ckpt, before = resume_point(out, log) if args.resume else (None, {})
     budget = Budget(args.max_minutes)
     trainer = DPOTrainer(model=policy, ref_model=ref, args=config, train_dataset=dataset,
                          processing_class=tok,
-                         callbacks=[budget, MetricsLog(out / "metrics.jsonl", elapsed_before),
+                         callbacks=[budget, MetricsLog(out / "metrics.jsonl", before),
                                     Progress(args.progress, log)])
     trainer.remove_callback(PrinterCallback)  # Progress replaces transformers' per-log dict printing
     trainer.remove_callback(ProgressCallback)
@@ -199,4 +218,4 @@ def train(args, config, policy, ref, tok, dataset, out: Path, model_path: str, l
     world = trainer.accelerator.num_processes
     return {"stopped": budget.stopped, "steps": trainer.state.global_step, "max_steps": trainer.state.max_steps,
             "resumed_from": ckpt, "pairs_per_step": args.batch_size * args.grad_accum * world, "world_size": world,
-            "minutes": round((elapsed_before + time.time() - t0) / 60, 2), "metrics": summarise(rows)}
+            "minutes": round((before.get("elapsed_s", 0.0) + time.time() - t0) / 60, 2), "metrics": summarise(rows)}
