@@ -16,7 +16,11 @@ machine drift hits all alike; every variant is checked against the first of its 
 3. The latent cache's widths at 4x (64 + 32): the CPU path over fp32 rows, and over 8- and 4-bit byte rows
    (`ecomla.mla.quant`, dequantized a few sequences at a time), checked against the 16-bit path over the rows'
    dequantized values; and the read floor of the 4-bit rows.
-4. With --profile DIR: torch-profiler totals of one absorbed decode step of that MLA checkpoint.
+4. The scores GEMM alone (q [H, W] against each sequence's S rows), as torch's weight-only integer CPU kernels
+   would compute it straight from the codes (the int8 one with a scale per row, the int4 one with a scale and zero
+   per 32 values, as ecomla's 4-bit rows hold them; its packed layout made once, untimed), with fp32 and bf16
+   activations, against the fp32 GEMM over dequantized rows: half of a decode over codes, a lower bound on it.
+5. With --profile DIR: torch-profiler totals of one absorbed decode step of that MLA checkpoint.
 """
 
 from __future__ import annotations
@@ -104,6 +108,36 @@ def latent_width_variants(B, H, r, d_rope, S, layers):
     }
 
 
+def int_kernel_variants(B, H, W, S, layers):
+    """Scores [B, H, S] per layer from codes by torch's weight-only int8 / int4 CPU GEMMs (one call a sequence),
+    against the fp32 GEMM; timing only (other values: not compared), and the bf16 rows round q and the scales to
+    bf16, which ecomla's decode does not."""
+    codes = [torch.randint(0, 16, (B, S, W), dtype=torch.int32) for _ in range(layers)]
+    packed = [[torch._convert_weight_to_int4pack_for_cpu(c[b], 1) for b in range(B)] for c in codes]
+    scale_zero = [torch.rand(W // 32, S, 2) for _ in range(B)]  # per sequence: [groups, rows, (scale, zero)]
+    signed = [(c - 8).to(torch.int8) for c in codes]
+    row_scale = torch.rand(S)
+    back = [c.float() for c in codes]  # what a dequantized cache holds (values aside)
+    q = torch.randn(B, H, W) * 0.1
+
+    def int4(dtype):
+        qd, sz = q.to(dtype), [x.to(dtype) for x in scale_zero]
+        return lambda: [[torch._weight_int4pack_mm_for_cpu(qd[b], pk[b], 32, sz[b]) for b in range(B)]
+                        for pk in packed] and None
+
+    def int8(dtype):
+        qd, rs = q.to(dtype), row_scale.to(dtype)
+        return lambda: [[torch._weight_int8pack_mm(qd[b], c[b], rs) for b in range(B)] for c in signed] and None
+
+    return {
+        "fp32 GEMM over fp32 rows": lambda: [torch.bmm(q, x.transpose(1, 2)) for x in back][-1][-1],
+        "int4 kernel, fp32 q": int4(torch.float32),
+        "int4 kernel, bf16 q": int4(torch.bfloat16),
+        "int8 kernel, fp32 q": int8(torch.float32),
+        "int8 kernel, bf16 q": int8(torch.bfloat16),
+    }
+
+
 def gqa_variants(B, H, G, d, S, layers):
     kv = [(torch.randn(B, G, S + 64, d)[:, :, :S], torch.randn(B, G, S + 64, d)[:, :, :S]) for _ in range(layers)]
     q = torch.randn(B, H, 1, d)
@@ -162,6 +196,7 @@ def main() -> None:
     report("mla", mla_variants(a.batch, 9, 16, 32, a.context, a.layers), a.rounds)
     report("gqa", gqa_variants(a.batch, 9, 3, 64, a.context, a.layers), a.rounds)
     report("lat", latent_width_variants(a.batch, 9, 64, 32, a.context, a.layers), a.rounds)
+    report("int", int_kernel_variants(a.batch, 9, 96, a.context, a.layers), a.rounds)
     if a.profile:
         profile_step(a.profile, a.batch, a.context)
 

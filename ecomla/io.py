@@ -7,6 +7,7 @@ through the Auto classes.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -175,3 +176,20 @@ def drop_tied_aliases(models, weights, _folder) -> None:
         for name, p in model.named_parameters(remove_duplicate=False):
             if first.setdefault(id(p), name) != name:
                 state.pop(name, None)
+
+
+def checkpoint_dtype(spec: str) -> torch.dtype:
+    """The dtype a checkpoint's config names for its weights (float32 when it names none)."""
+    dtype = load_config(spec)[0].dtype
+    return dtype if isinstance(dtype, torch.dtype) else DTYPES.get(dtype, torch.float32)
+
+
+def save_trained(model, folder: Path, state: dict, dtype: torch.dtype) -> None:
+    """`model` as a from_pretrained folder holding the weights of `state` (a trainer's, maybe gathered from shards)
+    in `dtype`, the dtype its checkpoint came in: a model trained in fp32 from a bf16 checkpoint is written back in
+    bf16, and config.json says so (save_pretrained would name the training dtype). One name per tied weight."""
+    drop_tied_aliases([model], [state], None)
+    model.save_pretrained(folder, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.save_pretrained(folder)

@@ -466,3 +466,24 @@ def test_a_time_budget_fills_the_topk_cache_as_it_goes(setup, tmp_path):
     t = fake_clock(Trainer(args(setup, tmp_path / "k2", stage="kd", max_tokens=64 * 12, max_minutes=0.001,
                                 teacher_topk=8)))
     assert t.run()["stopped"] == "clock" and len(list(t.topk.dir.glob("block-*.pt"))) == 12 * 4
+
+
+def test_a_bf16_student_trains_in_fp32_and_is_written_back_in_bf16(setup, tmp_path):
+    """The output keeps the dtype the student came in (a 1B bf16 student is 2.5 GB, not 5), config.json included;
+    the weights are the fp32 trained ones rounded once, one name per tied weight."""
+    from safetensors.torch import load_file
+
+    from ecomla.io import checkpoint_dtype, load_model
+
+    convert(ConvertArgs(src=str(setup / "src"), out=str(tmp_path / "bf16"), kv_rank=8, rope_dim=8, dtype="bfloat16"),
+            log=lambda *a: None)
+    trainer = Trainer(args(setup, tmp_path / "run", student=str(tmp_path / "bf16"), stage="kd", max_tokens=64 * 2))
+    trainer.run()
+    trained = {k.removeprefix("student."): v for k, v in trainer.acc.get_state_dict(trainer.model).items()}
+    assert trained["model.embed_tokens.weight"].dtype == torch.float32  # it trained in fp32
+    saved = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert "lm_head.weight" not in saved and {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert all(torch.equal(saved[k], trained[k].to(torch.bfloat16)) for k in saved)
+    assert checkpoint_dtype(str(tmp_path / "run")) == torch.bfloat16
+    model = load_model(str(tmp_path / "run"))[0]
+    assert model.dtype == torch.bfloat16 and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()

@@ -33,7 +33,8 @@ from ..data.chat import load_chat, split_chat
 from ..data.packing import MixedBlocks, PackedChat, PackedText
 from ..data.text import load_texts
 from ..eval.fidelity import fidelity
-from ..io import drop_tied_aliases, load_model, load_tokenizer, mla_shapes, recorded_source, resolve
+from ..io import (checkpoint_dtype, drop_tied_aliases, load_model, load_tokenizer, mla_shapes, recorded_source,
+                  resolve, save_trained)
 from ..mla.attention import MLAAttention
 from ..mla.model import with_cache_bits
 from ..outputs import claim_run, mark_finished, publish, temp_path
@@ -423,16 +424,16 @@ class Trainer:
 
     # ---- finish -----------------------------------------------------------------------------
     def save_final(self) -> None:
-        """Write the student as a loadable HF folder into OUT (staged, then published into place)."""
+        """Write the student as a loadable HF folder into OUT (staged, then published into place), in the dtype of
+        the checkpoint it started from (it trains in fp32)."""
         objective = self.acc.unwrap_model(self.model)
         state = self.acc.get_state_dict(self.model)  # gathered from the shards under FSDP (a collective)
         if not self.acc.is_main_process:
             return
-        drop_tied_aliases([objective], [state], None)  # gathered copies no longer share storage for save_pretrained
-        student = objective.student
         stage = temp_path(self.out / ".final")
         with library_bars_off():
-            student.save_pretrained(stage, state_dict={k.removeprefix("student."): v for k, v in state.items()})
+            save_trained(objective.student, stage, {k.removeprefix("student."): v for k, v in state.items()},
+                         checkpoint_dtype(self.student_path))
         self.tok.save_pretrained(stage)
         publish(stage, self.out, self.student_path)
 

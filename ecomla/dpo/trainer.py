@@ -22,12 +22,11 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..io import drop_tied_aliases
+from ..io import checkpoint_dtype, save_trained
 from ..outputs import publish, temp_path
 
 SHOWN = {"loss": "loss", "rewards/margins": "margin", "rewards/accuracies": "acc"}
@@ -162,22 +161,14 @@ def resume_point(out: Path, log=print) -> tuple[str | None, dict]:
 
 
 def save_final(trainer, out: Path, model_path: str) -> None:
-    """The trained policy as a loadable HF folder in OUT, published with MODEL's ecomla_convert.json. Every process
-    takes part: under DeepSpeed, save_model gathers the weights into the main process's staging folder; under FSDP
-    (whose sharded state dict type save_model does not write) the state is gathered here, one name per tied weight."""
-    main = trainer.is_world_process_zero()
-    stage = broadcast_object_list([temp_path(out / ".final") if main else None])[0]
-    if trainer.is_fsdp_enabled:  # save_model writes nothing for FSDP's sharded state dict type: gather it here
-        state = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every process calls it
-        if main:
-            policy = trainer.accelerator.unwrap_model(trainer.model)
-            drop_tied_aliases([policy], [state], None)
-            policy.save_pretrained(stage, state_dict=state)
-            trainer.processing_class.save_pretrained(stage)
-    else:
-        trainer.save_model(str(stage))
-    if main:
-        (stage / "training_args.bin").unlink(missing_ok=True)
+    """The trained policy as a loadable HF folder in OUT, in MODEL's dtype (it trains in fp32), published with
+    MODEL's ecomla_convert.json. The weights are gathered by accelerate, a collective every process joins (under
+    FSDP from the shards: transformers' save_model writes nothing for FSDP's sharded state dict type)."""
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        stage = temp_path(out / ".final")
+        save_trained(trainer.accelerator.unwrap_model(trainer.model), stage, state, checkpoint_dtype(model_path))
+        trainer.processing_class.save_pretrained(stage)
         publish(stage, out, model_path)
     trainer.accelerator.wait_for_everyone()
 
