@@ -134,9 +134,13 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     timed = [schedule(s, 20, 2, 0.1, hold=6) for s in range(20)]
     assert timed[:7] == [0.5] + [1.0] * 6 and timed[-1] == pytest.approx(0.1) and timed[7] < 1.0
     # planned for 20 steps, planned again at step 12 for 30: the same curve up to 12, then on from its angle there
-    bent = [schedule(s, 30, 2, 0.1, hold=6, bend=(12, 20)) for s in range(30)]
+    bent = [schedule(s, 30, 2, 0.1, hold=6, bends=[(12, 20)]) for s in range(30)]
     assert bent[:12] == timed[:12] and bent[-1] == pytest.approx(0.1)
     assert all(a > b for a, b in zip(bent[6:], bent[7:])) and bent[12] > timed[12]  # slower now, still no restart
+    # and again at step 20, for 25: the same curve up to 20, then down to the floor on step 24
+    twice = [schedule(s, 25, 2, 0.1, hold=6, bends=[(12, 20), (20, 30)]) for s in range(25)]
+    assert twice[:20] == bent[:20] and twice[-1] == pytest.approx(0.1) and twice[20] < bent[20]
+    assert all(a > b for a, b in zip(twice[6:], twice[7:]))
 
 
 def test_steps_to_fill_keeps_the_margin_and_pays_for_checkpoints():
@@ -384,7 +388,8 @@ def test_a_time_budget_sizes_the_schedule_to_end_at_its_floor(setup, tmp_path, c
     summary = json.loads((tmp_path / "t" / "ecomla_train.json").read_text())
     assert summary["kd_steps"] == res["kd_steps"]
     if case != "max-tokens ends first":  # fixed again at R = 8, from steps 6 and 7; stored in the checkpoint there
-        assert ckpt(8)["kd"]["steps"] == res["kd_steps"] and ckpt(8)["kd"]["mid_s"] == [later or 10.0] * 2
+        assert ckpt(8)["kd"]["steps"] == res["kd_steps"]
+        assert ckpt(8)["kd"]["looks"] == [[8, 10, res["kd_steps"], later or 10.0]]  # from steps 6 and 7
         assert summary["kd_length"]["replanned_at"] == 8
     lrs = [r["lr"] for r in rows if "lr" in r]
     assert lrs[:CALIBRATION] == [1.5e-3] + [3e-3] * (CALIBRATION - 1)  # 2 warmup steps, the peak held
@@ -487,3 +492,57 @@ def test_a_bf16_student_trains_in_fp32_and_is_written_back_in_bf16(setup, tmp_pa
     assert checkpoint_dtype(str(tmp_path / "run")) == torch.bfloat16
     model = load_model(str(tmp_path / "run"))[0]
     assert model.dtype == torch.bfloat16 and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_a_time_budget_looks_again_until_the_load_settles(setup, tmp_path, monkeypatch):
+    """10 s a step until step 50, then 6 s (other jobs left the machine), 1000 s: fixed at CALIBRATION (60 s spent)
+    at 97 steps; the first look (R 51) still sees ~9.9 s a step and keeps 99, the second (R 75) sees 6 s and plans
+    131, the third (R 103) 132; the next half (14 steps) is under LOOK_SPAN: no fourth. 992 of the 1000 s used (one
+    look: 99 steps, 794 s), the LR continuous and at its floor on the last step. Killed at step 90, between the
+    second and third looks, and resumed: the uninterrupted run's rows."""
+    from ecomla.distill.budget import LOOK_SPAN
+
+    kw = dict(stage="kd", max_tokens=None, max_minutes=1000 / 60, save_every=1000, keep_last=20)
+    make = lambda out, **more: fake_clock(Trainer(args(setup, out, **kw, **more)), slower_after=50,  # noqa: E731
+                                          seconds=10.0, slower=6.0)
+    trainer = make(tmp_path / "full")
+    res = trainer.run()
+    looks = res["kd_length"]["looks"]
+    assert [(x["at"], x["steps_before"], x["steps_after"]) for x in looks] == [(51, 97, 99), (75, 99, 131),
+                                                                              (103, 131, 132)]
+    assert (132 - 103) // 2 < LOOK_SPAN and res["kd_steps"] == 132 and res["stopped"] == "max-minutes"
+    assert trainer.clock() == 992.0  # 50 x 10 s + 82 x 6 s
+    curve, rows = losses(tmp_path / "full")
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert len(lrs) == 132 and lrs[-1] == pytest.approx(3e-3 * 0.1) and lrs[-2] > lrs[-1]
+    steps = [b - a for a, b in zip(lrs[CALIBRATION:], lrs[CALIBRATION + 1:])]
+    assert all(d <= 0 for d in steps)  # no restart at any look
+    original = Trainer.kd_step
+
+    def dies_at_step_90(self, step):
+        if step == 90:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "kd_step", dies_at_step_90)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path / "cut").run()
+    monkeypatch.setattr(Trainer, "kd_step", original)
+    assert make(tmp_path / "cut", resume=True).run()["kd_steps"] == 132
+    untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows[:-1]]
+    assert untimed(losses(tmp_path / "cut")[1]) == untimed(rows)
+
+
+def test_a_checkpoint_of_the_one_look_budget_resumes_on_the_same_schedule():
+    """trainer.json from before the repeated looks (`replanned`, no `looks`): the same multipliers, no new look."""
+    from ecomla.distill.budget import Budget
+
+    old = {"steps": 40, "cap": None, "timed": True, "step_s": [10.0] * 4, "save_s": 1.0, "first_steps": 30,
+           "replan_at": 18, "mid_s": [9.0] * 12, "replanned": True}
+    budget = Budget(cap=None, minutes=10.0, save_every=5)
+    budget.load(old)
+    assert budget.looks == [[18, 30, 40, 9.0]] and not budget.replan_due(30)
+    first_plan = [schedule(k, 30, 2, 0.1, hold=CALIBRATION) for k in range(18)]
+    assert [budget.multiplier(k, 0.01, 0.1) for k in range(18)] == first_plan
+    lr = lambda k: budget.multiplier(k, 0.01, 0.1)  # noqa: E731
+    assert lr(39) == pytest.approx(0.1) and lr(17) > lr(18) > lr(38) > lr(39)

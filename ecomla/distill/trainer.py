@@ -294,8 +294,8 @@ class Trainer:
         return final
 
     def _fix_length(self, spent: float, save_s: float | None = None, replan: bool = False) -> None:
-        """The KD stage's length from the main process's measurements (at CALIBRATION, or again at R: budget.py),
-        the same on every process."""
+        """The KD stage's length from the main process's measurements (at CALIBRATION, or again at each look:
+        budget.py), the same on every process."""
         if self.acc.is_main_process and replan:
             self.budget.replan(spent)
         elif self.acc.is_main_process:
