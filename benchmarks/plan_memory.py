@@ -5,9 +5,10 @@
 
 Each configuration runs in its own process(es): the Trainer of `ecomla distill` (teacher = source, --precision fp32 by default,
 --stage kd, --no-mask-prompt so that every position is a target, as the plan assumes) for --steps KD steps; the
-2-process ones under `accelerate launch` (gloo): DDP, and FSDP2 with recipes/accelerate/fsdp-8gpu.yaml's settings on 2
-processes in fp32 (on CPU processes through tests/fsdp_cpu.py, as tests/test_sharded.py runs it). glibc is told to return every allocation of 64 KiB or more to the
-system when it is freed (MALLOC_MMAP_THRESHOLD_), so the resident set follows the live tensors.
+2-process ones under `accelerate launch` (gloo): DDP, and FSDP2 with recipes/accelerate/fsdp-8gpu.yaml's settings on
+2 processes in fp32 (on CPU processes through tests/fsdp_cpu.py, as tests/test_sharded.py runs it). glibc is told
+to return every allocation of 64 KiB or more to the system when it is freed (MALLOC_MMAP_THRESHOLD_), so the
+resident set follows the live tensors.
 
 On a GPU (`--precision bf16`, the processes see CUDA) the measurement is the allocator's peak over steps 2..N
 (torch.cuda.max_memory_allocated) and the last column its reserved peak:
@@ -89,8 +90,7 @@ def live_tensor_bytes(trainer) -> int:
 
 def worker(args) -> None:
     """Inside one process of a configuration: build the Trainer, run the steps, write this rank's numbers."""
-    if args.fsdp_on_cpu:
-        sys.path.insert(0, str(ROOT))
+    if args.fsdp_on_cpu:  # the runs' PYTHONPATH is the checkout
         from tests.fsdp_cpu import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()

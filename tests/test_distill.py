@@ -491,7 +491,8 @@ def test_a_bf16_student_trains_in_fp32_and_is_written_back_in_bf16(setup, tmp_pa
     assert all(torch.equal(saved[k], trained[k].to(torch.bfloat16)) for k in saved)
     assert checkpoint_dtype(str(tmp_path / "run")) == torch.bfloat16
     model = load_model(str(tmp_path / "run"))[0]
-    assert model.dtype == torch.bfloat16 and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.dtype == torch.bfloat16
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied again on load
 
 
 def test_a_time_budget_looks_again_until_the_load_settles(setup, tmp_path, monkeypatch):

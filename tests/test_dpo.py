@@ -248,9 +248,9 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes_after_kill_9(set
     launch, env = fsdp2_launch(tmp_path)
 
     def fsdp(out, *extra, kill_at=None):
+        kill = {"ECOMLA_TEST_KILL_AT": str(kill_at)} if kill_at else {}
         return subprocess.run(launch + ["dpo", str(setup / "mla"), "--out", str(out), "--batch-size", "2", *common,
-                                        *extra], env={**env, **({"ECOMLA_TEST_KILL_AT": str(kill_at)} if kill_at else {})},
-                              capture_output=True, text=True, timeout=400)
+                                        *extra], env={**env, **kill}, capture_output=True, text=True, timeout=400)
 
     res = fsdp(tmp_path / "fsdp")
     assert res.returncode == 0, res.stderr[-3000:]

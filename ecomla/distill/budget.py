@@ -27,8 +27,8 @@ bit-identical to the run never interrupted; a run resumed before a length was fi
 times stored so far.
 
 MARGIN (3%) of the time left is kept for speed noise. The clock still stops a run that gets slower than measured
-after the last look: cut at 90% of the cosine, the LR is 1.2x its floor (the tail is flat), so noise costs a few steps near
-the floor. Given both flags, S is the smaller of the two counts: whichever ends first ends the run, with the
+after the last look: cut at 90% of the cosine, the LR is 1.2x its floor (the tail is flat), so noise costs a few
+steps near the floor. Given both flags, S is the smaller of the two counts: whichever ends first ends the run, with the
 schedule at its floor.
 """
 
