@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -140,3 +141,12 @@ def assert_refused(argv: list[str], capsys, monkeypatch, says: str, roots: tuple
         with open(os.environ["ECOMLA_REFUSALS"], "a") as f:
             f.write(json.dumps({"test": os.environ.get("PYTEST_CURRENT_TEST", ""), "message": errors[0]}) + "\n")
     return errors[0]
+
+
+def untimed(out: Path) -> list[dict]:
+    """A distill run's metrics rows without what the clock decides (tokens/s, elapsed seconds, minutes): what a
+    resumed run must reproduce bit for bit."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    drop = ("tokens_per_s", "elapsed_s", "minutes")
+    return [{k: v for k, v in r.items() if k not in drop} if "final" not in r
+            else {"final": {k: v for k, v in r["final"].items() if k not in drop}} for r in rows]

@@ -15,6 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from ecomla.distill import DistillArgs, Trainer
+from tests.helpers import untimed
 from tests.test_distill import setup  # noqa: F401  (the module fixture: a tiny student and chat data)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +97,6 @@ def run_args(r, out, **kw) -> DistillArgs:
                 ild_tokens=64 * 2, max_tokens=64 * 8, precision="fp32", eval_tokens=0, lr=3e-3, ild_lr=3e-3,
                 save_every=3, keep_last=1, progress=False, compile_loss=False)
     return DistillArgs(**{**base, **kw})
-
-
-def untimed(out: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    drop = ("tokens_per_s", "elapsed_s", "minutes")
-    return [{k: v for k, v in r.items() if k not in drop} if "final" not in r
-            else {"final": {k: v for k, v in r["final"].items() if k not in drop}} for r in rows]
 
 
 @pytest.mark.parametrize("budget, moment", CASES)

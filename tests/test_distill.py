@@ -18,7 +18,7 @@ from ecomla.common import UserError
 from ecomla.distill import DistillArgs, Trainer, distill
 from ecomla.distill.budget import CALIBRATION, MARGIN, schedule, steps_to_fill, warmup_steps
 from ecomla.losses import chunked_loss, masked_mean, token_kl
-from tests.helpers import WORDS, make_source
+from tests.helpers import WORDS, make_source, untimed
 from tests.test_data_eval import chat_rows
 
 
@@ -404,21 +404,25 @@ def test_a_time_budget_killed_after_its_second_look_resumes_bit_identically(setu
     make = lambda out, **more: fake_clock(Trainer(args(setup, out, **kw, **more)), slower_after=CALIBRATION,  # noqa
                                           slower=7.0)
     make(tmp_path / "full").run()
+    res = interrupted_then_resumed(make, tmp_path / "cut", 10, monkeypatch)
+    assert res["kd_steps"] == 12 and len(losses(tmp_path / "cut")[0]) == 12
+    assert untimed(tmp_path / "cut") == untimed(tmp_path / "full")
+
+
+def interrupted_then_resumed(make, out: Path, at: int, monkeypatch) -> dict:
+    """make(out).run() interrupted (Ctrl-C) as KD step `at` starts, then make(out, resume=True).run(): its summary."""
     original = Trainer.kd_step
 
-    def dies_at_step_10(self, step):
-        if step == 10:
+    def dies(self, step):
+        if step == at:
             raise KeyboardInterrupt
         return original(self, step)
 
-    monkeypatch.setattr(Trainer, "kd_step", dies_at_step_10)
+    monkeypatch.setattr(Trainer, "kd_step", dies)
     with pytest.raises(KeyboardInterrupt):
-        make(tmp_path / "cut").run()
+        make(out).run()
     monkeypatch.setattr(Trainer, "kd_step", original)
-    res = make(tmp_path / "cut", resume=True).run()
-    (full, full_rows), (cut, rows) = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows[:-1]]
-    assert res["kd_steps"] == 12 and len(cut) == len(full) == 12 and untimed(rows) == untimed(full_rows)
+    return make(out, resume=True).run()
 
 
 def test_a_changed_budget_kind_is_refused_on_resume(setup, tmp_path):
@@ -518,20 +522,8 @@ def test_a_time_budget_looks_again_until_the_load_settles(setup, tmp_path, monke
     assert len(lrs) == 132 and lrs[-1] == pytest.approx(3e-3 * 0.1) and lrs[-2] > lrs[-1]
     steps = [b - a for a, b in zip(lrs[CALIBRATION:], lrs[CALIBRATION + 1:])]
     assert all(d <= 0 for d in steps)  # no restart at any look
-    original = Trainer.kd_step
-
-    def dies_at_step_90(self, step):
-        if step == 90:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(Trainer, "kd_step", dies_at_step_90)
-    with pytest.raises(KeyboardInterrupt):
-        make(tmp_path / "cut").run()
-    monkeypatch.setattr(Trainer, "kd_step", original)
-    assert make(tmp_path / "cut", resume=True).run()["kd_steps"] == 132
-    untimed = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows[:-1]]
-    assert untimed(losses(tmp_path / "cut")[1]) == untimed(rows)
+    assert interrupted_then_resumed(make, tmp_path / "cut", 90, monkeypatch)["kd_steps"] == 132
+    assert untimed(tmp_path / "cut") == untimed(tmp_path / "full")
 
 
 def test_a_checkpoint_of_the_one_look_budget_resumes_on_the_same_schedule():

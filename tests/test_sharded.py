@@ -23,8 +23,7 @@ from ecomla.cli import main
 from ecomla.common import UserError
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.distill.sharding import check_sharding
-from tests.helpers import assert_refused, make_source
-from tests.test_crash import untimed
+from tests.helpers import assert_refused, make_source, untimed
 from tests.test_data_eval import chat_rows
 from tests.test_distill import launch_two_cpu_processes
 
