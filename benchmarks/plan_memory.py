@@ -133,15 +133,15 @@ def measure(name: str, student: str, steps: int, out: Path, precision: str) -> d
         cmd = [sys.executable, *me]
     elif strategy == "fsdp":  # the FSDP2 recipe's accelerate config on `procs` processes, at this precision
         import torch
-        import yaml
 
-        config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml").read_text())
-        config.update(num_processes=procs, mixed_precision="bf16" if precision == "bf16" else "no")
-        (run / "fsdp2.yaml").write_text(yaml.safe_dump(config))
+        sys.path.insert(0, str(ROOT))  # tests/ is not installed: the checkout's (as tools/same_outputs.py)
+        from tests.fsdp_cpu import fsdp_config
+
+        config = fsdp_config(run, procs, "bf16" if precision == "bf16" else "no")
         if not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "1"
             me.append("--fsdp-on-cpu")
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(run / "fsdp2.yaml"), *me]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *me]
     else:
         import torch
 
@@ -194,6 +194,9 @@ def main() -> None:
         return worker(args)
     if Path(args.student).exists():  # the runs start in a temporary folder
         args.student = str(Path(args.student).resolve())
+    unknown = [n for n in args.configs.split(",") if n not in CONFIGS]
+    if unknown:
+        p.error(f"--configs: unknown {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     out = Path(args.out)
     stored = {r["config"]: r for r in json.loads((out / "results.json").read_text())} if args.from_results else {}
     results = []

@@ -12,9 +12,14 @@ process kills itself (SIGKILL) as step N starts, as a crashed machine would.
 import os
 import signal
 import sys
+from pathlib import Path
+
+import yaml
 
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
+
+ROOT = Path(__file__).resolve().parents[1]
 
 _init = AcceleratorState.__init__
 
@@ -47,6 +52,16 @@ def killed_at(step: int, command: str):
             os.kill(os.getpid(), signal.SIGKILL)
         return train_step(self)
     Trainer._train_step = wrapped
+
+
+def fsdp_config(folder: Path, processes: int = 2, mixed_precision: str = "no") -> Path:
+    """recipes/accelerate/fsdp-8gpu.yaml on `processes` processes at `mixed_precision`, written into FOLDER: the
+    config the tests and benchmarks/plan_memory.py launch with."""
+    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml").read_text())
+    config.update(num_processes=processes, mixed_precision=mixed_precision)
+    path = Path(folder) / "fsdp2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def allow_fsdp_on_cpu() -> None:

@@ -16,13 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from ecomla.cli import main
 from ecomla.common import UserError
 from ecomla.convert.convert import ConvertArgs, convert
 from ecomla.distill.sharding import check_sharding
+from tests.fsdp_cpu import fsdp_config
 from tests.helpers import assert_refused, make_source, untimed
 from tests.test_data_eval import chat_rows
 from tests.test_distill import launch_two_cpu_processes
@@ -59,12 +59,9 @@ def common(setup) -> list[str]:
 
 def fsdp2_launch(tmp_path) -> tuple[list[str], dict]:
     """The FSDP2 recipe's accelerate config on 2 CPU processes in fp32, started through tests/fsdp_cpu.py."""
-    config = yaml.safe_load((ROOT / "recipes" / "accelerate" / "fsdp-8gpu.yaml").read_text())
-    config.update(num_processes=2, mixed_precision="no")
-    (tmp_path / "fsdp2.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp2.yaml"),
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp_config(tmp_path)),
             str(ROOT / "tests" / "fsdp_cpu.py")], env
 
 

@@ -179,8 +179,6 @@ class Budget:
         return {"by": "max-minutes" if self.timed else "max-tokens", "kd_steps": self.steps,
                 "max_tokens_steps": self.cap, "measured_step_s": mean, "checkpoint_s": self.save_s,
                 "margin": MARGIN if self.timed else None, "first_kd_steps": self.first_steps,
-                "replanned_at": self.looks[0][0] if self.looks else None,
-                "mid_step_s": self.looks[0][3] if self.looks else None,
                 "looks": [{"at": r, "steps_before": b, "steps_after": a, "step_s": s} for r, b, a, s in self.looks]}
 
     def load(self, state: dict) -> None:
